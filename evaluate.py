@@ -1,0 +1,200 @@
+"""Score generated 2-D points against a dataset.
+
+    python evaluate.py --samples out/dino-base/samples.npy --dataset dino
+    python evaluate.py --out_dir out/dino-base            # samples from the checkpoint itself
+    python evaluate.py --out_dir out/dino-base --sampler ddim --steps 20 --json
+
+Metrics (train.py writes the same ones into metrics.json; this file is their one home):
+  knn_kl   the study's kNN estimator of KL(data || samples), in bits (Wang, Kulkarni & Verdu 2009):
+           k = 5, max-norm, 100,000 data points against the samples.
+  hist_kl  grid-histogram KL(data || samples), in nats: np.histogram2d over [-5, 5]^2 with 100 x 100
+           bins for both sets, eps = 1e-6 added to every bin's probability, scipy.stats.entropy.
+           Points outside the square are dropped (the four datasets lie inside it).
+  floors   each metric for a fresh draw of the same size from the data's own generator (another
+           seed): what a perfect model scores. The kNN estimator is biased, so floors can be < 0.
+  eval_loss, inference_s   with a checkpoint: noise-prediction MSE of the EMA model on held-out
+           points with fixed seeds, and the time to draw the samples.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from scipy.stats import entropy
+
+import datasets
+import tinydiff as td
+
+KNN_K = 5
+HIST_LIM, HIST_BINS, HIST_EPS = 5.0, 100, 1e-6
+HELDOUT_SEED, FLOOR_SEED = 1, 2  # the training data use seed 42
+
+
+def check_samples(samples):
+    """Refuse a wrong shape; drop non-finite rows, returning them as a fraction (never silently)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != 2 or samples.shape[1] != 2:
+        raise ValueError(f"samples have shape {samples.shape}; they must be an (N, 2) array of points")
+    finite = np.isfinite(samples).all(1)
+    if not finite.any():
+        raise ValueError("every sample is NaN or infinite; the model diverged, so retrain it (a lower --lr helps)")
+    return samples[finite], 1.0 - finite.mean()
+
+
+def knn_kl(data, samples, k=KNN_K, data_tree=None, rho=None):
+    """KL(data || samples) in bits: [ln m - ln(n-1) + d (mean ln nu_k - mean ln rho_k)] / ln 2.
+
+    rho_k: max-norm distance from each data point to its k-th nearest other data point;
+    nu_k: to its k-th nearest sample. Pass data_tree / rho to reuse them across calls.
+    """
+    n, d = data.shape
+    m = len(samples)
+    if rho is None:
+        data_tree = data_tree or cKDTree(data)
+        rho = data_tree.query(data, k=k + 1, p=np.inf)[0][:, k]  # k+1: the nearest is the point itself
+    nu = cKDTree(samples).query(data, k=k, p=np.inf)[0][:, k - 1]
+    tiny = 1e-300  # duplicate points in a user's file would give log(0)
+    return (np.log(m) - np.log(n - 1) + d * (np.log(np.maximum(nu, tiny)).mean() - np.log(np.maximum(rho, tiny)).mean())) / np.log(2)
+
+
+def hist_kl(data, samples, lim=HIST_LIM, bins=HIST_BINS, eps=HIST_EPS):
+    """KL(data || samples) in nats over a fixed grid, both histograms eps-smoothed."""
+    edges = np.linspace(-lim, lim, bins + 1)
+    p = np.histogram2d(data[:, 0], data[:, 1], bins=[edges, edges])[0].ravel()
+    q = np.histogram2d(samples[:, 0], samples[:, 1], bins=[edges, edges])[0].ravel()
+    # flattened to 1-D: scipy.stats.entropy sums over axis 0 only, which is wrong for a 2-D histogram
+    return float(entropy(p / p.sum() + eps, q / max(q.sum(), 1) + eps))
+
+
+def compute_metrics(data, samples, floor_samples=None):
+    """The KL metrics (and their floors, if floor_samples is given) for one set of samples."""
+    samples, bad = check_samples(samples)
+    rho = cKDTree(data).query(data, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
+    out = dict(knn_kl_bits=float(knn_kl(data, samples, rho=rho)), hist_kl_nats=hist_kl(data, samples), nonfinite_frac=float(bad), n_samples=len(samples))
+    if floor_samples is not None:
+        out["knn_kl_floor"] = float(knn_kl(data, floor_samples, rho=rho))
+        out["hist_kl_floor"] = hist_kl(data, floor_samples)
+    return out
+
+
+def floor_draw(dataset, m):
+    """A fresh draw of m points from a named dataset's generator, or None for a user's file."""
+    return datasets.load_dataset(dataset, n=m, seed=FLOOR_SEED) if dataset in datasets.DATASETS else None
+
+
+def heldout_points(dataset, n=10_000):
+    """Held-out points for eval loss: a fresh draw for named datasets, a fixed subsample of a file."""
+    if dataset in datasets.DATASETS:
+        return datasets.load_dataset(dataset, n=n, seed=HELDOUT_SEED)
+    X = datasets.load_dataset(dataset)
+    return X[np.random.default_rng(HELDOUT_SEED).permutation(len(X))[:n]]
+
+
+@torch.no_grad()
+def eval_loss(model, scheduler, points, device, seed=0):
+    """Noise-prediction MSE on the given points, with timesteps and noise from a fixed seed."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x0 = torch.as_tensor(points, dtype=torch.float32, device=device)
+    return float(td.ddpm_loss(model, scheduler, x0, generator=g))
+
+
+def timed_sample(model, scheduler, n, device, seed=0, **kw):
+    """Draw n samples with a fixed seed; return them (numpy) and the seconds it took."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    x = td.sample(model, scheduler, n, generator=g, device=device, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return x.cpu().numpy(), time.perf_counter() - t0
+
+
+def plot_samples(data, samples, path, title=""):
+    """Data (left) and samples (right) on the same fixed axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), sharex=True, sharey=True)
+    show = data[np.random.default_rng(0).permutation(len(data))[: len(samples)]]
+    for ax, pts, name in [(axes[0], show, f"data ({len(show)} shown)"), (axes[1], samples, f"samples ({len(samples)})")]:
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, linewidths=0)
+        ax.set_title(name)
+        ax.set_aspect("equal")
+    axes[0].set_xlim(-HIST_LIM, HIST_LIM)
+    axes[0].set_ylim(-HIST_LIM, HIST_LIM)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(metrics):
+    rows = [("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"), ("hist KL (nats)", "hist_kl_nats", "hist_kl_floor")]
+    lines = [f"{'metric':<16}{'value':>10}{'floor':>10}"]
+    for name, key, floor in rows:
+        fl = metrics.get(floor)
+        lines.append(f"{name:<16}{metrics[key]:>10.4f}{(f'{fl:.4f}' if fl is not None else 'n/a'):>10}")
+    for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples"):
+        if key in metrics:
+            lines.append(f"{key:<16}{metrics[key]:>10.4g}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Score samples against a dataset (KL metrics with floors, eval loss).")
+    p.add_argument("--samples", help="an (N, 2) .npy of samples to score")
+    p.add_argument("--out_dir", help="a run directory: sample from its ckpt.pt (EMA weights)")
+    p.add_argument("--ckpt", help="a checkpoint file to sample from (instead of --out_dir)")
+    p.add_argument("--dataset", help="dataset name or data file (default: the checkpoint's)")
+    p.add_argument("--n", type=int, default=10_000, help="samples to draw from a checkpoint")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler for a checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+    args = p.parse_args(argv)
+    try:
+        metrics = run(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+
+
+def run(args):
+    torch.set_num_threads(1)  # fastest for this model size on small CPUs; see README
+    metrics = {}
+    if args.samples:
+        if not os.path.isfile(args.samples):
+            raise ValueError(f"no samples file at {args.samples}; write one with `python sample.py --out_dir out/<run>`")
+        try:
+            samples = np.load(args.samples, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{args.samples} is not a numpy .npy array ({e}); pass the samples.npy that train.py or sample.py wrote") from None
+        dataset = args.dataset
+        if dataset is None:
+            raise ValueError("say which data the samples should match with --dataset (a name or a data file)")
+    else:
+        if not (args.ckpt or args.out_dir):
+            raise ValueError("give --samples X.npy, or --out_dir / --ckpt to sample from a checkpoint")
+        ckpt = td.load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
+        model, scheduler = td.model_from_checkpoint(ckpt)
+        dataset = args.dataset or ckpt["args"]["dataset"]
+        device = torch.device("cpu")
+        model.eval()
+        samples, metrics["inference_s"] = timed_sample(model, scheduler, args.n, device, seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta)
+        metrics["eval_loss"] = eval_loss(model, scheduler, heldout_points(dataset), device)
+    data = datasets.load_dataset(dataset)
+    floor = floor_draw(dataset, len(check_samples(samples)[0]))
+    return {**compute_metrics(data, samples, floor), **metrics, "dataset": dataset}
+
+
+if __name__ == "__main__":
+    main()

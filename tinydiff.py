@@ -1,0 +1,414 @@
+"""tinydiff: denoising diffusion on 2-D points, in one file.
+
+Read top to bottom, in the order of the math:
+  1. NoiseScheduler      DDPM forward process, posterior step, DDIM step
+                         (Ho et al. 2020, arXiv:2006.11239; Song et al. 2021, arXiv:2010.02502;
+                          cosine schedule: Nichol & Dhariwal 2021, arXiv:2102.09672)
+  2. SinusoidalEmbedding (Vaswani et al. 2017), as the 2-D MLP denoiser of tiny-diffusion uses it
+  3. SelfAttention       multi-head, pre-norm, over the tokens [x1, x2, t]
+  4. ResidualBlock       the study's x + GELU(Linear(x))
+  5. BiMambaBlock        bidirectional selective state space (Mamba: Gu & Dao 2023, arXiv:2312.00752;
+                         Vision Mamba: Zhu et al. 2024, arXiv:2401.09417; DiS: Fei et al. 2024,
+                         arXiv:2402.05608), with an exact product-only scan
+  6. Denoiser            embeddings -> optional attention / SSM token mixers -> residual MLP
+  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14)
+  8. sample              DDPM ancestral and strided DDIM samplers
+  9. checkpoints         atomic save, safe load (weights_only)
+Depends on torch and the Python standard library only, so that it can be copied alone.
+"""
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Noise scheduler
+
+
+class NoiseScheduler(nn.Module):
+    """Forward process q(x_t | x_0) and the reverse steps. Names follow diffusers.
+
+    Schedules are computed in float64 and kept as float32 buffers, so `.to(device)` moves them.
+    They are derived from the four arguments, so they are not saved in a state_dict.
+    Note: at T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: its x_T is not pure
+    noise, yet sampling starts from N(0, I). `alpha_bar_T` makes this visible.
+    """
+
+    def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
+        super().__init__()
+        T = self.num_train_timesteps = num_train_timesteps
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        elif beta_schedule == "quadratic":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+        elif beta_schedule == "cosine":  # Nichol & Dhariwal eq. 17, s = 0.008, betas capped at 0.999
+            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        else:
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; use linear, quadratic or cosine")
+        alphas = 1 - betas
+        ab = torch.cumprod(alphas, 0)  # alpha_bar_t
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        buffers = dict(
+            betas=betas,
+            alphas_cumprod=ab,
+            sqrt_alphas_cumprod=ab.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1 - ab).sqrt(),
+            # posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t)   (eqs. 6-7)
+            posterior_variance=betas * (1 - ab_prev) / (1 - ab),
+            posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab),
+            posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab),
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @property
+    def alpha_bar_T(self):
+        return self.alphas_cumprod[-1].item()
+
+    def add_noise(self, x0, noise, t):
+        """Sample q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I)   (eq. 4). t: (B,) long."""
+        return self.sqrt_alphas_cumprod[t, None] * x0 + self.sqrt_one_minus_alphas_cumprod[t, None] * noise
+
+    def predict_x0(self, model_output, t, x_t):
+        """x_0 from the noise prediction, inverting eq. 4 (DDPM eq. 15, DDIM eq. 12). No clipping:
+        the data span about +-4, and clamping to [-1, 1] would destroy them."""
+        return (x_t - self.sqrt_one_minus_alphas_cumprod[t] * model_output) / self.sqrt_alphas_cumprod[t]
+
+    def step(self, model_output, t, x_t, generator=None):
+        """One DDPM ancestral step x_t -> x_{t-1} with the fixed_small variance beta_tilde_t."""
+        # 1. predicted original sample (eq. 15)
+        x0 = self.predict_x0(model_output, t, x_t)
+        # 2. posterior mean (eq. 7)
+        mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x_t
+        if t == 0:  # beta_tilde_0 = 0
+            return mean
+        # 3. add noise with variance beta_tilde_t
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return mean + self.posterior_variance[t].sqrt() * noise
+
+    def set_timesteps(self, num_inference_steps):
+        """Evenly spaced timesteps from T-1 down to 0 (both ends always included)."""
+        if not 1 <= num_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_train_timesteps}, got {num_inference_steps}")
+        return torch.linspace(self.num_train_timesteps - 1, 0, num_inference_steps).round().long().tolist()
+
+    def ddim_step(self, model_output, t, t_prev, x_t, eta=0.0, generator=None):
+        """One DDIM step x_t -> x_{t_prev} (t_prev = -1 means the clean sample, alpha_bar = 1)."""
+        ab_t = self.alphas_cumprod[t]
+        ab_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(ab_t)
+        # 1. predicted original sample (eq. 12)
+        x0 = self.predict_x0(model_output, t, x_t)
+        # 2. sigma_t(eta) (eq. 16): eta = 1 gives the DDPM posterior variance, eta = 0 is deterministic
+        sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
+        # 3. direction pointing to x_t, then the update (eq. 12)
+        prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * model_output
+        if eta > 0 and t_prev >= 0:
+            prev = prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return prev
+
+
+# -----------------------------------------------------------------------------
+# 2. Sinusoidal embedding
+
+
+class SinusoidalEmbedding(nn.Module):
+    """(B,) -> (B, dim): [sin(s x w_i), cos(s x w_i)], w_i = exp(-ln(10000) i / (half - 1))."""
+
+    def __init__(self, dim, scale=1.0):
+        super().__init__()
+        half = dim // 2
+        self.scale = scale
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half) / (half - 1)), persistent=False)
+
+    def forward(self, x):
+        arg = (x.float() * self.scale)[:, None] * self.freqs  # (B, half)
+        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# 3-4. Attention and residual MLP blocks
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention with a residual: x + proj(attn(LN(x)))."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ValueError(f"--heads {heads} must divide the token width {dim}; use a divisor such as 4, 8 or 16")
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, L, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
+        return x + self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class ResidualBlock(nn.Module):
+    """The study's block: x + GELU(Linear(x))."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.ff = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + F.gelu(self.ff(x))
+
+
+# -----------------------------------------------------------------------------
+# 5. Bidirectional selective state space block
+#
+# The recurrence h_t = a_t * h_{t-1} + b_t is computed with products and sums only: the popular
+# cumsum(log a) / exp trick overflows or loses precision for long sequences (NaN for L >= 64 at
+# Mamba's own init), so it is not used.
+
+
+def scan_parallel(a, b):
+    """h_t = a_t h_{t-1} + b_t along dim 1 (h_{-1} = 0) by odd/even reduction: 2 log2(L) batched
+    steps of products and sums. The path for GPUs and long sequences."""
+    L = a.shape[1]
+    if L == 1:
+        return b
+    if L % 2:  # pad with the identity element (a=1, b=0)
+        a, b = torch.cat([a, torch.ones_like(a[:, :1])], 1), torch.cat([b, torch.zeros_like(b[:, :1])], 1)
+    a_even, a_odd, b_even, b_odd = a[:, 0::2], a[:, 1::2], b[:, 0::2], b[:, 1::2]
+    # composing steps 2i and 2i+1 gives a recurrence over pairs whose states are h_1, h_3, ...
+    h_odd = scan_parallel(a_odd * a_even, a_odd * b_even + b_odd)
+    # then h_{2i} = a_{2i} h_{2i-1} + b_{2i}, with h_0 = b_0
+    h_even = torch.cat([b_even[:, :1], a_even[:, 1:] * h_odd[:, :-1] + b_even[:, 1:]], 1)
+    return torch.stack([h_even, h_odd], 2).flatten(1, 2)[:, :L]  # interleave -> (B, L, ...)
+
+
+def selective_scan(dt, A, B, C, x, parallel=None):
+    """Mamba's selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,  y_t = C_t h_t.
+
+    dt, x: (B, L, D); A: (N, D); B, C: (B, L, N) -> y: (B, L, D). The state h is (B, N, D), D last
+    so that every broadcast runs over contiguous memory. parallel=None picks the fused sequential
+    loop on CPU and for short sequences (fastest there at every L measured), and the parallel scan
+    on GPU for L > 16.
+    """
+    if parallel is None:
+        parallel = x.is_cuda and x.shape[1] > 16
+    a = lambda dt_: torch.exp(dt_.unsqueeze(-2) * A)  # zero-order hold of A, in (0, 1]
+    b = lambda dt_, B_, x_: (dt_ * x_).unsqueeze(-2) * B_.unsqueeze(-1)  # Euler step for B, as in Mamba
+    if parallel:
+        h = scan_parallel(a(dt), b(dt, B, x))  # (B, L, N, D)
+        return (h * C.unsqueeze(-1)).sum(-2)
+    h, ys = torch.zeros_like(x[:, 0]).unsqueeze(-2), []
+    for dt_t, B_t, C_t, x_t in zip(dt.unbind(1), B.unbind(1), C.unbind(1), x.unbind(1)):
+        h = a(dt_t) * h + b(dt_t, B_t, x_t)  # (B, N, D)
+        ys.append((h * C_t.unsqueeze(-1)).sum(-2))
+    return torch.stack(ys, 1)
+
+
+class SelectiveSSM(nn.Module):
+    """One direction of Mamba's mixer after in_proj: causal depthwise conv -> SiLU -> selective scan."""
+
+    def __init__(self, d_inner, d_state, dt_rank, d_conv=4, dt_min=1e-3, dt_max=1e-1):
+        super().__init__()
+        self.dt_rank, self.d_state = dt_rank, d_state
+        # depthwise causal Conv1d, as K shifted multiply-adds (nn.Conv1d's backward is slow on CPU here)
+        self.conv_weight = nn.Parameter(torch.empty(d_conv, d_inner).uniform_(-(d_conv**-0.5), d_conv**-0.5))
+        self.conv_bias = nn.Parameter(torch.empty(d_inner).uniform_(-(d_conv**-0.5), d_conv**-0.5))
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner)
+        nn.init.uniform_(self.dt_proj.weight, -(dt_rank**-0.5), dt_rank**-0.5)
+        # dt ~ log-uniform [dt_min, dt_max]; the bias is its inverse softplus, so softplus(bias) = dt
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real init A = -(1..N) for every channel, stored as (N, D) to match the state layout
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32))[:, None].repeat(1, d_inner))
+        self.D = nn.Parameter(torch.ones(d_inner))
+
+    def forward(self, x):  # (B, L, d_inner)
+        L, K = x.shape[1], self.conv_weight.shape[0]
+        xp = F.pad(x, (0, 0, K - 1, 0))  # (B, K-1+L, D): left padding makes the conv causal
+        x = F.silu(self.conv_bias + sum(self.conv_weight[k] * xp[:, k : k + L] for k in range(K)))
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))  # (B, L, D)
+        y = selective_scan(dt, -torch.exp(self.A_log), B.contiguous(), C.contiguous(), x)
+        return y + self.D * x  # D skip
+
+
+class BiMambaBlock(nn.Module):
+    """Pre-norm residual bidirectional Mamba block (Vision Mamba v2 / DiS).
+
+    in_proj and out_proj are shared; each direction has its own conv, x_proj, dt_proj, A and D.
+    The two directions are averaged (not summed), so the output scale does not depend on the
+    number of directions; then gated with SiLU(z) and projected out.
+    """
+
+    def __init__(self, dim, d_state=8, expand=2, d_conv=4):
+        super().__init__()
+        d_inner, dt_rank = expand * dim, math.ceil(dim / 16)
+        self.norm = nn.LayerNorm(dim)
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.forward_ssm = SelectiveSSM(d_inner, d_state, dt_rank, d_conv)
+        self.backward_ssm = SelectiveSSM(d_inner, d_state, dt_rank, d_conv)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, x):  # (B, L, dim)
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # each (B, L, d_inner)
+        y = 0.5 * (self.forward_ssm(u) + self.backward_ssm(u.flip(1)).flip(1))
+        return x + self.out_proj(y * F.silu(z))
+
+
+# -----------------------------------------------------------------------------
+# 6. Denoiser
+
+
+@dataclass
+class DenoiserConfig:
+    emb_dim: int = 128  # width of each sinusoidal embedding (= token width)
+    hidden: int = 256  # width of the residual MLP
+    hidden_layers: int = 3  # residual blocks
+    attn_layers: int = 0  # self-attention layers over the tokens [x1, x2, t]
+    heads: int = 4
+    ssm_layers: int = 0  # bidirectional SSM blocks over the same tokens, with long skips
+    ssm_dim: int = 64  # token width inside the SSM stack (d_inner = 2 * ssm_dim); see README
+    d_state: int = 4  # SSM state size per channel
+    coord_scale: float = 25.0  # sinusoidal scale for x1 and x2
+    time_scale: float = 1.0  # sinusoidal scale for the integer timestep
+
+
+class Denoiser(nn.Module):
+    """eps_theta(x_t, t): (B, 2), (B,) -> (B, 2).
+
+    x1, x2 and t are embedded into three tokens of width emb_dim. Optional attention and SSM
+    blocks mix the tokens; the tokens are then flattened (3 * emb_dim, in the study's order
+    [x1, x2, t]) into Linear -> GELU -> residual blocks -> Linear. With no mixers this is the
+    study's MLP denoiser exactly. The SSM stack follows DiS: time is a token, and the first half
+    of the blocks is joined to the second half by long skips (concat + Linear), as in U-ViT.
+    """
+
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.emb_dim
+        self.coord_emb = SinusoidalEmbedding(E, cfg.coord_scale)
+        self.time_emb = SinusoidalEmbedding(E, cfg.time_scale)
+        self.attn = nn.ModuleList(SelfAttention(E, cfg.heads) for _ in range(cfg.attn_layers))
+        if cfg.ssm_layers:  # the SSM stack runs at width ssm_dim, as a residual branch on the tokens
+            self.ssm_in, self.ssm_out = nn.Linear(E, cfg.ssm_dim), nn.Linear(cfg.ssm_dim, E)
+        self.ssm = nn.ModuleList(BiMambaBlock(cfg.ssm_dim, cfg.d_state) for _ in range(cfg.ssm_layers))
+        self.skips = nn.ModuleList(nn.Linear(2 * cfg.ssm_dim, cfg.ssm_dim) for _ in range(cfg.ssm_layers // 2))
+        blocks = [ResidualBlock(cfg.hidden) for _ in range(cfg.hidden_layers)]
+        self.mlp = nn.Sequential(nn.Linear(3 * E, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, 2))
+
+    def forward(self, x, t):
+        tokens = torch.stack([self.coord_emb(x[:, 0]), self.coord_emb(x[:, 1]), self.time_emb(t)], 1)  # (B, 3, E)
+        for block in self.attn:
+            tokens = block(tokens)
+        if len(self.ssm):
+            tokens = tokens + self.ssm_out(self.ssm_stack(self.ssm_in(tokens)))
+        return self.mlp(tokens.flatten(1))  # (B, 3E) -> (B, 2)
+
+    def ssm_stack(self, h):
+        """DiS / U-ViT long skips: block i of the shallow half feeds block n-1-i of the deep half."""
+        n, n_skip, shallow = len(self.ssm), len(self.skips), []
+        for i, block in enumerate(self.ssm):
+            if i >= n - n_skip:  # deep half: concat the matching shallow output, then Linear
+                h = self.skips[n - 1 - i](torch.cat([h, shallow.pop()], -1))
+            h = block(h)
+            if i < n_skip:
+                shallow.append(h)
+        return h
+
+
+# -----------------------------------------------------------------------------
+# 7. Loss
+
+
+def ddpm_loss(model, scheduler, x0, generator=None):
+    """L_simple (Ho et al. eq. 14): MSE between the true and predicted noise, t ~ U{0..T-1}."""
+    t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
+
+
+# -----------------------------------------------------------------------------
+# 8. Samplers
+
+
+@torch.no_grad()
+def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device="cpu", return_trajectory=False):
+    """Draw n points, starting from x_T ~ N(0, I).
+
+    sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
+    sampler="ddim": strided DDIM over `steps` timesteps with the given eta (0: deterministic).
+    Returns (n, 2), or the trajectory (steps + 1, n, 2) on the CPU with return_trajectory=True.
+    """
+    T = scheduler.num_train_timesteps
+    steps = steps or T
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler {sampler!r}; use ddpm or ddim")
+    x = torch.randn((n, 2), generator=generator, device=device)
+    trajectory = [x.cpu()] if return_trajectory else None
+    timesteps = scheduler.set_timesteps(steps)
+    for i, t in enumerate(timesteps):
+        eps = model(x, torch.full((n,), t, device=device, dtype=torch.long))
+        if sampler == "ddpm" and steps == T:
+            x = scheduler.step(eps, t, x, generator=generator)
+        else:
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            x = scheduler.ddim_step(eps, t, t_prev, x, eta=1.0 if sampler == "ddpm" else eta, generator=generator)
+        if return_trajectory:
+            trajectory.append(x.cpu())
+    return torch.stack(trajectory) if return_trajectory else x
+
+
+# -----------------------------------------------------------------------------
+# 9. Checkpoints: plain tensors and Python types only, written atomically, read with weights_only
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash at any moment leaves the old file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a tinydiff checkpoint safely; anything else raises one clear CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one first with `python train.py --dataset dino`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable tinydiff checkpoint ({reason}); use a ckpt.pt written by train.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "tinydiff-1":
+        raise CheckpointError(f"{path} is not a tinydiff checkpoint; use a ckpt.pt written by train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, key="ema"):
+    """Build the Denoiser and scheduler a checkpoint describes, with its EMA (or raw) weights."""
+    try:
+        known = {f.name for f in fields(DenoiserConfig)}
+        cfg = DenoiserConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
+        model = Denoiser(cfg)
+        model.load_state_dict(ckpt[key])
+        scheduler = NoiseScheduler(**ckpt["scheduler_config"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:120]
+        raise CheckpointError(f"the checkpoint's weights do not fit its config ({reason}); it was written by an incompatible version") from None
+    return model, scheduler
+

@@ -1,0 +1,263 @@
+"""Train a 2-D diffusion model, then evaluate it. Top to bottom, nanoGPT style.
+
+    python train.py --dataset dino                          # tinydiff defaults
+    python train.py --dataset dino --attn_layers 2 --heads 4
+    python train.py --dataset moons --preset paper          # the study's exact settings
+    python train.py --dataset dino --resume                 # continue out/dino-base
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import datasets
+import evaluate
+import tinydiff as td
+
+# Settings that differ between the study ("paper") and tinydiff's measured defaults (see README).
+PRESETS = {
+    "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear"),
+    "tinydiff": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear"),
+}
+# Arguments that define the run's math; --resume takes them from the checkpoint.
+RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "num_timesteps", "beta_schedule", "train_steps",
+            "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed", "threads", "dtype")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train a DDPM on 2-D points, then evaluate it.")
+    a = p.add_argument
+    a("--dataset", default="dino", help="circle, dino, line, moons, or a path to an (N, 2) .csv/.txt/.npy file")
+    a("--preset", choices=sorted(PRESETS), default="tinydiff", help="tinydiff (measured defaults) or paper (the study's settings)")
+    a("--attn_layers", type=int, default=0, help="self-attention layers over the tokens [x1, x2, t]")
+    a("--heads", type=int, default=4, help="attention heads; must divide 128")
+    a("--ssm_layers", type=int, default=0, help="bidirectional SSM (Mamba) blocks over the tokens")
+    a("--num_timesteps", type=int, default=None, help="diffusion steps T (preset: 100)")
+    a("--beta_schedule", choices=["linear", "quadratic", "cosine"], default=None, help="noise schedule (preset: linear)")
+    a("--train_steps", type=int, default=10_000, help="optimizer steps")
+    a("--batch_size", type=int, default=256)
+    a("--lr", type=float, default=None, help="peak AdamW learning rate (preset)")
+    a("--warmup_steps", type=int, default=None, help="linear LR warm-up steps before the cosine decay (preset)")
+    a("--ema_decay", type=float, default=None, help="EMA decay of the weights used for sampling (preset)")
+    a("--grad_clip", type=float, default=1.0, help="gradient-norm clip")
+    a("--seed", type=int, default=0, help="seeds model init, batches, timesteps and noise")
+    a("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
+    a("--threads", type=int, default=None, help="CPU threads (default 1: fastest for this model size; see README)")
+    a("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocasts the forward pass")
+    a("--compile", action="store_true", help="torch.compile the model (off by default)")
+    a("--out_dir", default=None, help="run directory (default out/<dataset>-<config>)")
+    a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    a("--ckpt_interval", type=int, default=1000, help="save a checkpoint every this many steps")
+    a("--eval_batch_size", type=int, default=10_000, help="samples drawn for the final evaluation")
+    a("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler for the final evaluation")
+    a("--sample_steps", type=int, default=None, help="sampling steps for the final evaluation (default: all T)")
+    a("--log_interval", type=int, default=500, help="print a log line every this many steps")
+    a("--sweep", action="store_true", help="train and evaluate the study's grid instead (see README)")
+    return p
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def config_name(args):
+    parts = ([f"attn{args.attn_layers}x{args.heads}"] if args.attn_layers else []) + ([f"ssm{args.ssm_layers}"] if args.ssm_layers else [])
+    return "-".join(parts) or "base"
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lr_lambda(warmup, total):
+    """Linear warm-up, then cosine annealing to 0 over the rest of the run."""
+
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.sweep:
+        return sweep(args)
+    # -------------------------------------------------------------------------
+    # settings: checks first, so that a bad command line costs nothing
+    for name in ("train_steps", "batch_size", "eval_batch_size", "log_interval", "ckpt_interval"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    args.out_dir = args.out_dir or os.path.join("out", f"{os.path.splitext(os.path.basename(args.dataset))[0]}-{config_name(args)}")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = None
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            fail(f"--resume found no checkpoint at {ckpt_path}; run without --resume to start, or point --out_dir at the run")
+        try:
+            ckpt = td.load_checkpoint(ckpt_path)
+        except td.CheckpointError as e:
+            fail(str(e))
+        given = vars(args)
+        for k in RUN_KEYS:  # the run's math comes from the checkpoint
+            given[k] = ckpt["args"][k]
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    try:
+        X = datasets.load_dataset(args.dataset)
+        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers)
+        td.Denoiser(cfg)  # raises for heads that do not divide the width
+        sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
+        td.NoiseScheduler(**sched_cfg)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        probe = os.path.join(args.out_dir, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to --out_dir {args.out_dir} ({e.strerror}); choose a writable directory")
+
+    device = pick_device(args.device)
+    if device.type == "cpu":
+        args.threads = args.threads or 1
+        torch.set_num_threads(args.threads)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    # -------------------------------------------------------------------------
+    # data, model, optimizer
+    torch.manual_seed(args.seed)
+    data = torch.as_tensor(X, dtype=torch.float32, device=device)
+    model = td.Denoiser(cfg).to(device)
+    scheduler = td.NoiseScheduler(**sched_cfg).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=fused)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.train_steps))
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # batches, timesteps and noise
+    step, losses, train_time = 0, [], 0.0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.module.load_state_dict(ckpt["ema"])
+        except RuntimeError:
+            fail(f"{ckpt_path} does not fit this model's config; it was written by an incompatible version")
+        ema.n_averaged.fill_(ckpt["ema_n_averaged"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        lr_sched.load_state_dict(ckpt["lr_scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["gen"].to(gen.get_state().device))
+        step, losses, train_time = ckpt["step"], ckpt["losses"], ckpt["train_time"]
+        print(f"resuming {ckpt_path} at step {step}")
+    fwd = torch.compile(model) if args.compile else model
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.dataset}: {len(X)} points | {config_name(args)}: {n_params:,} params | device {device}"
+          f"{f' ({args.threads} thread)' if device.type == 'cpu' else ''} | T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={scheduler.alpha_bar_T:.3f}")
+
+    def save():
+        td.save_checkpoint(dict(
+            format="tinydiff-1", args={k: v for k, v in vars(args).items()}, model_config=asdict(cfg), scheduler_config=sched_cfg,
+            step=step, model=model.state_dict(), ema=ema.module.state_dict(), ema_n_averaged=int(ema.n_averaged),
+            optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
+            rng=dict(torch=torch.get_rng_state(), gen=gen.get_state()), losses=losses, train_time=train_time,
+        ), ckpt_path)
+
+    # -------------------------------------------------------------------------
+    # training loop
+    model.train()
+    t_log = time.perf_counter()
+    step_at_log = step
+    while step < args.train_steps:
+        t0 = time.perf_counter()
+        x0 = data[torch.randint(0, len(data), (args.batch_size,), device=device, generator=gen)]
+        with autocast:
+            loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen)
+        loss_val = loss.item()
+        if not math.isfinite(loss_val):
+            print(f"error: the loss became {loss_val} at step {step}; the run diverged. Try a lower --lr (now {args.lr:g})."
+                  f" The last good checkpoint is kept in {ckpt_path}.", file=sys.stderr)
+            sys.exit(1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        lr_sched.step()
+        ema.update_parameters(model)
+        losses.append(loss_val)
+        step += 1
+        train_time += time.perf_counter() - t0
+        if step % args.log_interval == 0 or step == args.train_steps:
+            ms = (time.perf_counter() - t_log) / (step - step_at_log) * 1e3
+            eta = ms * (args.train_steps - step) / 1e3
+            print(f"step {step:6d} | loss {np.mean(losses[-args.log_interval:]):.4f} | lr {lr_sched.get_last_lr()[0]:.2e} | {ms:.2f} ms/step | ETA {eta:.0f}s")
+            t_log, step_at_log = time.perf_counter(), step
+        if step % args.ckpt_interval == 0 or step == args.train_steps:
+            save()
+
+    # -------------------------------------------------------------------------
+    # evaluation with the EMA weights: the study's columns, plus the floors of both KL metrics
+    model_ema = ema.module.eval()
+    metrics = dict(train_time_s=train_time, ms_per_step=train_time / max(1, len(losses)) * 1e3)
+    metrics["eval_loss"] = evaluate.eval_loss(model_ema, scheduler, evaluate.heldout_points(args.dataset), device)
+    samples, metrics["inference_s"] = evaluate.timed_sample(model_ema, scheduler, args.eval_batch_size, device, sampler=args.sampler, steps=args.sample_steps)
+    metrics.update(evaluate.compute_metrics(X, samples, evaluate.floor_draw(args.dataset, len(samples))))
+    metrics.update(dataset=args.dataset, config=config_name(args), params=n_params, alpha_bar_T=scheduler.alpha_bar_T,
+                   device=str(device), threads=args.threads, args=vars(args))
+    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    np.save(os.path.join(args.out_dir, "samples.npy"), samples)
+    evaluate.plot_samples(X, samples, os.path.join(args.out_dir, "samples.png"),
+                          f"{args.dataset} · {config_name(args)} · kNN-KL {metrics['knn_kl_bits']:.3f} bits (floor {metrics.get('knn_kl_floor', float('nan')):.3f})")
+    plot_loss(losses, os.path.join(args.out_dir, "loss.png"))
+    print(f"\n{args.dataset} · {config_name(args)} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")
+    print(f"training time   {train_time:8.1f} s   ({metrics['ms_per_step']:.2f} ms/step)")
+    print(f"inference time  {metrics['inference_s']:8.2f} s   ({args.eval_batch_size} samples, {args.sampler})")
+    print(evaluate.format_table({k: v for k, v in metrics.items() if k not in ("inference_s",)}))
+    print(f"wrote {args.out_dir}/: ckpt.pt metrics.json samples.npy samples.png loss.png")
+    return metrics
+
+
+def plot_loss(losses, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.3, alpha=0.4, label="per step")
+    w = max(1, len(losses) // 100)
+    if len(losses) >= w:
+        ax.plot(np.arange(w - 1, len(losses)), np.convolve(losses, np.ones(w) / w, mode="valid"), label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep(args):
+    fail("--sweep is not available yet")
+
+
+if __name__ == "__main__":
+    main()
