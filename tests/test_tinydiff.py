@@ -1,0 +1,372 @@
+"""tinydiff.py against independent references: Markov chains, Bayes' rule, naive loops, closed forms."""
+import ast
+import copy
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tinydiff as td
+from conftest import ROOT
+
+
+def moments_close(x, mean, var, n_sigma=5):
+    """Empirical mean/variance of x (N,) within n_sigma standard errors of the given values."""
+    n = x.numel()
+    assert abs(x.mean().item() - mean) < n_sigma * math.sqrt(var / n)
+    assert abs(x.var().item() - var) < n_sigma * var * math.sqrt(2 / (n - 1))
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+@pytest.mark.parametrize("schedule", ["linear", "quadratic", "cosine"])
+def test_alpha_bar_is_product_of_alphas(schedule):
+    s = td.NoiseScheduler(50, beta_schedule=schedule)
+    prod = 1.0
+    for t in range(50):
+        prod *= 1 - s.betas[t].double().item()
+        assert s.alphas_cumprod[t].item() == pytest.approx(prod, rel=1e-4)  # betas are stored rounded to float32
+    assert s.alpha_bar_T == pytest.approx(prod, rel=1e-4)
+    assert (s.betas > 0).all() and (s.betas <= 0.999).all()
+
+
+def test_linear_schedule_at_T100_ends_far_from_pure_noise():
+    s = td.NoiseScheduler()  # the study's: T=100, betas 1e-4 .. 0.02
+    betas = [1e-4 + (0.02 - 1e-4) * i / 99 for i in range(100)]
+    assert s.alpha_bar_T == pytest.approx(math.prod(1 - b for b in betas), rel=1e-6)
+    assert 0.35 < s.alpha_bar_T < 0.37
+
+
+def test_cosine_schedule_matches_nichol_dhariwal():
+    T, s = 100, td.NoiseScheduler(100, beta_schedule="cosine")
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    for t in (0, 10, 50, 90):
+        assert s.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-4)
+
+
+@pytest.mark.parametrize("t", [0, 7, 99])
+def test_add_noise_matches_the_forward_markov_chain(t):
+    s = td.NoiseScheduler()
+    g = torch.Generator().manual_seed(0)
+    n, x0 = 200_000, 1.7
+    x = torch.full((n, 1), x0, dtype=torch.float64)
+    for i in range(t + 1):  # x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) eps
+        beta = s.betas[i].double()
+        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    direct = s.add_noise(torch.full((n, 1), x0), torch.randn(n, 1, generator=g), torch.full((n,), t))
+    mean, var = x.mean().item(), x.var().item()
+    moments_close(direct.double().flatten(), mean, var, n_sigma=6)
+
+
+def betas64(schedule, T=100):
+    """The schedules' definitions in plain Python floats."""
+    if schedule == "linear":
+        return [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    return [min(1 - f(t + 1) / f(t), 0.999) for t in range(T)]
+
+
+def bayes_posterior(s, t, schedule="linear"):
+    """q(x_{t-1} | x_t, x_0) by multiplying the two Gaussians, in float64: (coef on x0, coef on xt, var)."""
+    betas = betas64(schedule, s.num_train_timesteps)
+    ab_prev, beta = math.prod(1 - b for b in betas[:t]), betas[t]
+    if t == 0:
+        return 1.0, 0.0, 0.0
+    prec = 1 / (1 - ab_prev) + (1 - beta) / beta
+    return math.sqrt(ab_prev) / (1 - ab_prev) / prec, math.sqrt(1 - beta) / beta / prec, 1 / prec
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_posterior_coefficients_match_bayes_rule(schedule):
+    s = td.NoiseScheduler(100, beta_schedule=schedule)
+    for t in (0, 1, 5, 50, 99):
+        c0, ct, var = bayes_posterior(s, t, schedule)
+        assert s.posterior_mean_coef1[t].item() == pytest.approx(c0, rel=1e-5, abs=1e-7)
+        assert s.posterior_mean_coef2[t].item() == pytest.approx(ct, rel=1e-5, abs=1e-7)
+        assert s.posterior_variance[t].item() == pytest.approx(var, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("t", [1, 30, 99])
+def test_step_samples_the_posterior(t):
+    s = td.NoiseScheduler()
+    n, x0, xt = 200_000, 0.8, -1.3
+    # the noise that maps x0 to xt, so the predicted x0 is exactly x0
+    eps = (xt - s.sqrt_alphas_cumprod[t].item() * x0) / s.sqrt_one_minus_alphas_cumprod[t].item()
+    out = s.step(torch.full((n, 1), eps), t, torch.full((n, 1), xt), generator=torch.Generator().manual_seed(1))
+    c0, ct, var = bayes_posterior(s, t)
+    moments_close(out.double().flatten(), c0 * x0 + ct * xt, var)
+
+
+def test_step_at_t0_returns_the_predicted_x0():
+    s = td.NoiseScheduler()
+    x0, eps = torch.randn(10, 2), torch.randn(10, 2)
+    xt = s.add_noise(x0, eps, torch.zeros(10, dtype=torch.long))
+    torch.testing.assert_close(s.step(eps, 0, xt), x0, atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_eta0_is_deterministic():
+    s = td.NoiseScheduler()
+    eps, xt = torch.randn(100, 2), torch.randn(100, 2)
+    a = s.ddim_step(eps, 60, 40, xt, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = s.ddim_step(eps, 60, 40, xt, eta=0.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("t", [1, 10, 99])
+def test_ddim_eta1_over_all_steps_is_the_ddpm_posterior(t):
+    s = td.NoiseScheduler()
+    n = 200_000
+    eps, xt = torch.full((n, 1), 0.4), torch.full((n, 1), 1.1)
+    out = s.ddim_step(eps, t, t - 1, xt, eta=1.0, generator=torch.Generator().manual_seed(3))
+    x0 = (1.1 - s.sqrt_one_minus_alphas_cumprod[t].item() * 0.4) / s.sqrt_alphas_cumprod[t].item()
+    c0, ct, var = bayes_posterior(s, t)
+    moments_close(out.double().flatten(), c0 * x0 + ct * 1.1, var)
+    # and, with the same noise, exactly DDPM's step
+    ref = s.step(eps[:5], t, xt[:5], generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(s.ddim_step(eps[:5], t, t - 1, xt[:5], eta=1.0, generator=torch.Generator().manual_seed(4)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_set_timesteps_is_strided_unique_and_ends_at_0():
+    s = td.NoiseScheduler(100)
+    for k in (1, 2, 7, 20, 99, 100):
+        ts = s.set_timesteps(k)
+        assert len(ts) == len(set(ts)) == k and ts[0] == 99 and ts == sorted(ts, reverse=True)
+        assert k == 1 or ts[-1] == 0
+    with pytest.raises(ValueError):
+        s.set_timesteps(101)
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="linear, quadratic or cosine"):
+        td.NoiseScheduler(beta_schedule="sigmoid")
+
+
+def test_scheduler_buffers_move_with_to():
+    s = td.NoiseScheduler().to(torch.float64)
+    assert s.alphas_cumprod.dtype == torch.float64
+    assert len(s.state_dict()) == 0  # derived from the config, not saved
+
+
+# ----------------------------------------------------------------------------- embeddings and blocks
+
+
+def test_sinusoidal_embedding_formula():
+    emb = td.SinusoidalEmbedding(8, scale=25.0)
+    x = torch.tensor([0.3, -1.2])
+    out = emb(x)
+    for i, xi in enumerate(x.tolist()):
+        for k in range(4):
+            w = math.exp(-math.log(10000.0) * k / 3)
+            assert out[i, k].item() == pytest.approx(math.sin(25 * xi * w), abs=1e-5)
+            assert out[i, 4 + k].item() == pytest.approx(math.cos(25 * xi * w), abs=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 4, 8, 16])
+def test_attention_matches_naive_softmax(heads):
+    torch.manual_seed(0)
+    attn = td.SelfAttention(128, heads).double()
+    x = torch.randn(5, 3, 128, dtype=torch.float64)
+    h = attn.norm(x)
+    q, k, v = (h @ attn.qkv.weight.T + attn.qkv.bias).split(128, -1)
+    hs = 128 // heads
+    outs = []
+    for i in range(heads):  # one head at a time, written out
+        sl = slice(i * hs, (i + 1) * hs)
+        w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hs), -1)
+        outs.append(w @ v[..., sl])
+    ref = x + torch.cat(outs, -1) @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x), ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("heads", [3, 5, 0, 7])
+def test_heads_that_do_not_divide_the_width_are_refused(heads):
+    with pytest.raises(ValueError, match="must divide the token width 128"):
+        td.Denoiser(td.DenoiserConfig(attn_layers=1, heads=heads))
+
+
+# ----------------------------------------------------------------------------- selective scan
+
+
+def scan_reference(dt, A, B, C, x):
+    """Plain loop, one element at a time over the sequence: the definition of the recurrence."""
+    Bsz, L, D = x.shape
+    h = torch.zeros(Bsz, A.shape[0], D, dtype=x.dtype)
+    ys = torch.zeros_like(x)
+    for t in range(L):
+        for n in range(A.shape[0]):
+            h[:, n] = torch.exp(dt[:, t] * A[n]) * h[:, n] + dt[:, t] * B[:, t, n, None] * x[:, t]
+        ys[:, t] = (C[:, t, :, None] * h).sum(1)
+    return ys
+
+
+def scan_inputs(L, dtype, Bsz=2, D=6, N=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dt = F.softplus(torch.randn(Bsz, L, D, generator=g) - 2).to(dtype)
+    A = -torch.arange(1, N + 1, dtype=dtype)[:, None].repeat(1, D)
+    B, C = torch.randn(Bsz, L, N, generator=g).to(dtype), torch.randn(Bsz, L, N, generator=g).to(dtype)
+    return dt, A, B, C, torch.randn(Bsz, L, D, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 17, 256])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_scan_paths_match_the_plain_loop(L, parallel):
+    ref = scan_reference(*scan_inputs(L, torch.float64))
+    out64 = td.selective_scan(*scan_inputs(L, torch.float64), parallel=parallel)
+    assert (out64 - ref).abs().max().item() < 1e-10
+    out32 = td.selective_scan(*scan_inputs(L, torch.float32), parallel=parallel)
+    assert (out32.double() - ref).abs().max().item() < 1e-5
+
+
+def test_parallel_scan_of_a_generic_recurrence():
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 5, 64, 1000):
+        a, b = torch.rand(3, L, 4, generator=g, dtype=torch.float64), torch.randn(3, L, 4, generator=g, dtype=torch.float64)
+        h, ref = torch.zeros(3, 4, dtype=torch.float64), []
+        for t in range(L):
+            h = a[:, t] * h + b[:, t]
+            ref.append(h)
+        assert (td.scan_parallel(a, b) - torch.stack(ref, 1)).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_scan_gradcheck(parallel):
+    inputs = [t.requires_grad_() for t in scan_inputs(5, torch.float64, Bsz=1, D=2, N=2)]
+    assert torch.autograd.gradcheck(lambda *a: td.selective_scan(*a, parallel=parallel), inputs)
+
+
+def test_long_sequences_stay_finite_at_mamba_init():
+    torch.manual_seed(0)
+    block = td.BiMambaBlock(16, d_state=16)
+    y = block(torch.randn(2, 2048, 16))
+    assert torch.isfinite(y).all()
+    ssm = block.forward_ssm
+    u = torch.randn(1, 1024, 32)
+    seq = ssm(u)
+    td_parallel = td.selective_scan
+    try:  # the parallel path agrees at L = 1024
+        td.selective_scan = lambda *a: td_parallel(*a, parallel=True)
+        torch.testing.assert_close(ssm(u), seq, atol=1e-4, rtol=1e-4)
+    finally:
+        td.selective_scan = td_parallel
+
+
+def test_forward_branch_is_causal():
+    torch.manual_seed(0)
+    ssm = td.SelectiveSSM(8, 4, 1)
+    x = torch.randn(2, 12, 8)
+    j = 7
+    x2 = x.clone()
+    x2[:, j] += 1.0
+    y, y2 = ssm(x), ssm(x2)
+    assert torch.equal(y[:, :j], y2[:, :j])
+    assert not torch.equal(y[:, j], y2[:, j])
+
+
+def test_bidirectional_block_is_the_average_of_both_directions():
+    torch.manual_seed(0)
+    blk = td.BiMambaBlock(16, d_state=4)
+    x = torch.randn(3, 9, 16)
+    u, z = blk.in_proj(blk.norm(x)).chunk(2, -1)
+    both = 0.5 * (blk.forward_ssm(u) + blk.backward_ssm(u.flip(1)).flip(1))
+    torch.testing.assert_close(blk(x), x + blk.out_proj(both * F.silu(z)))
+    # swapping the two directions' weights and reversing the input reverses the output
+    swapped = copy.deepcopy(blk)
+    swapped.forward_ssm, swapped.backward_ssm = swapped.backward_ssm, swapped.forward_ssm
+    torch.testing.assert_close(swapped(x.flip(1)), blk(x).flip(1), atol=1e-6, rtol=1e-5)
+
+
+def test_dt_bias_is_inverse_softplus_of_dt_range():
+    torch.manual_seed(0)
+    ssm = td.SelectiveSSM(512, 4, 4)
+    dt = F.softplus(ssm.dt_proj.bias)
+    assert dt.min().item() >= 1e-3 * 0.999 and dt.max().item() <= 1e-1 * 1.001
+    torch.testing.assert_close(torch.exp(ssm.A_log[:, 0]), torch.arange(1.0, 5.0))
+
+
+# ----------------------------------------------------------------------------- denoiser, loss, samplers
+
+CONFIGS = [dict(), dict(attn_layers=1, heads=4), dict(attn_layers=1, heads=8), dict(attn_layers=1, heads=16),
+           dict(attn_layers=2, heads=4), dict(ssm_layers=1), dict(ssm_layers=2), dict(ssm_layers=3), dict(attn_layers=1, ssm_layers=2)]
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()) or "base")
+def test_every_config_maps_points_and_time_to_points(kw):
+    torch.manual_seed(0)
+    model = td.Denoiser(td.DenoiserConfig(**kw))
+    out = model(torch.randn(7, 2), torch.randint(0, 100, (7,)))
+    assert out.shape == (7, 2) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # every block takes part
+
+
+def test_baseline_parameter_count_matches_the_study_build():
+    E, H = 128, 256
+    linear = lambda i, o: i * o + o
+    expected = linear(3 * E, H) + 3 * linear(H, H) + linear(H, 2)  # concat -> 256, 3 blocks, -> 2
+    assert sum(p.numel() for p in td.Denoiser(td.DenoiserConfig()).parameters()) == expected == 296_450
+
+
+def test_long_skips_join_shallow_to_deep_blocks():
+    model = td.Denoiser(td.DenoiserConfig(ssm_layers=4))
+    order = []
+    for i, blk in enumerate(model.ssm):
+        blk.register_forward_hook(lambda m, a, o, i=i: order.append(("block", i)))
+    for j, sk in enumerate(model.skips):
+        sk.register_forward_hook(lambda m, a, o, j=j: order.append(("skip", j)))
+    model(torch.randn(2, 2), torch.zeros(2, dtype=torch.long))
+    assert order == [("block", 0), ("block", 1), ("skip", 1), ("block", 2), ("skip", 0), ("block", 3)]
+
+
+def test_ddpm_loss_is_the_noise_mse():
+    torch.manual_seed(0)
+    model, s = td.Denoiser(td.DenoiserConfig()), td.NoiseScheduler()
+    x0 = torch.randn(64, 2)
+    loss = td.ddpm_loss(model, s, x0, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 100, (64,), generator=g)
+    noise = torch.randn(64, 2, generator=g)
+    xt = s.sqrt_alphas_cumprod[t, None] * x0 + s.sqrt_one_minus_alphas_cumprod[t, None] * noise
+    assert loss.item() == pytest.approx(((model(xt, t) - noise) ** 2).mean().item(), rel=1e-6)
+
+
+class OracleEps(torch.nn.Module):
+    """The exact noise prediction for data that are a single point x*: eps = (x_t - sqrt(ab) x*) / sqrt(1-ab)."""
+
+    def __init__(self, s, point):
+        super().__init__()
+        self.s, self.point = s, torch.tensor(point)
+
+    def forward(self, x, t):
+        return (x - self.s.sqrt_alphas_cumprod[t, None] * self.point) / self.s.sqrt_one_minus_alphas_cumprod[t, None]
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddpm", 10), ("ddim", 20), ("ddim", 1)])
+def test_samplers_recover_a_point_mass_from_the_exact_denoiser(sampler, steps):
+    s = td.NoiseScheduler()
+    x = td.sample(OracleEps(s, [1.5, -2.0]), s, 500, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, torch.tensor([[1.5, -2.0]]).expand(500, 2), atol=1e-4, rtol=0)
+
+
+def test_sampling_is_reproducible_and_returns_the_trajectory():
+    torch.manual_seed(0)
+    model, s = td.Denoiser(td.DenoiserConfig()).eval(), td.NoiseScheduler(20)
+    run = lambda seed, **kw: td.sample(model, s, 50, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+    traj = run(1, return_trajectory=True)
+    assert traj.shape == (21, 50, 2) and torch.equal(traj[-1], run(1))
+    assert run(1, sampler="ddim", steps=5, return_trajectory=True).shape == (6, 50, 2)
+
+
+def test_tinydiff_imports_only_torch_and_the_standard_library():
+    tree = ast.parse(open(os.path.join(ROOT, "tinydiff.py")).read())
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            mods.add(node.module.split(".")[0])
+    assert mods and all(m == "torch" or m in sys.stdlib_module_names for m in mods), mods
