@@ -3,6 +3,7 @@
 Each named dataset has n = 100,000 points by default, drawn with np.random.default_rng(42).
 """
 import os
+import warnings
 
 import numpy as np
 
@@ -60,7 +61,9 @@ def load_points(path):
             with open(path) as f:
                 first = f.readline()
             delim = "," if "," in first else None
-            X = np.loadtxt(path, delimiter=delim, ndmin=2)
+            with warnings.catch_warnings():  # an empty file is reported below, in one sentence
+                warnings.simplefilter("ignore", UserWarning)
+                X = np.loadtxt(path, delimiter=delim, ndmin=2)
     except ValueError as e:  # non-numeric text, a pickled .npy, ...
         raise ValueError(f"{path} is not a table of numbers ({str(e).splitlines()[0][:80]}); give two numeric columns x, y, no header") from None
     except (OSError, EOFError) as e:
