@@ -190,14 +190,14 @@ def main(argv=None):
         x0 = data[torch.randint(0, len(data), (args.batch_size,), device=device, generator=gen)]
         with autocast:
             loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen)
-        loss_val = loss.item()
-        if not math.isfinite(loss_val):
-            print(f"error: the loss became {loss_val} at step {step}; the run diverged. Try a lower --lr (now {args.lr:g})."
-                  f" The last good checkpoint is kept in {ckpt_path}.", file=sys.stderr)
-            sys.exit(1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        loss_val = loss.item()
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):  # stop before the bad update
+            print(f"error: the run diverged at step {step} (loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}); try a lower --lr"
+                  f" (now {args.lr:g}). The last good checkpoint is kept in {ckpt_path}.", file=sys.stderr)
+            sys.exit(1)
         optimizer.step()
         lr_sched.step()
         ema.update_parameters(model)

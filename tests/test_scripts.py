@@ -1,0 +1,196 @@
+"""The scripts as a user runs them: end to end, kill and resume, refused files, bad command lines."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import evaluate
+import tinydiff as td
+from conftest import ROOT
+
+PY = sys.executable
+FAST = ["--batch_size", "64", "--eval_batch_size", "500", "--log_interval", "100"]
+
+
+def run(script, *args, check=True, timeout=120):
+    p = subprocess.run([PY, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short moons run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("run") / "moons"
+    p = run("train.py", "--dataset", "moons", "--train_steps", 1500, "--batch_size", 256, "--lr", "1e-3",
+            "--eval_batch_size", 2000, "--log_interval", 500, "--out_dir", out)
+    return out, p.stdout
+
+
+def test_train_writes_every_output_and_beats_noise(trained):
+    out, stdout = trained
+    for f in ("ckpt.pt", "metrics.json", "samples.npy", "samples.png", "loss.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert "ms/step" in stdout and "ETA" in stdout and "kNN KL" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("train_time_s", "eval_loss", "inference_s", "knn_kl_bits", "knn_kl_floor", "hist_kl_nats", "hist_kl_floor"):
+        assert np.isfinite(m[key]), key
+    data = datasets.load_dataset("moons")
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (2000, 2)
+    noise = evaluate.knn_kl(data, np.random.default_rng(0).normal(size=(2000, 2)))
+    assert m["knn_kl_bits"] < noise / 3, (m["knn_kl_bits"], noise)
+    assert m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(data, samples), abs=1e-9)
+
+
+def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path):
+    out, _ = trained
+    run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, "--gif", "--out", tmp_path / "a")
+    run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, "--out", tmp_path / "b")
+    run("sample.py", "--out_dir", out, "--n", 300, "--seed", 4, "--sampler", "ddim", "--steps", 10, "--out", tmp_path / "c")
+    a, b, c = (np.load(tmp_path / f"{k}.npy") for k in "abc")
+    assert a.shape == (300, 2) and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert (tmp_path / "a.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "a.gif") as gif:
+        assert gif.n_frames > 100  # 101 reverse-process frames plus a hold at the end
+
+
+def test_evaluate_cli_scores_samples_and_checkpoints(trained):
+    out, _ = trained
+    p = run("evaluate.py", "--samples", out / "samples.npy", "--dataset", "moons", "--json")
+    m = json.loads(p.stdout)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert m["knn_kl_bits"] == pytest.approx(saved["knn_kl_bits"]) and m["knn_kl_floor"] == pytest.approx(saved["knn_kl_floor"])
+    p = run("evaluate.py", "--out_dir", out, "--n", 1000, "--sampler", "ddim", "--steps", 20)
+    assert "kNN KL (bits)" in p.stdout and "eval_loss" in p.stdout
+
+
+def final_weights(out):
+    return td.load_checkpoint(str(out / "ckpt.pt"))["model"]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    args = ["--dataset", "line", "--train_steps", 1500, "--ckpt_interval", 100, *FAST]
+    run("train.py", *args, "--out_dir", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), *map(str, args), "--out_dir", str(killed)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (killed / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = td.load_checkpoint(str(killed / "ckpt.pt"))["step"]
+    assert 100 <= step < 1500, step  # killed mid-run, after at least one checkpoint
+    p = run("train.py", "--out_dir", killed, "--resume", "--log_interval", 100, "--eval_batch_size", 500)
+    assert f"resuming {killed / 'ckpt.pt'} at step {step}" in p.stdout
+    a, b = final_weights(tmp_path / "whole"), final_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ea = td.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"))["ema"]
+    eb = td.load_checkpoint(str(killed / "ckpt.pt"))["ema"]
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_a_crash_between_write_and_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    td.save_checkpoint({"format": "tinydiff-1", "step": 1}, path)
+
+    def crash(*a):
+        raise KeyboardInterrupt("killed between write and replace")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        td.save_checkpoint({"format": "tinydiff-1", "step": 2}, path)
+    monkeypatch.undo()
+    assert td.load_checkpoint(path)["step"] == 1
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def bad_files(tmp_path, good_ckpt):
+    raw = good_ckpt.read_bytes()
+    files = {
+        "random.pt": os.urandom(4096),
+        "empty.pt": b"",
+        "truncated.pt": raw[: len(raw) // 2],
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    marker = tmp_path / "code-ran"
+    torch.save({"format": "tinydiff-1", "evil": RunsCode(marker)}, tmp_path / "code.pt")
+    torch.save({"hello": torch.zeros(3)}, tmp_path / "foreign.pt")
+    ck = td.load_checkpoint(str(good_ckpt))
+    ck["model_config"]["attn_layers"] = 2  # weights of a baseline, config of an attention model
+    torch.save(ck, tmp_path / "incompatible.pt")
+    return marker
+
+
+@pytest.mark.parametrize("name,message", [
+    ("random.pt", "is not a readable tinydiff checkpoint"), ("empty.pt", "is not a readable tinydiff checkpoint"),
+    ("truncated.pt", "is not a readable tinydiff checkpoint"), ("code.pt", "is not a readable tinydiff checkpoint"),
+    ("foreign.pt", "is not a tinydiff checkpoint"), ("incompatible.pt", "do not fit its config"),
+])
+def test_bad_checkpoints_are_refused_without_running_their_code(trained, tmp_path, name, message):
+    out, _ = trained
+    marker = bad_files(tmp_path, out / "ckpt.pt")
+    p = run("sample.py", "--ckpt", tmp_path / name, "--n", 10, check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    with pytest.raises(td.CheckpointError, match=message):
+        td.model_from_checkpoint(td.load_checkpoint(str(tmp_path / name)))
+    assert not marker.exists()  # the pickle's code never ran
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    p = run("train.py", "--dataset", "moons", "--train_steps", 200, "--lr", "1e12", "--ckpt_interval", 1, *FAST,
+            "--out_dir", tmp_path, check=False)
+    assert p.returncode == 1 and "diverged at step" in p.stderr and "--lr" in p.stderr, p.stderr
+    if (tmp_path / "ckpt.pt").exists():  # every saved checkpoint holds finite weights
+        ck = td.load_checkpoint(str(tmp_path / "ckpt.pt"))
+        assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_user_data_file_trains(tmp_path):
+    pts = np.random.default_rng(0).normal(size=(500, 2))
+    np.savetxt(tmp_path / "pts.csv", pts, delimiter=",")
+    run("train.py", "--dataset", tmp_path / "pts.csv", "--train_steps", 50, *FAST, "--out_dir", tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "knn_kl_floor" not in m  # a user's file has no generator to draw a floor from
+    assert np.isfinite(m["knn_kl_bits"])
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.py", ["--dataset", "spiral"], "unknown dataset 'spiral'"),
+    ("train.py", ["--attn_layers", "1", "--heads", "3"], "--heads 3 must divide"),
+    ("train.py", ["--train_steps", "0"], "--train_steps must be a positive integer"),
+    ("train.py", ["--batch_size", "-4"], "--batch_size must be a positive integer"),
+    ("train.py", ["--out_dir", "/etc/hostname/run"], "cannot write to --out_dir"),
+    ("train.py", ["--out_dir", "{tmp}/nothing", "--resume"], "--resume found no checkpoint"),
+    ("train.py", ["--dataset", "{tmp}/missing.csv"], "no data file at"),
+    ("sample.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
+    ("evaluate.py", ["--samples", "{tmp}/missing.npy", "--dataset", "dino"], "no samples file at"),
+    ("evaluate.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
+])
+def test_bad_command_lines_get_one_line_and_exit_2(tmp_path, script, args, message):
+    p = run(script, *[a.format(tmp=tmp_path) for a in args], check=False, timeout=60)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
