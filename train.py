@@ -24,11 +24,11 @@ import tinydiff as td
 
 # Settings that differ between the study ("paper") and tinydiff's measured defaults (see README).
 PRESETS = {
-    "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear"),
-    "tinydiff": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear"),
+    "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0),
+    "tinydiff": dict(lr=1e-3, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0),
 }
 # Arguments that define the run's math; --resume takes them from the checkpoint.
-RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "num_timesteps", "beta_schedule", "train_steps",
+RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "coord_scale", "num_timesteps", "beta_schedule", "train_steps",
             "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed", "threads", "dtype")
 
 
@@ -40,6 +40,8 @@ def get_parser():
     a("--attn_layers", type=int, default=0, help="self-attention layers over the tokens [x1, x2, t]")
     a("--heads", type=int, default=4, help="attention heads; must divide 128")
     a("--ssm_layers", type=int, default=0, help="bidirectional SSM (Mamba) blocks over the tokens")
+    a("--hidden", type=int, default=256, help="width of the residual MLP")
+    a("--coord_scale", type=float, default=None, help="sinusoidal-embedding scale of x1, x2 (preset: 25)")
     a("--num_timesteps", type=int, default=None, help="diffusion steps T (preset: 100)")
     a("--beta_schedule", choices=["linear", "quadratic", "cosine"], default=None, help="noise schedule (preset: linear)")
     a("--train_steps", type=int, default=10_000, help="optimizer steps")
@@ -61,6 +63,8 @@ def get_parser():
     a("--sample_steps", type=int, default=None, help="sampling steps for the final evaluation (default: all T)")
     a("--log_interval", type=int, default=500, help="print a log line every this many steps")
     a("--sweep", action="store_true", help="train and evaluate the study's grid instead (see README)")
+    a("--seeds", type=int, default=3, help="--sweep: seeds per configuration and dataset")
+    a("--jobs", type=int, default=os.cpu_count(), help="--sweep: runs in parallel (1 thread each)")
     return p
 
 
@@ -122,7 +126,7 @@ def main(argv=None):
             setattr(args, k, v)
     try:
         X = datasets.load_dataset(args.dataset)
-        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers)
+        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, coord_scale=args.coord_scale)
         td.Denoiser(cfg)  # raises for heads that do not divide the width
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
         td.NoiseScheduler(**sched_cfg)
@@ -255,8 +259,96 @@ def plot_loss(losses, path):
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# --sweep: the study's grid (its Tables 1-5) plus the SSM rows, each run a subprocess of this script
+
+SWEEP_CONFIGS = {"base": [], "attn1x4": ["--attn_layers", "1", "--heads", "4"], "attn1x8": ["--attn_layers", "1", "--heads", "8"],
+                 "attn1x16": ["--attn_layers", "1", "--heads", "16"], "attn2x4": ["--attn_layers", "2", "--heads", "4"],
+                 "ssm1": ["--ssm_layers", "1"], "ssm2": ["--ssm_layers", "2"]}
+SWEEP_DATASETS = ["circle", "dino", "line", "moons"]
+
+
 def sweep(args):
-    fail("--sweep is not available yet")
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
+    os.makedirs(root, exist_ok=True)
+    passed = [a for a in (sys.argv[1:]) if a != "--sweep"]
+    for flag in ("--out_dir", "--seeds", "--jobs"):  # sweep-only flags are not passed on
+        while flag in passed:
+            i = passed.index(flag)
+            del passed[i : i + 2]
+    runs = [(c, d, s) for c in reversed(SWEEP_CONFIGS) for d in SWEEP_DATASETS for s in range(args.seeds)]  # slowest first
+
+    def one(run):
+        c, d, s = run
+        out = os.path.join(root, f"{d}-{c}-s{s}")
+        if os.path.isfile(os.path.join(out, "metrics.json")):  # a finished run is kept: rerunning resumes the sweep
+            return
+        cmd = [sys.executable, os.path.abspath(__file__), *passed, "--dataset", d, *SWEEP_CONFIGS[c], "--seed", str(s),
+               "--out_dir", out, "--threads", "1", "--log_interval", str(10**9)]
+        if os.path.isfile(os.path.join(out, "ckpt.pt")):
+            cmd.append("--resume")
+        with open(os.path.join(root, f"{d}-{c}-s{s}.log"), "w") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        print(f"{'done' if rc == 0 else f'FAILED ({rc})'}: {d} {c} seed {s}", flush=True)
+
+    t0 = time.time()
+    print(f"sweep: {len(runs)} runs, {args.jobs} at a time, into {root}/")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, runs))
+    print(f"sweep finished in {time.time() - t0:.0f}s")
+    write_results(root, args)
+
+
+def write_results(root, args):
+    """results.md (one table per configuration, mean +- sd over seeds) and samples.png (datasets x configs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [("train_time_s", "train time (s)", 1), ("eval_loss", "eval loss", 4), ("inference_s", "inference (s)", 2),
+            ("knn_kl_bits", "kNN KL (bits)", 3), ("hist_kl_nats", "hist KL (nats)", 3)]
+    lines = [f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})", "",
+             "Mean +- sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
+             "Excess = kNN KL - its floor. Written by `python train.py --sweep`.", ""]
+    fig, axes = plt.subplots(len(SWEEP_DATASETS), len(SWEEP_CONFIGS), figsize=(2.2 * len(SWEEP_CONFIGS), 2.2 * len(SWEEP_DATASETS)), squeeze=False)
+    for j, c in enumerate(SWEEP_CONFIGS):
+        lines += [f"## {c}", "", "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
+                  "|---" * (len(cols) + 5) + "|"]
+        for i, d in enumerate(SWEEP_DATASETS):
+            ms = []
+            for s in range(args.seeds):
+                f = os.path.join(root, f"{d}-{c}-s{s}", "metrics.json")
+                if os.path.isfile(f):
+                    with open(f) as fh:
+                        ms.append(json.load(fh))
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_xlim(-5, 5), ax.set_ylim(-5, 5)
+            if i == 0:
+                ax.set_title(c, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(d, fontsize=9)
+            if not ms:
+                continue
+            fmt = lambda k, nd: f"{np.mean([m[k] for m in ms]):.{nd}f} +- {np.std([m[k] for m in ms]):.{nd}f}"
+            excess = [m["knn_kl_bits"] - m["knn_kl_floor"] for m in ms]
+            lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
+                         + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {np.mean(excess):.3f} +- {np.std(excess):.3f}"
+                         + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
+            pts = np.load(os.path.join(root, f"{d}-{c}-s0", "samples.npy")) if os.path.isfile(os.path.join(root, f"{d}-{c}-s0", "samples.npy")) else None
+            if pts is not None:
+                ax.scatter(pts[:, 0], pts[:, 1], s=0.3, alpha=0.3, linewidths=0)
+                ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
+        lines.append("")
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "samples.png"), dpi=100)
+    plt.close(fig)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {root}/results.md and {root}/samples.png")
 
 
 if __name__ == "__main__":

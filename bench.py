@@ -1,0 +1,123 @@
+"""Benchmark every backbone: training ms/step, sampling time, and the ratio to the matmul bound.
+
+    python bench.py            # full: median of 7 blocks, real 10,000-sample runs
+    python bench.py --quick    # under a minute: fewer blocks, sampling timed per network evaluation
+    python bench.py --threads 2 --dtype bf16
+
+The matmul bound is timed in the same run: every nn.Linear call of one training step is recorded,
+and the three matmuls it costs (forward, grad of input, grad of weight) are timed alone with
+torch.mm. ratio = ms/step / bound. Compare numbers within one run: this box is shared and noisy.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import tinydiff as td
+
+BACKBONES = {"baseline": {}, "attn 1x4": dict(attn_layers=1, heads=4), "attn 2x4": dict(attn_layers=2, heads=4),
+             "ssm 1": dict(ssm_layers=1), "ssm 2": dict(ssm_layers=2)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, blocks, per_block, warmup):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / per_block * 1e3)
+    return statistics.median(times)
+
+
+def linear_shapes(model, scheduler, x):
+    """(M, K, N) of every nn.Linear call in one forward pass."""
+    shapes, hooks = [], []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(lambda mod, inp, out: shapes.append((inp[0].numel() // mod.in_features, mod.in_features, mod.out_features))))
+    td.ddpm_loss(model, scheduler, x)
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def matmul_bound_ms(shapes, device, dtype, blocks, per_block):
+    """Time forward (M,K)@(K,N), grad input (M,N)@(N,K) and grad weight (N,M)@(M,K) for each shape."""
+    mats = []
+    for M, K, N in shapes:
+        for a, b in (((M, K), (K, N)), ((M, N), (N, K)), ((N, M), (M, K))):
+            mats.append((torch.randn(a, device=device, dtype=dtype), torch.randn(b, device=device, dtype=dtype)))
+    return median_ms(lambda: [torch.mm(a, b) for a, b in mats], device, blocks, per_block, warmup=3)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="finish in under a minute")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast for training, matmul bound in bf16")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--n", type=int, default=10_000, help="samples to draw")
+    p.add_argument("--ddim_steps", type=int, default=20)
+    p.add_argument("--only", nargs="*", default=None, help="backbones to run (default all)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    bf16 = args.dtype == "bf16"
+    blocks, per_block, warmup = (3, 10, 10) if args.quick else (7, 25, 30)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name} | threads {torch.get_num_threads()} | torch {torch.__version__} | dtype {args.dtype} | batch {args.batch_size}"
+          f" | {'quick' if args.quick else 'full'}")
+    print(f"{'backbone':<10}{'params':>9}{'ms/step':>9}{'bound ms':>9}{'ratio':>7}{'x base':>8}"
+          f"{'DDPM-100 s':>12}{f'DDIM-{args.ddim_steps} s':>11}")
+    rows = {}
+    for label, kw in BACKBONES.items():
+        if args.only and label not in args.only:
+            continue
+        torch.manual_seed(0)
+        model = td.Denoiser(td.DenoiserConfig(**kw)).to(device)
+        scheduler = td.NoiseScheduler().to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        x = torch.randn(args.batch_size, 2, device=device)
+
+        def train_step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = td.ddpm_loss(model, scheduler, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        ms = median_ms(train_step, device, blocks, per_block, warmup)
+        bound = matmul_bound_ms(linear_shapes(model, scheduler, x), device, torch.bfloat16 if bf16 else torch.float32, blocks, per_block)
+        model.eval()
+        T = scheduler.num_train_timesteps
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if args.quick:  # time one network evaluation at batch n, scale by the number of evaluations
+                xs, ts = torch.randn(args.n, 2, device=device), torch.zeros(args.n, dtype=torch.long, device=device)
+                nfe_s = median_ms(lambda: model(xs, ts), device, 3, 2, 1) / 1e3
+                ddpm_s, ddim_s = nfe_s * T, nfe_s * args.ddim_steps
+            else:
+                g = torch.Generator(device=device)
+                ddpm_s = median_ms(lambda: td.sample(model, scheduler, args.n, generator=g.manual_seed(0), device=device), device, 1, 1, 0) / 1e3
+                ddim_s = median_ms(lambda: td.sample(model, scheduler, args.n, sampler="ddim", steps=args.ddim_steps, generator=g.manual_seed(0), device=device), device, 3, 1, 1) / 1e3
+        rows[label] = ms
+        n_params = sum(q.numel() for q in model.parameters())
+        print(f"{label:<10}{n_params:>9,}{ms:>9.2f}{bound:>9.2f}{ms / bound:>7.2f}{ms / rows.get('baseline', ms):>8.2f}{ddpm_s:>12.2f}{ddim_s:>11.2f}", flush=True)
+    if "baseline" in rows:
+        base = rows["baseline"]
+        print("summary: " + ", ".join(f"{k} {v / base:.2f}x baseline" for k, v in rows.items() if k != "baseline")
+              + f" | sampling: {'per-NFE estimate' if args.quick else 'measured'}")
+
+
+if __name__ == "__main__":
+    main()
