@@ -25,7 +25,7 @@ import tinydiff as td
 # Settings that differ between the study ("paper") and tinydiff's measured defaults (see README).
 PRESETS = {
     "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0),
-    "tinydiff": dict(lr=1e-3, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0),
+    "tinydiff": dict(lr=1e-3, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=50.0),
 }
 # Arguments that define the run's math; --resume takes them from the checkpoint.
 RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "coord_scale", "num_timesteps", "beta_schedule", "train_steps",

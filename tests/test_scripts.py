@@ -63,7 +63,7 @@ def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path):
     from PIL import Image
 
     with Image.open(tmp_path / "a.gif") as gif:
-        assert gif.n_frames > 100  # 101 reverse-process frames plus a hold at the end
+        assert gif.n_frames > 100  # 101 reverse-process frames (Pillow merges the held last frame into one)
 
 
 def test_evaluate_cli_scores_samples_and_checkpoints(trained):
