@@ -120,7 +120,7 @@ def main(argv=None):
             fail(str(e))
         given = vars(args)
         for k in RUN_KEYS:  # the run's math comes from the checkpoint
-            given[k] = ckpt["args"][k]
+            given[k] = ckpt["args"].get(k, given[k])
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
