@@ -75,8 +75,8 @@ def main(argv=None):
     torch.set_num_threads(1)  # fastest for this model size on small CPUs; see README
     model.eval()
     g = torch.Generator().manual_seed(args.seed)
-    traj = td.sample(model, scheduler, args.n, sampler=args.sampler, steps=steps, eta=args.eta, generator=g, return_trajectory=True)
-    samples = traj[-1].numpy()
+    out = td.sample(model, scheduler, args.n, sampler=args.sampler, steps=steps, eta=args.eta, generator=g, return_trajectory=args.gif)
+    samples = (out[-1] if args.gif else out).numpy()
     stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}")
     np.save(stem + ".npy", samples)
     dataset = ckpt["args"]["dataset"]
@@ -87,7 +87,7 @@ def main(argv=None):
     evaluate.plot_samples(data, samples, stem + ".png", f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}")
     wrote = [stem + ".npy", stem + ".png"]
     if args.gif:
-        save_gif(traj, stem + ".gif")
+        save_gif(out, stem + ".gif")
         wrote.append(stem + ".gif")
     print("wrote " + " ".join(wrote))
 
