@@ -33,8 +33,9 @@ class NoiseScheduler(nn.Module):
 
     Schedules are computed in float64 and kept as float32 buffers, so `.to(device)` moves them.
     They are derived from the four arguments, so they are not saved in a state_dict.
-    Note: at T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: its x_T is not pure
-    noise, yet sampling starts from N(0, I). `alpha_bar_T` makes this visible.
+    Note: at T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T still holds
+    sqrt(0.36) = 60% of the data's signal, so starting the sampler at N(0, I) is wrong. `prior`
+    draws x_T from the Gaussian with the same moments as q(x_T) instead, given the data's moments.
     """
 
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
@@ -68,6 +69,18 @@ class NoiseScheduler(nn.Module):
     @property
     def alpha_bar_T(self):
         return self.alphas_cumprod[-1].item()
+
+    def prior(self, n, mean=None, cov=None, generator=None, device="cpu"):
+        """Draw x_T for sampling. x_T = sqrt(ab_T) x_0 + sqrt(1 - ab_T) eps has mean sqrt(ab_T) mean
+        and covariance ab_T cov + (1 - ab_T) I, where mean and cov are the data's; we draw from the
+        Gaussian with those moments. Without them (or with 0 and I) this is N(0, I) exactly."""
+        z = torch.randn((n, 2), generator=generator, device=device)
+        if mean is None:
+            return z
+        ab = self.alphas_cumprod[-1].double()
+        cov = ab * cov.double() + (1 - ab) * torch.eye(2, dtype=torch.float64, device=cov.device)
+        L = torch.linalg.cholesky(cov).float().to(device)
+        return (ab.sqrt() * mean.double()).float().to(device) + z @ L.T
 
     def add_noise(self, x0, noise, t):
         """Sample q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I)   (eq. 4). t: (B,) long."""
@@ -304,6 +317,10 @@ class Denoiser(nn.Module):
         self.skips = nn.ModuleList(nn.Linear(2 * cfg.ssm_dim, cfg.ssm_dim) for _ in range(cfg.ssm_layers // 2))
         blocks = [ResidualBlock(cfg.hidden) for _ in range(cfg.hidden_layers)]
         self.mlp = nn.Sequential(nn.Linear(3 * E, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, 2))
+        # The training data's mean and covariance, for the sampler's start (NoiseScheduler.prior).
+        # Saved with the weights; 0 and I (the defaults) mean the standard N(0, I) start.
+        self.register_buffer("data_mean", torch.zeros(2))
+        self.register_buffer("data_cov", torch.eye(2))
 
     def forward(self, x, t):
         tokens = torch.stack([self.coord_emb(x[:, 0]), self.coord_emb(x[:, 1]), self.time_emb(t)], 1)  # (B, 3, E)
@@ -342,7 +359,7 @@ def ddpm_loss(model, scheduler, x0, generator=None):
 
 @torch.no_grad()
 def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device="cpu", return_trajectory=False):
-    """Draw n points, starting from x_T ~ N(0, I).
+    """Draw n points, starting from x_T ~ scheduler.prior with the model's data moments.
 
     sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
     sampler="ddim": strided DDIM over `steps` timesteps with the given eta (0: deterministic).
@@ -352,7 +369,7 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     steps = steps or T
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r}; use ddpm or ddim")
-    x = torch.randn((n, 2), generator=generator, device=device)
+    x = scheduler.prior(n, getattr(model, "data_mean", None), getattr(model, "data_cov", None), generator, device)
     trajectory = [x.cpu()] if return_trajectory else None
     timesteps = scheduler.set_timesteps(steps)
     for i, t in enumerate(timesteps):
@@ -399,15 +416,22 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_weights(model, state):
+    """load_state_dict, strict, except that checkpoints from before the data-moment buffers load
+    with their defaults (the N(0, I) start they were sampled with)."""
+    defaults = {k: v for k, v in model.state_dict().items() if k in ("data_mean", "data_cov")}
+    model.load_state_dict({**defaults, **state})
+
+
 def model_from_checkpoint(ckpt, key="ema"):
     """Build the Denoiser and scheduler a checkpoint describes, with its EMA (or raw) weights."""
     try:
         known = {f.name for f in fields(DenoiserConfig)}
         cfg = DenoiserConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
         model = Denoiser(cfg)
-        model.load_state_dict(ckpt[key])
+        load_weights(model, ckpt[key])
         scheduler = NoiseScheduler(**ckpt["scheduler_config"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0][:120]
         raise CheckpointError(f"the checkpoint's weights do not fit its config ({reason}); it was written by an incompatible version") from None
     return model, scheduler

@@ -24,11 +24,11 @@ import tinydiff as td
 
 # Settings that differ between the study ("paper") and tinydiff's measured defaults (see README).
 PRESETS = {
-    "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0),
-    "tinydiff": dict(lr=1e-3, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=50.0),
+    "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0, prior="standard"),
+    "tinydiff": dict(lr=1e-3, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=50.0, prior="data"),
 }
 # Arguments that define the run's math; --resume takes them from the checkpoint.
-RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "coord_scale", "num_timesteps", "beta_schedule", "train_steps",
+RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "coord_scale", "num_timesteps", "beta_schedule", "prior", "train_steps",
             "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed", "threads", "dtype")
 
 
@@ -44,6 +44,8 @@ def get_parser():
     a("--coord_scale", type=float, default=None, help="sinusoidal-embedding scale of x1, x2 (preset: 25)")
     a("--num_timesteps", type=int, default=None, help="diffusion steps T (preset: 100)")
     a("--beta_schedule", choices=["linear", "quadratic", "cosine"], default=None, help="noise schedule (preset: linear)")
+    a("--prior", choices=["data", "standard"], default=None,
+      help="sampler start: data = Gaussian with the moments of q(x_T) given the data's mean and covariance, standard = N(0, I) (preset)")
     a("--train_steps", type=int, default=10_000, help="optimizer steps")
     a("--batch_size", type=int, default=256)
     a("--lr", type=float, default=None, help="peak AdamW learning rate (preset)")
@@ -151,6 +153,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     data = torch.as_tensor(X, dtype=torch.float32, device=device)
     model = td.Denoiser(cfg).to(device)
+    if args.prior == "data":  # the sampler starts from the data's moments (NoiseScheduler.prior)
+        model.data_mean.copy_(torch.as_tensor(X.mean(0)))
+        model.data_cov.copy_(torch.as_tensor(np.cov(X.T, bias=True)))
     scheduler = td.NoiseScheduler(**sched_cfg).to(device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
     fused = device.type in ("cuda", "cpu")
@@ -160,8 +165,8 @@ def main(argv=None):
     step, losses, train_time = 0, [], 0.0
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
-            ema.module.load_state_dict(ckpt["ema"])
+            td.load_weights(model, ckpt["model"])
+            td.load_weights(ema.module, ckpt["ema"])
         except RuntimeError:
             fail(f"{ckpt_path} does not fit this model's config; it was written by an incompatible version")
         ema.n_averaged.fill_(ckpt["ema_n_averaged"])
@@ -174,7 +179,7 @@ def main(argv=None):
     fwd = torch.compile(model) if args.compile else model
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.dataset}: {len(X)} points | {config_name(args)}: {n_params:,} params | device {device}"
-          f"{f' ({args.threads} thread)' if device.type == 'cpu' else ''} | T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={scheduler.alpha_bar_T:.3f}")
+          f"{f' ({args.threads} thread)' if device.type == 'cpu' else ''} | T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={scheduler.alpha_bar_T:.3f}, prior {args.prior}")
 
     def save():
         td.save_checkpoint(dict(
@@ -278,7 +283,9 @@ def sweep(args):
         while flag in passed:
             i = passed.index(flag)
             del passed[i : i + 2]
-    runs = [(c, d, s) for c in reversed(SWEEP_CONFIGS) for d in SWEEP_DATASETS for s in range(args.seeds)]  # slowest first
+    # the baseline first (quick, and the study's reference), then the slowest configurations first
+    order = ["base", *[c for c in reversed(SWEEP_CONFIGS) if c != "base"]]
+    runs = [(c, d, s) for c in order for d in SWEEP_DATASETS for s in range(args.seeds)]
 
     def one(run):
         c, d, s = run
