@@ -2,7 +2,7 @@
 
     python evaluate.py --samples out/dino-base/samples.npy --dataset dino
     python evaluate.py --out_dir out/dino-base            # samples from the checkpoint itself
-    python evaluate.py --out_dir out/dino-base --sampler ddim --steps 20 --json
+    python evaluate.py --out_dir out/dino-base --sampler dpm++ --json
 
 Metrics (train.py writes the same ones into metrics.json; this file is their one home):
   knn_kl   the study's kNN estimator of KL(data || samples), in bits (Wang, Kulkarni & Verdu 2009):
@@ -154,8 +154,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="a checkpoint file to sample from (instead of --out_dir)")
     p.add_argument("--dataset", help="dataset name or data file (default: the checkpoint's)")
     p.add_argument("--n", type=int, default=10_000, help="samples to draw from a checkpoint")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler for a checkpoint")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm", help="sampler for a checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")

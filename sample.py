@@ -1,7 +1,7 @@
 """Draw samples from a trained run, with its EMA weights.
 
     python sample.py --out_dir out/dino-base                        # 10,000 DDPM samples
-    python sample.py --out_dir out/dino-base --sampler ddim --steps 20
+    python sample.py --out_dir out/dino-base --sampler dpm++ --steps 20
     python sample.py --out_dir out/dino-base --gif                   # animate the reverse process
 
 Writes <name>.npy and <name>.png (samples beside the data) into the run directory (or --out),
@@ -51,8 +51,8 @@ def main(argv=None):
     p.add_argument("--out_dir", help="run directory holding ckpt.pt")
     p.add_argument("--ckpt", help="checkpoint file (instead of --out_dir)")
     p.add_argument("--n", type=int, default=10_000, help="number of samples")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--steps", type=int, default=None, help="reverse steps; fewer than T means strided sampling")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm")
+    p.add_argument("--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 as DDPM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
@@ -67,7 +67,7 @@ def main(argv=None):
         ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
         ckpt = td.load_checkpoint(ckpt_path)
         model, scheduler = td.model_from_checkpoint(ckpt, key="model" if args.raw else "ema")
-        steps = args.steps or scheduler.num_train_timesteps
+        steps = args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps)
         scheduler.set_timesteps(steps)  # validates --steps
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -62,6 +62,7 @@ class NoiseScheduler(nn.Module):
             posterior_variance=betas * (1 - ab_prev) / (1 - ab),
             posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab),
             posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab),
+            log_snr=0.5 * torch.log(ab / (1 - ab)),  # lambda_t = log(alpha_t / sigma_t), for DPM-Solver
         )
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -103,11 +104,27 @@ class NoiseScheduler(nn.Module):
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return mean + self.posterior_variance[t].sqrt() * noise
 
-    def set_timesteps(self, num_inference_steps):
-        """Evenly spaced timesteps from T-1 down to 0 (both ends always included)."""
-        if not 1 <= num_inference_steps <= self.num_train_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_train_timesteps}, got {num_inference_steps}")
-        return torch.linspace(self.num_train_timesteps - 1, 0, num_inference_steps).round().long().tolist()
+    def set_timesteps(self, num_inference_steps, spacing="linear"):
+        """num_inference_steps distinct timesteps from T-1 down to 0 (both ends always included).
+
+        spacing="linear": evenly spaced in t. "logsnr": evenly spaced in log-SNR lambda_t (the
+        nearest t to each), which puts more steps at low noise, where the fine detail forms.
+        """
+        T = self.num_train_timesteps
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"steps must be in 1..{T}, got {num_inference_steps}")
+        if spacing == "linear":
+            return torch.linspace(T - 1, 0, num_inference_steps).round().long().tolist()
+        if spacing != "logsnr":
+            raise ValueError(f"unknown spacing {spacing!r}; use linear or logsnr")
+        lam = self.log_snr.double()
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), num_inference_steps, dtype=torch.float64)
+        ts = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()
+        n = len(ts)  # make them distinct: leave room below each, then step down by at least 1
+        ts = [max(t, n - 1 - i) for i, t in enumerate(ts)]
+        for i in range(1, n):
+            ts[i] = min(ts[i], ts[i - 1] - 1)
+        return ts
 
     def ddim_step(self, model_output, t, t_prev, x_t, eta=0.0, generator=None):
         """One DDIM step x_t -> x_{t_prev} (t_prev = -1 means the clean sample, alpha_bar = 1)."""
@@ -122,6 +139,22 @@ class NoiseScheduler(nn.Module):
         if eta > 0 and t_prev >= 0:
             prev = prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return prev
+
+    def dpm_solver_step(self, x0, t, s, x_t, x0_last=None, t_last=None, generator=None):
+        """One DPM-Solver++(2M) SDE step x_t -> x_s, s < t (Lu et al. 2022, data prediction).
+
+        With alpha = sqrt(ab), sigma = sqrt(1 - ab) and h = lambda_s - lambda_t, the linear part is
+        integrated exactly: x_s = sigma_s/sigma_t e^-h x_t + alpha_s (1 - e^-2h) D + sigma_s sqrt(1 - e^-2h) z.
+        D is x0 extrapolated linearly in lambda through the previous step's x0_last (at t_last);
+        without it the step is first order, which is exactly the DDPM posterior step from t to s.
+        """
+        lam = self.log_snr
+        h = lam[s] - lam[t]
+        D = x0 if x0_last is None else x0 + (x0 - x0_last) * h / (2 * (lam[t] - lam[t_last]))
+        z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        sigma_s = self.sqrt_one_minus_alphas_cumprod[s]
+        return (sigma_s / self.sqrt_one_minus_alphas_cumprod[t] * torch.exp(-h) * x_t
+                - self.sqrt_alphas_cumprod[s] * torch.expm1(-2 * h) * D + sigma_s * (-torch.expm1(-2 * h)).sqrt() * z)
 
 
 # -----------------------------------------------------------------------------
@@ -357,27 +390,38 @@ def ddpm_loss(model, scheduler, x0, generator=None):
 # 8. Samplers
 
 
+DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; the others use all T
+
+
 @torch.no_grad()
 def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device="cpu", return_trajectory=False):
     """Draw n points, starting from x_T ~ scheduler.prior with the model's data moments.
 
     sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
     sampler="ddim": strided DDIM over `steps` timesteps with the given eta (0: deterministic).
+    sampler="dpm++": DPM-Solver++(2M) SDE over `steps` (default 20) timesteps spaced evenly in log-SNR.
+    Each timestep is one network evaluation; the last one (t = 0) returns its predicted x_0.
     Returns (n, 2), or the trajectory (steps + 1, n, 2) on the CPU with return_trajectory=True.
     """
     T = scheduler.num_train_timesteps
-    steps = steps or T
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; use ddpm or ddim")
+    if sampler not in ("ddpm", "ddim", "dpm++"):
+        raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
+    steps = steps or DEFAULT_STEPS.get(sampler, T)
+    timesteps = scheduler.set_timesteps(steps, "logsnr" if sampler == "dpm++" else "linear")
     x = scheduler.prior(n, getattr(model, "data_mean", None), getattr(model, "data_cov", None), generator, device)
     trajectory = [x.cpu()] if return_trajectory else None
-    timesteps = scheduler.set_timesteps(steps)
+    x0_last = t_last = None
     for i, t in enumerate(timesteps):
         eps = model(x, torch.full((n,), t, device=device, dtype=torch.long))
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         if sampler == "ddpm" and steps == T:
             x = scheduler.step(eps, t, x, generator=generator)
+        elif sampler == "dpm++":
+            x0 = scheduler.predict_x0(eps, t, x)
+            last = t_prev <= 0  # into t = 0 first order: log-SNR steps are uneven there (cf. diffusers' lower_order_final)
+            x = x0 if t_prev < 0 else scheduler.dpm_solver_step(x0, t, t_prev, x, None if last else x0_last, t_last, generator)
+            x0_last, t_last = x0, t
         else:
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             x = scheduler.ddim_step(eps, t, t_prev, x, eta=1.0 if sampler == "ddpm" else eta, generator=generator)
         if return_trajectory:
             trajectory.append(x.cpu())
@@ -419,8 +463,7 @@ def load_checkpoint(path):
 def load_weights(model, state):
     """load_state_dict, strict, except that checkpoints from before the data-moment buffers load
     with their defaults (the N(0, I) start they were sampled with)."""
-    defaults = {k: v for k, v in model.state_dict().items() if k in ("data_mean", "data_cov")}
-    model.load_state_dict({**defaults, **state})
+    model.load_state_dict({"data_mean": torch.zeros(2), "data_cov": torch.eye(2), **state})
 
 
 def model_from_checkpoint(ckpt, key="ema"):

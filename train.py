@@ -61,8 +61,8 @@ def get_parser():
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
     a("--ckpt_interval", type=int, default=1000, help="save a checkpoint every this many steps")
     a("--eval_batch_size", type=int, default=10_000, help="samples drawn for the final evaluation")
-    a("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler for the final evaluation")
-    a("--sample_steps", type=int, default=None, help="sampling steps for the final evaluation (default: all T)")
+    a("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm", help="sampler for the final evaluation")
+    a("--sample_steps", type=int, default=None, help="network evaluations for the final evaluation (default: all T; dpm++: 20)")
     a("--log_interval", type=int, default=500, help="print a log line every this many steps")
     a("--sweep", action="store_true", help="train and evaluate the study's grid instead (see README)")
     a("--seeds", type=int, default=3, help="--sweep: seeds per configuration and dataset")
@@ -131,7 +131,10 @@ def main(argv=None):
         cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, coord_scale=args.coord_scale)
         td.Denoiser(cfg)  # raises for heads that do not divide the width
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
-        td.NoiseScheduler(**sched_cfg)
+        if args.sample_steps is not None:  # refused now rather than after training
+            td.NoiseScheduler(**sched_cfg).set_timesteps(args.sample_steps)
+        else:
+            td.NoiseScheduler(**sched_cfg)
     except ValueError as e:
         fail(str(e))
     try:
@@ -318,7 +321,7 @@ def write_results(root, args):
     cols = [("train_time_s", "train time (s)", 1), ("eval_loss", "eval loss", 4), ("inference_s", "inference (s)", 2),
             ("knn_kl_bits", "kNN KL (bits)", 3), ("hist_kl_nats", "hist KL (nats)", 3)]
     lines = [f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})", "",
-             "Mean +- sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
+             "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
              "Excess = kNN KL - its floor. Written by `python train.py --sweep`.", ""]
     fig, axes = plt.subplots(len(SWEEP_DATASETS), len(SWEEP_CONFIGS), figsize=(2.2 * len(SWEEP_CONFIGS), 2.2 * len(SWEEP_DATASETS)), squeeze=False)
     for j, c in enumerate(SWEEP_CONFIGS):
@@ -340,10 +343,11 @@ def write_results(root, args):
                 ax.set_ylabel(d, fontsize=9)
             if not ms:
                 continue
-            fmt = lambda k, nd: f"{np.mean([m[k] for m in ms]):.{nd}f} +- {np.std([m[k] for m in ms]):.{nd}f}"
+            sd = lambda v: np.std(v, ddof=1) if len(v) > 1 else float("nan")  # sample sd over seeds
+            fmt = lambda k, nd: f"{np.mean([m[k] for m in ms]):.{nd}f} +- {sd([m[k] for m in ms]):.{nd}f}"
             excess = [m["knn_kl_bits"] - m["knn_kl_floor"] for m in ms]
             lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
-                         + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {np.mean(excess):.3f} +- {np.std(excess):.3f}"
+                         + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {np.mean(excess):.3f} +- {sd(excess):.3f}"
                          + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
             pts = np.load(os.path.join(root, f"{d}-{c}-s0", "samples.npy")) if os.path.isfile(os.path.join(root, f"{d}-{c}-s0", "samples.npy")) else None
             if pts is not None:

@@ -52,6 +52,19 @@ def test_train_writes_every_output_and_beats_noise(trained):
     assert m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(data, samples), abs=1e-9)
 
 
+def test_checkpoint_holds_the_data_moments_and_the_paper_preset_does_not(trained, tmp_path):
+    out, _ = trained
+    ckpt = td.load_checkpoint(str(out / "ckpt.pt"))
+    data = datasets.load_dataset("moons")
+    for key in ("model", "ema"):
+        np.testing.assert_allclose(ckpt[key]["data_mean"].numpy(), data.mean(0), atol=1e-6)
+        np.testing.assert_allclose(ckpt[key]["data_cov"].numpy(), np.cov(data.T, bias=True), atol=1e-6)
+    run("train.py", "--dataset", "moons", "--preset", "paper", "--train_steps", 1, *FAST, "--out_dir", tmp_path)
+    paper = td.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert paper["args"]["prior"] == "standard"
+    assert torch.equal(paper["ema"]["data_mean"], torch.zeros(2)) and torch.equal(paper["ema"]["data_cov"], torch.eye(2))
+
+
 def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path):
     out, _ = trained
     run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, "--gif", "--out", tmp_path / "a")
@@ -64,6 +77,8 @@ def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path):
 
     with Image.open(tmp_path / "a.gif") as gif:
         assert gif.n_frames > 100  # 101 reverse-process frames (Pillow merges the held last frame into one)
+    run("sample.py", "--out_dir", out, "--n", 300, "--sampler", "dpm++")  # 20 steps unless told
+    assert np.load(out / "samples-dpm++20.npy").shape == (300, 2)
 
 
 def test_evaluate_cli_scores_samples_and_checkpoints(trained):
@@ -182,6 +197,7 @@ def test_user_data_file_trains(tmp_path):
     ("train.py", ["--attn_layers", "1", "--heads", "3"], "--heads 3 must divide"),
     ("train.py", ["--train_steps", "0"], "--train_steps must be a positive integer"),
     ("train.py", ["--batch_size", "-4"], "--batch_size must be a positive integer"),
+    ("train.py", ["--sample_steps", "500"], "steps must be in 1..100"),
     ("train.py", ["--out_dir", "/etc/hostname/run"], "cannot write to --out_dir"),
     ("train.py", ["--out_dir", "{tmp}/nothing", "--resume"], "--resume found no checkpoint"),
     ("train.py", ["--dataset", "{tmp}/missing.csv"], "no data file at"),
@@ -194,3 +210,27 @@ def test_bad_command_lines_get_one_line_and_exit_2(tmp_path, script, args, messa
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
+    import statistics
+    from types import SimpleNamespace
+
+    import train
+
+    vals = {0: 0.30, 1: 0.25, 2: 0.41}
+    for s, kl in vals.items():
+        d = tmp_path / f"dino-base-s{s}"
+        d.mkdir()
+        m = dict(train_time_s=70.0 + s, eval_loss=0.66, inference_s=12.0, knn_kl_bits=kl, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03)
+        (d / "metrics.json").write_text(json.dumps(m))
+        np.save(d / "samples.npy", np.zeros((10, 2)))
+    train.write_results(str(tmp_path), SimpleNamespace(preset="tinydiff", train_steps=10_000, batch_size=256, seeds=3))
+    text = (tmp_path / "results.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| dino | 3 |"))
+    kl = list(vals.values())
+    assert f"{statistics.mean(kl):.3f} +- {statistics.stdev(kl):.3f}" in row
+    excess = [k + 0.07 for k in kl]
+    assert f"{statistics.mean(excess):.3f} +- {statistics.stdev(excess):.3f}" in row
+    assert "| circle |" not in text  # no runs, no row
+    assert (tmp_path / "samples.png").stat().st_size > 0

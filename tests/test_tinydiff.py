@@ -140,6 +140,45 @@ def test_set_timesteps_is_strided_unique_and_ends_at_0():
         s.set_timesteps(101)
 
 
+def test_logsnr_spacing_is_nearest_to_an_even_log_snr_grid():
+    s = td.NoiseScheduler(100)
+    betas = betas64("linear", 100)
+    lam = [0.5 * math.log(a / (1 - a)) for a in (math.prod(1 - b for b in betas[: t + 1]) for t in range(100))]
+    for k in (2, 5, 8):  # few enough steps that the nearest timesteps are all distinct
+        grid = [lam[99] + (lam[0] - lam[99]) * i / (k - 1) for i in range(k)]
+        ref = [min(range(100), key=lambda t: abs(lam[t] - g)) for g in grid]
+        assert len(set(ref)) == k and s.set_timesteps(k, "logsnr") == ref
+    for k in (2, 10, 20, 50, 100):  # more steps: nearest ones collide at low noise and are spread apart
+        ts = s.set_timesteps(k, "logsnr")
+        assert len(ts) == len(set(ts)) == k and ts[0] == 99 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
+    assert sum(t < 20 for t in s.set_timesteps(20, "logsnr")) > sum(t < 20 for t in s.set_timesteps(20))
+    with pytest.raises(ValueError, match="linear or logsnr"):
+        s.set_timesteps(10, "cosine")
+
+
+@pytest.mark.parametrize("t,s_", [(1, 0), (50, 49), (99, 70), (40, 3)])
+def test_first_order_dpm_solver_step_is_the_ddpm_posterior_step(t, s_):
+    s = td.NoiseScheduler()
+    eps, xt = torch.randn(1000, 2), torch.randn(1000, 2)
+    x0 = s.predict_x0(eps, t, xt)
+    out = s.dpm_solver_step(x0, t, s_, xt, generator=torch.Generator().manual_seed(5))
+    ref = s.ddim_step(eps, t, s_, xt, eta=1.0, generator=torch.Generator().manual_seed(5))  # q(x_s | x_t, x_0)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    if s_ == t - 1:
+        torch.testing.assert_close(out, s.step(eps, t, xt, generator=torch.Generator().manual_seed(5)), atol=2e-5, rtol=1e-5)
+
+
+def test_second_order_dpm_solver_step_extrapolates_x0_in_log_snr():
+    """The 2M step equals the first-order step with x0 replaced by (1 + 1/2r) x0 - 1/2r x0_last, r = h_last / h."""
+    s = td.NoiseScheduler()
+    lam = lambda t: 0.5 * math.log(s.alphas_cumprod[t].item() / (1 - s.alphas_cumprod[t].item()))
+    x0, x0_last, xt = torch.randn(50, 2), torch.randn(50, 2), torch.randn(50, 2)
+    r = (lam(60) - lam(80)) / (lam(40) - lam(60))
+    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
+    out = s.dpm_solver_step(x0, 60, 40, xt, x0_last, 80, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(out, s.dpm_solver_step(D, 60, 40, xt, generator=torch.Generator().manual_seed(6)), atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="linear, quadratic or cosine"):
         td.NoiseScheduler(beta_schedule="sigmoid")
@@ -344,7 +383,7 @@ class OracleEps(torch.nn.Module):
         return (x - self.s.sqrt_alphas_cumprod[t, None] * self.point) / self.s.sqrt_one_minus_alphas_cumprod[t, None]
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddpm", 10), ("ddim", 20), ("ddim", 1)])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddpm", 10), ("ddim", 20), ("ddim", 1), ("dpm++", 20), ("dpm++", 5)])
 def test_samplers_recover_a_point_mass_from_the_exact_denoiser(sampler, steps):
     s = td.NoiseScheduler()
     x = td.sample(OracleEps(s, [1.5, -2.0]), s, 500, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
@@ -359,6 +398,74 @@ def test_sampling_is_reproducible_and_returns_the_trajectory():
     traj = run(1, return_trajectory=True)
     assert traj.shape == (21, 50, 2) and torch.equal(traj[-1], run(1))
     assert run(1, sampler="ddim", steps=5, return_trajectory=True).shape == (6, 50, 2)
+
+
+def test_prior_has_the_moments_of_the_forward_process_at_T():
+    """Reference: x_T drawn by add_noise from skewed, correlated data (not Gaussian)."""
+    s, g = td.NoiseScheduler(), torch.Generator().manual_seed(0)
+    n = 400_000
+    u = torch.rand(n, generator=g) ** 3
+    data = torch.stack([4 * u - 1, 2 * u + 0.5 * torch.randn(n, generator=g)], 1)
+    mean, cov = data.mean(0), torch.cov(data.T, correction=0)
+    xT = s.add_noise(data, torch.randn(n, 2, generator=g), torch.full((n,), 99))
+    draw = s.prior(n, mean, cov, generator=g)
+    torch.testing.assert_close(draw.mean(0), xT.mean(0), atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.cov(draw.T), torch.cov(xT.T), atol=0.01, rtol=0)
+
+
+def test_prior_with_zero_mean_and_identity_cov_is_the_standard_normal():
+    s = td.NoiseScheduler()
+    z = s.prior(1000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(z, torch.randn(1000, 2, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(s.prior(1000, torch.zeros(2), torch.eye(2), generator=torch.Generator().manual_seed(3)), z)
+
+
+class GaussianEps(torch.nn.Module):
+    """The exact noise prediction for Gaussian data N(mu, S): E[eps | x_t] = sqrt(1-ab) (ab S + (1-ab) I)^-1 (x_t - sqrt(ab) mu)."""
+
+    def __init__(self, s, mu, S):
+        super().__init__()
+        self.s, self.mu, self.S = s, mu, S
+
+    def forward(self, x, t):
+        ab = self.s.alphas_cumprod[t][:, None, None]
+        P = torch.linalg.inv(ab * self.S + (1 - ab) * torch.eye(2))
+        return (1 - ab[:, :, 0]).sqrt() * (P @ (x - ab[:, :, 0].sqrt() * self.mu)[..., None])[..., 0]
+
+
+def test_the_data_prior_removes_the_start_error_that_n01_leaves_at_T100():
+    """With the exact denoiser for Gaussian data far from the origin, a run started at the data
+    moments ends on the data's mean; one started at N(0, I) (alpha_bar_T = 0.36) does not."""
+    s, mu, S = td.NoiseScheduler(), torch.tensor([3.0, -2.0]), torch.tensor([[1.0, 0.6], [0.6, 0.5]])
+    model = GaussianEps(s, mu, S)
+    run = lambda **kw: td.sample(model, s, 20_000, generator=torch.Generator().manual_seed(0), **kw)
+    model.data_mean, model.data_cov = mu, S
+    good = run()
+    del model.data_mean, model.data_cov  # no moments: the standard N(0, I) start
+    bad = run()
+    assert (good.mean(0) - mu).abs().max() < 0.03
+    assert (bad.mean(0) - mu).abs().max() > 0.3
+
+
+@pytest.mark.parametrize("sampler,steps,tol", [("ddpm", None, 0.03), ("dpm++", 20, 0.01)])
+def test_samplers_recover_gaussian_data_from_the_exact_denoiser(sampler, steps, tol):
+    s, mu, S = td.NoiseScheduler(), torch.tensor([1.0, -0.5]), torch.tensor([[0.3, 0.2], [0.2, 0.5]])
+    model = GaussianEps(s, mu, S)
+    model.data_mean, model.data_cov = mu, S
+    x = td.sample(model, s, 100_000, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+    assert (x.mean(0) - mu).abs().max() < tol and (torch.cov(x.T) - S).abs().max() < tol
+
+
+def test_checkpoints_without_the_moment_buffers_load_with_the_standard_start():
+    model = td.Denoiser(td.DenoiserConfig())
+    old = {k: v for k, v in model.state_dict().items() if k not in ("data_mean", "data_cov")}
+    fresh = td.Denoiser(td.DenoiserConfig())
+    fresh.data_mean.fill_(5.0)
+    td.load_weights(fresh, old)
+    assert torch.equal(fresh.data_mean, torch.zeros(2)) and torch.equal(fresh.data_cov, torch.eye(2))
+    del old["mlp.0.weight"]
+    with pytest.raises(RuntimeError, match="mlp.0.weight"):
+        td.load_weights(fresh, old)
 
 
 def test_tinydiff_imports_only_torch_and_the_standard_library():
