@@ -86,11 +86,12 @@ def floor_draw(dataset, m):
     return datasets.load_dataset(dataset, n=m, seed=FLOOR_SEED) if dataset in datasets.DATASETS else None
 
 
-def heldout_points(dataset, n=10_000):
-    """Held-out points for eval loss: a fresh draw for named datasets, a fixed subsample of a file."""
+def heldout_points(dataset, n=10_000, X=None):
+    """Held-out points for eval loss: a fresh draw for named datasets, a fixed subsample of a file
+    (pass its points as X if they are already loaded)."""
     if dataset in datasets.DATASETS:
         return datasets.load_dataset(dataset, n=n, seed=HELDOUT_SEED)
-    X = datasets.load_dataset(dataset)
+    X = datasets.load_dataset(dataset) if X is None else X
     return X[np.random.default_rng(HELDOUT_SEED).permutation(len(X))[:n]]
 
 
@@ -114,12 +115,19 @@ def timed_sample(model, scheduler, n, device, seed=0, **kw):
     return x.cpu().numpy(), time.perf_counter() - t0
 
 
-def plot_samples(data, samples, path, title=""):
-    """Data (left) and samples (right) on the same fixed axes."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_samples(data, samples, path, title=""):
+    """Data (left) and samples (right) on the same fixed axes."""
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), sharex=True, sharey=True)
     show = data[np.random.default_rng(0).permutation(len(data))[: len(samples)]]

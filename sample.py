@@ -21,10 +21,7 @@ import tinydiff as td
 
 def save_gif(trajectory, path, lim=evaluate.HIST_LIM, fps=12, max_points=3000):
     """One frame per reverse step on fixed axes, holding the last frame for a second."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = evaluate.pyplot()
     from matplotlib.animation import FuncAnimation, PillowWriter
 
     traj = trajectory[:, :max_points].numpy()  # (S+1, n, 2)

@@ -78,10 +78,9 @@ class NoiseScheduler(nn.Module):
         z = torch.randn((n, 2), generator=generator, device=device)
         if mean is None:
             return z
-        ab = self.alphas_cumprod[-1].double()
-        cov = ab * cov.double() + (1 - ab) * torch.eye(2, dtype=torch.float64, device=cov.device)
-        L = torch.linalg.cholesky(cov).float().to(device)
-        return (ab.sqrt() * mean.double()).float().to(device) + z @ L.T
+        ab, mean, cov = (v.detach().cpu().double() for v in (self.alphas_cumprod[-1], mean, cov))  # 2x2: on the CPU (MPS has no float64)
+        L = torch.linalg.cholesky(ab * cov + (1 - ab) * torch.eye(2, dtype=torch.float64))
+        return (ab.sqrt() * mean).float().to(device) + z @ L.T.float().to(device)
 
     def add_noise(self, x0, noise, t):
         """Sample q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I)   (eq. 4). t: (B,) long."""

@@ -228,7 +228,7 @@ def main(argv=None):
     # evaluation with the EMA weights: the study's columns, plus the floors of both KL metrics
     model_ema = ema.module.eval()
     metrics = dict(train_time_s=train_time, ms_per_step=train_time / max(1, len(losses)) * 1e3)
-    metrics["eval_loss"] = evaluate.eval_loss(model_ema, scheduler, evaluate.heldout_points(args.dataset), device)
+    metrics["eval_loss"] = evaluate.eval_loss(model_ema, scheduler, evaluate.heldout_points(args.dataset, X=X), device)
     samples, metrics["inference_s"] = evaluate.timed_sample(model_ema, scheduler, args.eval_batch_size, device, sampler=args.sampler, steps=args.sample_steps)
     metrics.update(evaluate.compute_metrics(X, samples, evaluate.floor_draw(args.dataset, len(samples))))
     metrics.update(dataset=args.dataset, config=config_name(args), params=n_params, alpha_bar_T=scheduler.alpha_bar_T,
@@ -248,10 +248,7 @@ def main(argv=None):
 
 
 def plot_loss(losses, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = evaluate.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.3, alpha=0.4, label="per step")
@@ -313,10 +310,7 @@ def sweep(args):
 
 def write_results(root, args):
     """results.md (one table per configuration, mean +- sd over seeds) and samples.png (datasets x configs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = evaluate.pyplot()
 
     cols = [("train_time_s", "train time (s)", 1), ("eval_loss", "eval loss", 4), ("inference_s", "inference (s)", 2),
             ("knn_kl_bits", "kNN KL (bits)", 3), ("hist_kl_nats", "hist KL (nats)", 3)]
