@@ -348,6 +348,9 @@ def write_results(root, args):
                 ax.scatter(pts[:, 0], pts[:, 1], s=0.3, alpha=0.3, linewidths=0)
                 ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
         lines.append("")
+    found = sum(os.path.isfile(os.path.join(root, f"{d}-{c}-s{s}", "metrics.json")) for c in SWEEP_CONFIGS for d in SWEEP_DATASETS for s in range(args.seeds))
+    lines.insert(5, f"Runs finished: {found} of {len(SWEEP_CONFIGS) * len(SWEEP_DATASETS) * args.seeds}"
+                 + ("." if found == len(SWEEP_CONFIGS) * len(SWEEP_DATASETS) * args.seeds else " (rerun the same command to finish the rest).") + "\n")
     fig.tight_layout()
     fig.savefig(os.path.join(root, "samples.png"), dpi=100)
     plt.close(fig)

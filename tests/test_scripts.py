@@ -233,4 +233,5 @@ def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
     excess = [k + 0.07 for k in kl]
     assert f"{statistics.mean(excess):.3f} +- {statistics.stdev(excess):.3f}" in row
     assert "| circle |" not in text  # no runs, no row
+    assert "Runs finished: 3 of 84 (rerun" in text
     assert (tmp_path / "samples.png").stat().st_size > 0
