@@ -283,9 +283,8 @@ def sweep(args):
         while flag in passed:
             i = passed.index(flag)
             del passed[i : i + 2]
-    # the baseline first (quick, and the study's reference), then the slowest configurations first
-    order = ["base", *[c for c in reversed(SWEEP_CONFIGS) if c != "base"]]
-    runs = [(c, d, s) for c in order for d in SWEEP_DATASETS for s in range(args.seeds)]
+    # the study's tables first (baseline, then attention), then the SSM rows; rerunning resumes
+    runs = [(c, d, s) for c in SWEEP_CONFIGS for d in SWEEP_DATASETS for s in range(args.seeds)]
 
     def one(run):
         c, d, s = run
