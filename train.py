@@ -316,6 +316,7 @@ def write_results(root, args):
     lines = [f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})", "",
              "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
              "Excess = kNN KL - its floor. Written by `python train.py --sweep`.", ""]
+    cell = {}  # (config, dataset) -> excess kNN KL, for the summary table
     fig, axes = plt.subplots(len(SWEEP_DATASETS), len(SWEEP_CONFIGS), figsize=(2.2 * len(SWEEP_CONFIGS), 2.2 * len(SWEEP_DATASETS)), squeeze=False)
     for j, c in enumerate(SWEEP_CONFIGS):
         lines += [f"## {c}", "", "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
@@ -339,6 +340,7 @@ def write_results(root, args):
             sd = lambda v: np.std(v, ddof=1) if len(v) > 1 else float("nan")  # sample sd over seeds
             fmt = lambda k, nd: f"{np.mean([m[k] for m in ms]):.{nd}f} +- {sd([m[k] for m in ms]):.{nd}f}"
             excess = [m["knn_kl_bits"] - m["knn_kl_floor"] for m in ms]
+            cell[c, d] = f"{np.mean(excess):.3f} +- {sd(excess):.3f} ({len(ms)})"
             lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
                          + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {np.mean(excess):.3f} +- {sd(excess):.3f}"
                          + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
@@ -348,8 +350,12 @@ def write_results(root, args):
                 ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
         lines.append("")
     found = sum(os.path.isfile(os.path.join(root, f"{d}-{c}-s{s}", "metrics.json")) for c in SWEEP_CONFIGS for d in SWEEP_DATASETS for s in range(args.seeds))
-    lines.insert(5, f"Runs finished: {found} of {len(SWEEP_CONFIGS) * len(SWEEP_DATASETS) * args.seeds}"
-                 + ("." if found == len(SWEEP_CONFIGS) * len(SWEEP_DATASETS) * args.seeds else " (rerun the same command to finish the rest).") + "\n")
+    total = len(SWEEP_CONFIGS) * len(SWEEP_DATASETS) * args.seeds
+    summary = [f"Runs finished: {found} of {total}" + ("." if found == total else " (rerun the same command to finish the rest)."), "",
+               "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)", "",
+               "| configuration | " + " | ".join(SWEEP_DATASETS) + " |", "|---" * (len(SWEEP_DATASETS) + 1) + "|"]
+    summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in SWEEP_DATASETS) + " |" for c in SWEEP_CONFIGS]
+    lines[5:5] = summary + [""]
     fig.tight_layout()
     fig.savefig(os.path.join(root, "samples.png"), dpi=100)
     plt.close(fig)
