@@ -344,7 +344,8 @@ def write_results(root, args):
             lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
                          + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {np.mean(excess):.3f} +- {sd(excess):.3f}"
                          + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
-            pts = np.load(os.path.join(root, f"{d}-{c}-s0", "samples.npy")) if os.path.isfile(os.path.join(root, f"{d}-{c}-s0", "samples.npy")) else None
+            shown = [f for f in (os.path.join(root, f"{d}-{c}-s{s}", "samples.npy") for s in range(args.seeds)) if os.path.isfile(f)]
+            pts = np.load(shown[0]) if shown else None  # the lowest seed that finished
             if pts is not None:
                 ax.scatter(pts[:, 0], pts[:, 1], s=0.3, alpha=0.3, linewidths=0)
                 ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
