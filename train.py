@@ -337,12 +337,13 @@ def write_results(root, args):
                 ax.set_ylabel(d, fontsize=9)
             if not ms:
                 continue
-            sd = lambda v: np.std(v, ddof=1) if len(v) > 1 else float("nan")  # sample sd over seeds
-            fmt = lambda k, nd: f"{np.mean([m[k] for m in ms]):.{nd}f} +- {sd([m[k] for m in ms]):.{nd}f}"
+            # mean +- sample sd over seeds (just the value for a single seed)
+            mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
+            fmt = lambda k, nd: mean_sd([m[k] for m in ms], nd)
             excess = [m["knn_kl_bits"] - m["knn_kl_floor"] for m in ms]
-            cell[c, d] = f"{np.mean(excess):.3f} +- {sd(excess):.3f} ({len(ms)})"
+            cell[c, d] = f"{mean_sd(excess, 3)} ({len(ms)})"
             lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
-                         + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {np.mean(excess):.3f} +- {sd(excess):.3f}"
+                         + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {mean_sd(excess, 3)}"
                          + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
             shown = [f for f in (os.path.join(root, f"{d}-{c}-s{s}", "samples.npy") for s in range(args.seeds)) if os.path.isfile(f)]
             pts = np.load(shown[0]) if shown else None  # the lowest seed that finished
