@@ -417,8 +417,8 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
             x = scheduler.step(eps, t, x, generator=generator)
         elif sampler == "dpm++":
             x0 = scheduler.predict_x0(eps, t, x)
-            last = t_prev <= 0  # into t = 0 first order: log-SNR steps are uneven there (cf. diffusers' lower_order_final)
-            x = x0 if t_prev < 0 else scheduler.dpm_solver_step(x0, t, t_prev, x, None if last else x0_last, t_last, generator)
+            # the step into t = 0 is first order: log-SNR steps are uneven there (cf. diffusers' lower_order_final)
+            x = x0 if t_prev < 0 else scheduler.dpm_solver_step(x0, t, t_prev, x, x0_last if t_prev > 0 else None, t_last, generator)
             x0_last, t_last = x0, t
         else:
             x = scheduler.ddim_step(eps, t, t_prev, x, eta=1.0 if sampler == "ddpm" else eta, generator=generator)
@@ -473,7 +473,7 @@ def model_from_checkpoint(ckpt, key="ema"):
         model = Denoiser(cfg)
         load_weights(model, ckpt[key])
         scheduler = NoiseScheduler(**ckpt["scheduler_config"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0][:120]
         raise CheckpointError(f"the checkpoint's weights do not fit its config ({reason}); it was written by an incompatible version") from None
     return model, scheduler

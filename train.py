@@ -131,10 +131,9 @@ def main(argv=None):
         cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, coord_scale=args.coord_scale)
         td.Denoiser(cfg)  # raises for heads that do not divide the width
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
+        sched = td.NoiseScheduler(**sched_cfg)
         if args.sample_steps is not None:  # refused now rather than after training
-            td.NoiseScheduler(**sched_cfg).set_timesteps(args.sample_steps)
-        else:
-            td.NoiseScheduler(**sched_cfg)
+            sched.set_timesteps(args.sample_steps)
     except ValueError as e:
         fail(str(e))
     try:
@@ -316,7 +315,9 @@ def write_results(root, args):
     lines = [f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})", "",
              "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
              "Excess = kNN KL - its floor. Written by `python train.py --sweep`.", ""]
-    cell = {}  # (config, dataset) -> excess kNN KL, for the summary table
+    cell, found = {}, 0  # (config, dataset) -> excess kNN KL, for the summary table; runs found
+    # mean +- sample sd over seeds (just the value for a single seed)
+    mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
     fig, axes = plt.subplots(len(SWEEP_DATASETS), len(SWEEP_CONFIGS), figsize=(2.2 * len(SWEEP_CONFIGS), 2.2 * len(SWEEP_DATASETS)), squeeze=False)
     for j, c in enumerate(SWEEP_CONFIGS):
         lines += [f"## {c}", "", "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
@@ -337,8 +338,7 @@ def write_results(root, args):
                 ax.set_ylabel(d, fontsize=9)
             if not ms:
                 continue
-            # mean +- sample sd over seeds (just the value for a single seed)
-            mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
+            found += len(ms)
             fmt = lambda k, nd: mean_sd([m[k] for m in ms], nd)
             excess = [m["knn_kl_bits"] - m["knn_kl_floor"] for m in ms]
             cell[c, d] = f"{mean_sd(excess, 3)} ({len(ms)})"
@@ -346,12 +346,11 @@ def write_results(root, args):
                          + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {mean_sd(excess, 3)}"
                          + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
             shown = [f for f in (os.path.join(root, f"{d}-{c}-s{s}", "samples.npy") for s in range(args.seeds)) if os.path.isfile(f)]
-            pts = np.load(shown[0]) if shown else None  # the lowest seed that finished
-            if pts is not None:
+            if shown:  # the lowest seed that finished
+                pts = np.load(shown[0])
                 ax.scatter(pts[:, 0], pts[:, 1], s=0.3, alpha=0.3, linewidths=0)
                 ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
         lines.append("")
-    found = sum(os.path.isfile(os.path.join(root, f"{d}-{c}-s{s}", "metrics.json")) for c in SWEEP_CONFIGS for d in SWEEP_DATASETS for s in range(args.seeds))
     total = len(SWEEP_CONFIGS) * len(SWEEP_DATASETS) * args.seeds
     summary = [f"Runs finished: {found} of {total}" + ("." if found == total else " (rerun the same command to finish the rest)."), "",
                "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)", "",
