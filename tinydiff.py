@@ -11,7 +11,7 @@ Read top to bottom, in the order of the math:
                          Vision Mamba: Zhu et al. 2024, arXiv:2401.09417; DiS: Fei et al. 2024,
                          arXiv:2402.05608), with an exact product-only scan
   6. Denoiser            embeddings -> optional attention / SSM token mixers -> residual MLP
-  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14)
+  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), optional low-t oversampling
   8. sample              DDPM ancestral and strided DDIM samplers
   9. checkpoints         atomic save, safe load (weights_only)
 Depends on torch and the Python standard library only, so that it can be copied alone.
@@ -378,9 +378,17 @@ class Denoiser(nn.Module):
 # 7. Loss
 
 
-def ddpm_loss(model, scheduler, x0, generator=None):
-    """L_simple (Ho et al. eq. 14): MSE between the true and predicted noise, t ~ U{0..T-1}."""
-    t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+def ddpm_loss(model, scheduler, x0, generator=None, low_t=0, low_frac=0.0):
+    """L_simple (Ho et al. eq. 14): MSE between the true and predicted noise, t ~ U{0..T-1}.
+
+    low_frac > 0 redraws that share of the batch from t ~ U{0..low_t-1}: more signal for the last
+    denoising steps, where sharp detail is decided (README: "the circle's cusps").
+    """
+    n = x0.shape[0]
+    t = torch.randint(0, scheduler.num_train_timesteps, (n,), device=x0.device, generator=generator)
+    k = round(low_frac * n)
+    if k > 0:  # the batch's rows are in random order, so the first k are as good as any
+        t[:k] = torch.randint(0, low_t, (k,), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
 

@@ -24,11 +24,13 @@ import tinydiff as td
 
 # Settings that differ between the study ("paper") and tinydiff's measured defaults (see README).
 PRESETS = {
-    "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0, prior="standard"),
-    "tinydiff": dict(lr=1e-3, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=50.0, prior="data"),
+    "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0, prior="standard", low_t=0, low_frac=0.0),
+    "tinydiff": dict(lr=1e-3, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=50.0, prior="data", low_t=2, low_frac=0.25),
 }
+# What runs from before an option existed did: they read as if run with these values.
+LEGACY_ARGS = dict(low_t=0, low_frac=0.0)
 # Arguments that define the run's math; --resume takes them from the checkpoint.
-RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "coord_scale", "num_timesteps", "beta_schedule", "prior", "train_steps",
+RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "coord_scale", "num_timesteps", "beta_schedule", "prior", "low_t", "low_frac", "train_steps",
             "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed", "threads", "dtype")
 
 
@@ -46,6 +48,8 @@ def get_parser():
     a("--beta_schedule", choices=["linear", "quadratic", "cosine"], default=None, help="noise schedule (preset: linear)")
     a("--prior", choices=["data", "standard"], default=None,
       help="sampler start: data = Gaussian with the moments of q(x_T) given the data's mean and covariance, standard = N(0, I) (preset)")
+    a("--low_t", type=int, default=None, help="oversample timesteps t < low_t in training (preset: 2; 0 = off)")
+    a("--low_frac", type=float, default=None, help="share of each batch drawn from t < low_t (preset: 0.25)")
     a("--train_steps", type=int, default=10_000, help="optimizer steps")
     a("--batch_size", type=int, default=256)
     a("--lr", type=float, default=None, help="peak AdamW learning rate (preset)")
@@ -73,6 +77,16 @@ def get_parser():
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def fill_preset(args):
+    """Settings left unset on the command line take the preset's value."""
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.low_frac == 0:  # oversampling off: one way to write it
+        args.low_t = 0
+    return args
 
 
 def config_name(args):
@@ -122,10 +136,10 @@ def main(argv=None):
             fail(str(e))
         given = vars(args)
         for k in RUN_KEYS:  # the run's math comes from the checkpoint
-            given[k] = ckpt["args"].get(k, given[k])
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+            given[k] = ckpt["args"].get(k, LEGACY_ARGS.get(k, given[k]))
+    fill_preset(args)
+    if not 0 <= args.low_frac <= 1 or (args.low_frac > 0 and not 1 <= args.low_t <= args.num_timesteps):
+        fail(f"--low_frac must lie in [0, 1] and --low_t in [1, T={args.num_timesteps}] (got {args.low_frac:g} and {args.low_t})")
     try:
         X = datasets.load_dataset(args.dataset)
         cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, coord_scale=args.coord_scale)
@@ -181,7 +195,8 @@ def main(argv=None):
     fwd = torch.compile(model) if args.compile else model
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.dataset}: {len(X)} points | {config_name(args)}: {n_params:,} params | device {device}"
-          f"{f' ({args.threads} thread)' if device.type == 'cpu' else ''} | T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={scheduler.alpha_bar_T:.3f}, prior {args.prior}")
+          f"{f' ({args.threads} thread)' if device.type == 'cpu' else ''} | T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={scheduler.alpha_bar_T:.3f}, prior {args.prior}"
+          + (f", {args.low_frac:.0%} of each batch at t < {args.low_t}" if args.low_frac > 0 else ""))
 
     def save():
         td.save_checkpoint(dict(
@@ -200,7 +215,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         x0 = data[torch.randint(0, len(data), (args.batch_size,), device=device, generator=gen)]
         with autocast:
-            loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen)
+            loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen, low_t=args.low_t, low_frac=args.low_frac)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -284,14 +299,32 @@ def sweep(args):
             del passed[i : i + 2]
     # the study's tables first (baseline, then attention), then the SSM rows; rerunning resumes
     runs = [(c, d, s) for c in SWEEP_CONFIGS for d in SWEEP_DATASETS for s in range(args.seeds)]
+    run_args = lambda c, d, s: [*passed, "--dataset", d, *SWEEP_CONFIGS[c], "--seed", str(s), "--threads", "1"]
+
+    # rerunning resumes: finished runs are kept and killed ones continue, but only if they were made with these settings
+    for c, d, s in runs:
+        out, want = os.path.join(root, f"{d}-{c}-s{s}"), vars(fill_preset(get_parser().parse_args(run_args(c, d, s))))
+        try:
+            if os.path.isfile(os.path.join(out, "metrics.json")):
+                with open(os.path.join(out, "metrics.json")) as f:
+                    have = json.load(f)["args"]
+            elif os.path.isfile(os.path.join(out, "ckpt.pt")):
+                have = td.load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]
+            else:
+                continue
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"cannot read the earlier run in {out} ({e}); delete that folder and rerun the sweep")
+        differ = [k for k in RUN_KEYS if have.get(k, LEGACY_ARGS.get(k)) != want[k]]
+        if differ:
+            fail(f"{root} holds runs made with other settings ({', '.join(differ)} differ in {out}); "
+                 f"pass --out_dir for a new sweep, or delete the old one")
 
     def one(run):
         c, d, s = run
         out = os.path.join(root, f"{d}-{c}-s{s}")
-        if os.path.isfile(os.path.join(out, "metrics.json")):  # a finished run is kept: rerunning resumes the sweep
+        if os.path.isfile(os.path.join(out, "metrics.json")):
             return
-        cmd = [sys.executable, os.path.abspath(__file__), *passed, "--dataset", d, *SWEEP_CONFIGS[c], "--seed", str(s),
-               "--out_dir", out, "--threads", "1", "--log_interval", str(10**9)]
+        cmd = [sys.executable, os.path.abspath(__file__), *run_args(c, d, s), "--out_dir", out, "--log_interval", str(10**9)]
         if os.path.isfile(os.path.join(out, "ckpt.pt")):
             cmd.append("--resume")
         with open(os.path.join(root, f"{d}-{c}-s{s}.log"), "w") as log:

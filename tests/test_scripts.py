@@ -61,7 +61,7 @@ def test_checkpoint_holds_the_data_moments_and_the_paper_preset_does_not(trained
         np.testing.assert_allclose(ckpt[key]["data_cov"].numpy(), np.cov(data.T, bias=True), atol=1e-6)
     run("train.py", "--dataset", "moons", "--preset", "paper", "--train_steps", 1, *FAST, "--out_dir", tmp_path)
     paper = td.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert paper["args"]["prior"] == "standard"
+    assert paper["args"]["prior"] == "standard" and paper["args"]["low_frac"] == 0
     assert torch.equal(paper["ema"]["data_mean"], torch.zeros(2)) and torch.equal(paper["ema"]["data_cov"], torch.eye(2))
 
 
@@ -89,6 +89,18 @@ def test_evaluate_cli_scores_samples_and_checkpoints(trained):
     assert m["knn_kl_bits"] == pytest.approx(saved["knn_kl_bits"]) and m["knn_kl_floor"] == pytest.approx(saved["knn_kl_floor"])
     p = run("evaluate.py", "--out_dir", out, "--n", 1000, "--sampler", "ddim", "--steps", 20)
     assert "kNN KL (bits)" in p.stdout and "eval_loss" in p.stdout
+
+
+def test_a_checkpoint_from_before_low_t_resumes_with_uniform_timesteps(tmp_path):
+    run("train.py", "--dataset", "line", "--train_steps", 4, "--ckpt_interval", 2, *FAST, "--out_dir", tmp_path)
+    ckpt = td.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert (ckpt["args"]["low_t"], ckpt["args"]["low_frac"]) == (2, 0.25)  # the tinydiff preset
+    del ckpt["args"]["low_t"], ckpt["args"]["low_frac"]
+    ckpt["step"], ckpt["args"]["train_steps"] = 2, 4
+    td.save_checkpoint(ckpt, str(tmp_path / "ckpt.pt"))
+    p = run("train.py", "--out_dir", tmp_path, "--resume", *FAST)
+    assert "resuming" in p.stdout and "of each batch at t <" not in p.stdout
+    assert td.load_checkpoint(str(tmp_path / "ckpt.pt"))["args"]["low_frac"] == 0
 
 
 def final_weights(out):
@@ -210,6 +222,20 @@ def test_bad_command_lines_get_one_line_and_exit_2(tmp_path, script, args, messa
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_a_sweep_refuses_to_mix_runs_made_with_other_settings(tmp_path):
+    flags = ["--batch_size", 64, "--eval_batch_size", 100]
+    run("train.py", "--dataset", "circle", "--seed", 0, "--threads", 1, "--train_steps", 2, *flags, "--out_dir", tmp_path / "circle-base-s0")
+    p = run("train.py", "--sweep", "--train_steps", 3, *flags, "--out_dir", tmp_path, check=False, timeout=60)
+    assert p.returncode == 2 and "holds runs made with other settings (train_steps differ" in p.stderr, p.stderr
+    metrics = tmp_path / "circle-base-s0" / "metrics.json"
+    m = json.loads(metrics.read_text())
+    del m["args"]["low_t"], m["args"]["low_frac"]  # as written before --low_t existed
+    metrics.write_text(json.dumps(m))
+    p = run("train.py", "--sweep", "--train_steps", 2, *flags, "--out_dir", tmp_path, check=False, timeout=60)
+    assert p.returncode == 2 and "(low_t, low_frac differ" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "dino-base-s0").exists()  # nothing was started
 
 
 def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):

@@ -5,7 +5,9 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -370,6 +372,32 @@ def test_ddpm_loss_is_the_noise_mse():
     noise = torch.randn(64, 2, generator=g)
     xt = s.sqrt_alphas_cumprod[t, None] * x0 + s.sqrt_one_minus_alphas_cumprod[t, None] * noise
     assert loss.item() == pytest.approx(((model(xt, t) - noise) ** 2).mean().item(), rel=1e-6)
+
+
+class RecordT(torch.nn.Module):
+    """A stand-in denoiser that predicts zero noise and keeps the timesteps it was asked about."""
+
+    def forward(self, x, t):
+        self.t = t
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("low_t,low_frac", [(2, 0.5), (10, 0.25), (1, 0.9)])
+def test_low_t_oversampling_draws_the_stated_mixture(low_t, low_frac):
+    """p(t) = low_frac / low_t [t < low_t] + (1 - low_frac) / T, by a chi-square test against the closed form."""
+    model, s, n, T = RecordT(), td.NoiseScheduler(), 200_000, 100
+    td.ddpm_loss(model, s, torch.zeros(n, 2), generator=torch.Generator().manual_seed(0), low_t=low_t, low_frac=low_frac)
+    counts = np.bincount(model.t.numpy(), minlength=T)
+    p = (1 - low_frac) / T + low_frac / low_t * (np.arange(T) < low_t)
+    assert counts.sum() == n and counts[p == 0].sum() == 0
+    assert scipy.stats.chisquare(counts[p > 0], n * p[p > 0]).pvalue > 1e-3
+
+
+def test_low_t_off_is_the_plain_uniform_draw():
+    a, b, s = RecordT(), RecordT(), td.NoiseScheduler()
+    td.ddpm_loss(a, s, torch.zeros(64, 2), generator=torch.Generator().manual_seed(3))
+    td.ddpm_loss(b, s, torch.zeros(64, 2), generator=torch.Generator().manual_seed(3), low_t=2, low_frac=0.0)
+    assert torch.equal(a.t, b.t) and torch.equal(a.t, torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(3)))
 
 
 class OracleEps(torch.nn.Module):
