@@ -12,7 +12,7 @@ Read top to bottom, in the order of the math:
                          arXiv:2402.05608), with an exact product-only scan
   6. Denoiser            embeddings -> optional attention / SSM token mixers -> residual MLP
   7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), optional low-t oversampling
-  8. sample              DDPM ancestral and strided DDIM samplers
+  8. sample              DDPM ancestral, strided DDIM and DPM-Solver++(2M) samplers
   9. checkpoints         atomic save, safe load (weights_only)
 Depends on torch and the Python standard library only, so that it can be copied alone.
 """
@@ -382,7 +382,7 @@ def ddpm_loss(model, scheduler, x0, generator=None, low_t=0, low_frac=0.0):
     """L_simple (Ho et al. eq. 14): MSE between the true and predicted noise, t ~ U{0..T-1}.
 
     low_frac > 0 redraws that share of the batch from t ~ U{0..low_t-1}: more signal for the last
-    denoising steps, where sharp detail is decided (README: "the circle's cusps").
+    denoising steps, where sharp detail is decided (README: "Circle, and low-t oversampling").
     """
     n = x0.shape[0]
     t = torch.randint(0, scheduler.num_train_timesteps, (n,), device=x0.device, generator=generator)

@@ -336,10 +336,10 @@ def sweep(args):
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, runs))
     print(f"sweep finished in {time.time() - t0:.0f}s")
-    write_results(root, args)
+    write_results(root, args, " ".join(["python train.py --sweep", *passed]))
 
 
-def write_results(root, args):
+def write_results(root, args, command="python train.py --sweep"):
     """results.md (one table per configuration, mean +- sd over seeds) and samples.png (datasets x configs)."""
     plt = evaluate.pyplot()
 
@@ -347,7 +347,7 @@ def write_results(root, args):
             ("knn_kl_bits", "kNN KL (bits)", 3), ("hist_kl_nats", "hist KL (nats)", 3)]
     lines = [f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})", "",
              "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
-             "Excess = kNN KL - its floor. Written by `python train.py --sweep`.", ""]
+             f"Excess = kNN KL - its floor. Written by `{command}`.", ""]
     cell, found = {}, 0  # (config, dataset) -> excess kNN KL, for the summary table; runs found
     # mean +- sample sd over seeds (just the value for a single seed)
     mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
