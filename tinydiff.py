@@ -401,7 +401,8 @@ DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; th
 
 
 @torch.no_grad()
-def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device="cpu", return_trajectory=False):
+def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device="cpu", return_trajectory=False,
+           batch_size=None):
     """Draw n points, starting from x_T ~ scheduler.prior with the model's data moments.
 
     sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
@@ -409,17 +410,25 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     sampler="dpm++": DPM-Solver++(2M) SDE over `steps` (default 20) timesteps spaced evenly in log-SNR.
     Each timestep is one network evaluation; the last one (t = 0) returns its predicted x_0.
     Returns (n, 2), or the trajectory (steps + 1, n, 2) on the CPU with return_trajectory=True.
+
+    The network sees at most batch_size rows at a time (default: all n on GPU, 1024 on CPU, where
+    the activations then stay in cache: 1.5-2.2x faster at n = 10,000, README "Performance").
+    Rows do not interact, so this changes the speed, not the samples.
     """
     T = scheduler.num_train_timesteps
     if sampler not in ("ddpm", "ddim", "dpm++"):
         raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} must be a positive number of rows (or None for the default)")
     steps = steps or DEFAULT_STEPS.get(sampler, T)
     timesteps = scheduler.set_timesteps(steps, "logsnr" if sampler == "dpm++" else "linear")
     x = scheduler.prior(n, getattr(model, "data_mean", None), getattr(model, "data_cov", None), generator, device)
     trajectory = [x.cpu()] if return_trajectory else None
     x0_last = t_last = None
+    batch_size = batch_size or (n if x.is_cuda else 1024)
     for i, t in enumerate(timesteps):
-        eps = model(x, torch.full((n,), t, device=device, dtype=torch.long))
+        t_rows = torch.full((batch_size,), t, device=device, dtype=torch.long)
+        eps = torch.cat([model(rows, t_rows[: len(rows)]) for rows in x.split(batch_size)])
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         if sampler == "ddpm" and steps == T:
             x = scheduler.step(eps, t, x, generator=generator)

@@ -428,6 +428,17 @@ def test_sampling_is_reproducible_and_returns_the_trajectory():
     assert run(1, sampler="ddim", steps=5, return_trajectory=True).shape == (6, 50, 2)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_sampling_in_chunks_gives_the_samples_of_one_batch(sampler):
+    """Reference: the whole batch in one network call. 7 does not divide 50, so the last chunk is short."""
+    torch.manual_seed(0)
+    model, s = td.Denoiser(td.DenoiserConfig(attn_layers=1, ssm_layers=2)).eval(), td.NoiseScheduler(20)
+    run = lambda b: td.sample(model, s, 50, sampler=sampler, steps=5, generator=torch.Generator().manual_seed(1), batch_size=b)
+    torch.testing.assert_close(run(7), run(50), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="batch_size 0"):
+        run(0)
+
+
 def test_prior_has_the_moments_of_the_forward_process_at_T():
     """Reference: x_T drawn by add_noise from skewed, correlated data (not Gaussian)."""
     s, g = td.NoiseScheduler(), torch.Generator().manual_seed(0)
