@@ -192,10 +192,15 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         B, L, D = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, L, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, L, hs)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
-        return x + self.proj(y.transpose(1, 2).reshape(B, L, D))
+        q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, D // self.heads).unbind(2)  # each (B, L, nh, hs)
+        if L <= 4 and not x.is_cuda:
+            # a few tokens on CPU: plain broadcasts beat SDPA's kernels (the denoiser's 3 tokens with
+            # 16 heads: 2.3x on the attention alone, 1.3x per training step; README "Performance")
+            w = ((q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * q.shape[-1] ** -0.5).softmax(2)  # (B, Lq, Lk, nh)
+            y = (w.unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # (B, L, nh, hs)
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return x + self.proj(y.reshape(B, L, D))
 
 
 class ResidualBlock(nn.Module):

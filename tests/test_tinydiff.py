@@ -206,11 +206,12 @@ def test_sinusoidal_embedding_formula():
             assert out[i, 4 + k].item() == pytest.approx(math.cos(25 * xi * w), abs=1e-5)
 
 
+@pytest.mark.parametrize("L", [3, 9])  # the few-token path and scaled_dot_product_attention
 @pytest.mark.parametrize("heads", [1, 4, 8, 16])
-def test_attention_matches_naive_softmax(heads):
+def test_attention_matches_naive_softmax(heads, L):
     torch.manual_seed(0)
     attn = td.SelfAttention(128, heads).double()
-    x = torch.randn(5, 3, 128, dtype=torch.float64)
+    x = torch.randn(5, L, 128, dtype=torch.float64, requires_grad=True)
     h = attn.norm(x)
     q, k, v = (h @ attn.qkv.weight.T + attn.qkv.bias).split(128, -1)
     hs = 128 // heads
@@ -220,7 +221,10 @@ def test_attention_matches_naive_softmax(heads):
         w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hs), -1)
         outs.append(w @ v[..., sl])
     ref = x + torch.cat(outs, -1) @ attn.proj.weight.T + attn.proj.bias
-    torch.testing.assert_close(attn(x), ref, atol=1e-10, rtol=1e-10)
+    out = attn(x)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(*(torch.autograd.grad(y, [x, attn.qkv.weight], g) for y in (out, ref)), atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("heads", [3, 5, 0, 7])
