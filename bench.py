@@ -16,7 +16,8 @@ import torch
 
 import tinydiff as td
 
-BACKBONES = {"baseline": {}, "attn 1x4": dict(attn_layers=1, heads=4), "attn 2x4": dict(attn_layers=2, heads=4),
+BACKBONES = {"baseline": {}, "attn 1x4": dict(attn_layers=1, heads=4), "attn 1x8": dict(attn_layers=1, heads=8),
+             "attn 1x16": dict(attn_layers=1, heads=16), "attn 2x4": dict(attn_layers=2, heads=4),
              "ssm 1": dict(ssm_layers=1), "ssm 2": dict(ssm_layers=2)}
 
 
@@ -102,12 +103,11 @@ def main():
         model.eval()
         T = scheduler.num_train_timesteps
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if args.quick:  # time one network evaluation at batch n, scale by the number of evaluations
-                xs, ts = torch.randn(args.n, 2, device=device), torch.zeros(args.n, dtype=torch.long, device=device)
-                nfe_s = median_ms(lambda: model(xs, ts), device, 3, 2, 1) / 1e3
+            g = torch.Generator(device=device)
+            if args.quick:  # time a 2-step DDIM run (two network evaluations), scale by the number of evaluations
+                nfe_s = median_ms(lambda: td.sample(model, scheduler, args.n, "ddim", 2, generator=g.manual_seed(0), device=device), device, 3, 2, 1) / 2e3
                 ddpm_s, fast_s = nfe_s * T, nfe_s * args.fast_steps
             else:
-                g = torch.Generator(device=device)
                 ddpm_s = median_ms(lambda: td.sample(model, scheduler, args.n, generator=g.manual_seed(0), device=device), device, 1, 1, 0) / 1e3
                 fast_s = median_ms(lambda: td.sample(model, scheduler, args.n, sampler="dpm++", steps=args.fast_steps, generator=g.manual_seed(0), device=device), device, 3, 1, 1) / 1e3
         rows[label] = ms
