@@ -89,6 +89,28 @@ def fill_preset(args):
     return args
 
 
+def check_settings(args):
+    """Fill in the preset and check everything but the run folder; fail with one line on a bad value.
+    Returns the data, the DenoiserConfig and the NoiseScheduler's keyword arguments."""
+    for name in ("train_steps", "batch_size", "eval_batch_size", "log_interval", "ckpt_interval"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    fill_preset(args)
+    if not 0 <= args.low_frac <= 1 or (args.low_frac > 0 and not 1 <= args.low_t <= args.num_timesteps):
+        fail(f"--low_frac must lie in [0, 1] and --low_t in [1, T={args.num_timesteps}] (got {args.low_frac:g} and {args.low_t})")
+    try:
+        X = datasets.load_dataset(args.dataset)
+        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, coord_scale=args.coord_scale)
+        td.Denoiser(cfg)  # raises for heads that do not divide the width
+        sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
+        sched = td.NoiseScheduler(**sched_cfg)
+        if args.sample_steps is not None:  # refused now rather than after training
+            sched.set_timesteps(args.sample_steps)
+    except ValueError as e:
+        fail(str(e))
+    return X, cfg, sched_cfg
+
+
 def config_name(args):
     parts = ([f"attn{args.attn_layers}x{args.heads}"] if args.attn_layers else []) + ([f"ssm{args.ssm_layers}"] if args.ssm_layers else [])
     return "-".join(parts) or "base"
@@ -121,9 +143,6 @@ def main(argv=None):
         return sweep(args)
     # -------------------------------------------------------------------------
     # settings: checks first, so that a bad command line costs nothing
-    for name in ("train_steps", "batch_size", "eval_batch_size", "log_interval", "ckpt_interval"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     args.out_dir = args.out_dir or os.path.join("out", f"{os.path.splitext(os.path.basename(args.dataset))[0]}-{config_name(args)}")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = None
@@ -137,19 +156,7 @@ def main(argv=None):
         given = vars(args)
         for k in RUN_KEYS:  # the run's math comes from the checkpoint
             given[k] = ckpt["args"].get(k, LEGACY_ARGS.get(k, given[k]))
-    fill_preset(args)
-    if not 0 <= args.low_frac <= 1 or (args.low_frac > 0 and not 1 <= args.low_t <= args.num_timesteps):
-        fail(f"--low_frac must lie in [0, 1] and --low_t in [1, T={args.num_timesteps}] (got {args.low_frac:g} and {args.low_t})")
-    try:
-        X = datasets.load_dataset(args.dataset)
-        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, coord_scale=args.coord_scale)
-        td.Denoiser(cfg)  # raises for heads that do not divide the width
-        sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
-        sched = td.NoiseScheduler(**sched_cfg)
-        if args.sample_steps is not None:  # refused now rather than after training
-            sched.set_timesteps(args.sample_steps)
-    except ValueError as e:
-        fail(str(e))
+    X, cfg, sched_cfg = check_settings(args)
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         probe = os.path.join(args.out_dir, ".write-test")
@@ -291,7 +298,6 @@ def sweep(args):
     from concurrent.futures import ThreadPoolExecutor
 
     root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
-    os.makedirs(root, exist_ok=True)
     passed = [a for a in (sys.argv[1:]) if a != "--sweep"]
     for flag in ("--out_dir", "--seeds", "--jobs"):  # sweep-only flags are not passed on
         while flag in passed:
@@ -301,6 +307,13 @@ def sweep(args):
     runs = [(c, d, s) for c in SWEEP_CONFIGS for d in SWEEP_DATASETS for s in range(args.seeds)]
     run_args = lambda c, d, s: [*passed, "--dataset", d, *SWEEP_CONFIGS[c], "--seed", str(s), "--threads", "1"]
 
+    # a bad setting is refused once, here, rather than by each run
+    for name in ("seeds", "jobs"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for c, d in dict.fromkeys((c, d) for c, d, _ in runs):
+        check_settings(get_parser().parse_args(run_args(c, d, 0)))
+    os.makedirs(root, exist_ok=True)
     # rerunning resumes: finished runs are kept and killed ones continue, but only if they were made with these settings
     for c, d, s in runs:
         out, want = os.path.join(root, f"{d}-{c}-s{s}"), vars(fill_preset(get_parser().parse_args(run_args(c, d, s))))

@@ -213,6 +213,8 @@ def test_user_data_file_trains(tmp_path):
     ("train.py", ["--out_dir", "/etc/hostname/run"], "cannot write to --out_dir"),
     ("train.py", ["--out_dir", "{tmp}/nothing", "--resume"], "--resume found no checkpoint"),
     ("train.py", ["--dataset", "{tmp}/missing.csv"], "no data file at"),
+    ("train.py", ["--sweep", "--jobs", "0", "--out_dir", "{tmp}/sweep"], "--jobs must be a positive integer"),
+    ("train.py", ["--sweep", "--train_steps", "0", "--out_dir", "{tmp}/sweep"], "--train_steps must be a positive integer"),
     ("sample.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
     ("evaluate.py", ["--samples", "{tmp}/missing.npy", "--dataset", "dino"], "no samples file at"),
     ("evaluate.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
@@ -236,6 +238,12 @@ def test_a_sweep_refuses_to_mix_runs_made_with_other_settings(tmp_path):
     p = run("train.py", "--sweep", "--train_steps", 2, *flags, "--out_dir", tmp_path, check=False, timeout=60)
     assert p.returncode == 2 and "(low_t, low_frac differ" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "dino-base-s0").exists()  # nothing was started
+
+
+def test_a_sweep_refuses_a_bad_setting_once_before_starting_anything(tmp_path):
+    p = run("train.py", "--sweep", "--low_frac", 2, "--out_dir", tmp_path / "sweep", check=False, timeout=60)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--low_frac must lie in [0, 1]" in p.stderr, p.stderr
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
