@@ -3,6 +3,7 @@
     python bench.py            # full: median of 7 blocks, real 10,000-sample runs
     python bench.py --quick    # under a minute: fewer blocks, sampling timed per network evaluation
     python bench.py --threads 2 --dtype bf16
+    python bench.py --quick --compile   # torch.compile the training step's model, as train.py --compile does
 
 The matmul bound is timed in the same run: every nn.Linear call of one training step is recorded,
 and the three matmuls it costs (forward, grad of input, grad of weight) are timed alone with
@@ -67,6 +68,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast for training, matmul bound in bf16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (sampling stays eager, as in train.py)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--n", type=int, default=10_000, help="samples to draw")
     p.add_argument("--fast_steps", type=int, default=20, help="network evaluations of the few-step sampler (DPM-Solver++)")
@@ -78,7 +80,7 @@ def main():
     blocks, per_block, warmup = (3, 10, 10) if args.quick else (7, 25, 30)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name} | threads {torch.get_num_threads()} | torch {torch.__version__} | dtype {args.dtype} | batch {args.batch_size}"
-          f" | {'quick' if args.quick else 'full'}")
+          f" | {'quick' if args.quick else 'full'}{' | compiled training' if args.compile else ''}")
     print(f"{'backbone':<10}{'params':>9}{'ms/step':>9}{'bound ms':>9}{'ratio':>7}{'x base':>8}"
           f"{'DDPM-100 s':>12}{f'DPM++-{args.fast_steps} s':>12}")
     rows = {}
@@ -90,10 +92,11 @@ def main():
         scheduler = td.NoiseScheduler().to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         x = torch.randn(args.batch_size, 2, device=device)
+        fwd = torch.compile(model) if args.compile else model
 
         def train_step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = td.ddpm_loss(model, scheduler, x)
+                loss = td.ddpm_loss(fwd, scheduler, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
