@@ -511,6 +511,19 @@ def test_checkpoints_without_the_moment_buffers_load_with_the_standard_start():
         td.load_weights(fresh, old)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(attn_layers=1, heads=16), dict(ssm_layers=2)])
+def test_the_compiled_denoiser_matches_eager_mode(kw):
+    """What `train.py --compile` trains: torch.compile's kernels against eager PyTorch, values and gradients."""
+    torch.manual_seed(0)
+    model = td.Denoiser(td.DenoiserConfig(**kw))
+    x, t, g = torch.randn(256, 2), torch.randint(0, 100, (256,)), torch.randn(256, 2)
+    outs = [f(x, t) for f in (model, torch.compile(model))]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(y, list(model.parameters()), g) for y in outs]
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 def test_tinydiff_imports_only_torch_and_the_standard_library():
     tree = ast.parse(open(os.path.join(ROOT, "tinydiff.py")).read())
     mods = set()
