@@ -32,6 +32,7 @@ import tinydiff as td
 KNN_K = 5
 HIST_LIM, HIST_BINS, HIST_EPS = 5.0, 100, 1e-6
 HELDOUT_SEED, FLOOR_SEED = 1, 2  # the training data use seed 42
+CURVE_N = 2000  # samples per point of the KL-during-training curve
 
 
 def check_samples(samples):
@@ -96,11 +97,30 @@ def heldout_points(dataset, n=10_000, X=None):
 
 
 @torch.no_grad()
-def eval_loss(model, scheduler, points, device, seed=0):
-    """Noise-prediction MSE on the given points, with timesteps and noise from a fixed seed."""
+def eval_loss(model, scheduler, points, device, seed=0, batch_size=None):
+    """Noise-prediction MSE on the given points, with timesteps and noise from a fixed seed. With a
+    batch_size: the mean of the per-batch losses over one pass, as the study reports it."""
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.as_tensor(points, dtype=torch.float32, device=device)
-    return float(td.ddpm_loss(model, scheduler, x0, generator=g))
+    return float(torch.stack([td.ddpm_loss(model, scheduler, b, generator=g) for b in x0.split(batch_size or len(x0))]).mean())
+
+
+class CurveEval:
+    """kNN KL of a model during training: CURVE_N samples from DPM-Solver++ with 20 steps and a fixed
+    seed, against the training data. The data's kNN radii and the floor for this sample size are
+    computed once."""
+
+    def __init__(self, data, dataset, device):
+        self.data, self.device = data, device
+        self.rho = cKDTree(data).query(data, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
+        floor = floor_draw(dataset, CURVE_N)
+        self.floor = None if floor is None else float(knn_kl(data, floor, rho=self.rho))
+
+    def __call__(self, model, scheduler):
+        g = torch.Generator(device=self.device).manual_seed(0)
+        x = td.sample(model, scheduler, CURVE_N, "dpm++", generator=g, device=self.device).cpu().numpy()
+        x, _ = check_samples(x)
+        return float(knn_kl(self.data, x, rho=self.rho))
 
 
 def timed_sample(model, scheduler, n, device, seed=0, **kw):

@@ -6,7 +6,7 @@ Read top to bottom, in the order of the math:
                           cosine schedule: Nichol & Dhariwal 2021, arXiv:2102.09672)
   2. SinusoidalEmbedding (Vaswani et al. 2017), as the 2-D MLP denoiser of tiny-diffusion uses it
   3. SelfAttention       multi-head, pre-norm, over the tokens [x1, x2, t]
-  4. ResidualBlock       the study's x + GELU(Linear(x))
+  4. ResidualBlock       x + GELU(Linear(x)) (tiny-diffusion), or the study's x + Linear(ReLU(x))
   5. BiMambaBlock        bidirectional selective state space (Mamba: Gu & Dao 2023, arXiv:2312.00752;
                          Vision Mamba: Zhu et al. 2024, arXiv:2401.09417; DiS: Fei et al. 2024,
                          arXiv:2402.05608), with an exact product-only scan
@@ -204,14 +204,16 @@ class SelfAttention(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """The study's block: x + GELU(Linear(x))."""
+    """x + GELU(Linear(x)) (form="gelu", tiny-diffusion's), or x + Linear(ReLU(x)) (form="relu",
+    the study's template code)."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, form="gelu"):
         super().__init__()
         self.ff = nn.Linear(dim, dim)
+        self.pre_relu = form == "relu"
 
     def forward(self, x):
-        return x + F.gelu(self.ff(x))
+        return x + self.ff(F.relu(x)) if self.pre_relu else x + F.gelu(self.ff(x))
 
 
 # -----------------------------------------------------------------------------
@@ -322,6 +324,7 @@ class DenoiserConfig:
     emb_dim: int = 128  # width of each sinusoidal embedding (= token width)
     hidden: int = 256  # width of the residual MLP
     hidden_layers: int = 3  # residual blocks
+    block: str = "gelu"  # "gelu": Linear-GELU-blocks-Linear; "relu": the study's Linear-blocks-ReLU-Linear
     attn_layers: int = 0  # self-attention layers over the tokens [x1, x2, t]
     heads: int = 4
     ssm_layers: int = 0  # bidirectional SSM blocks over the same tokens, with long skips
@@ -336,8 +339,8 @@ class Denoiser(nn.Module):
 
     x1, x2 and t are embedded into three tokens of width emb_dim. Optional attention and SSM
     blocks mix the tokens; the tokens are then flattened (3 * emb_dim, in the study's order
-    [x1, x2, t]) into Linear -> GELU -> residual blocks -> Linear. With no mixers this is the
-    study's MLP denoiser exactly. The SSM stack follows DiS: time is a token, and the first half
+    [x1, x2, t]) into the residual MLP. With no mixers and block="relu" this is the study's
+    MLPDenoiser exactly; block="gelu" (the default) is tiny-diffusion's form, same parameter count. The SSM stack follows DiS: time is a token, and the first half
     of the blocks is joined to the second half by long skips (concat + Linear), as in U-ViT.
     """
 
@@ -352,8 +355,13 @@ class Denoiser(nn.Module):
             self.ssm_in, self.ssm_out = nn.Linear(E, cfg.ssm_dim), nn.Linear(cfg.ssm_dim, E)
         self.ssm = nn.ModuleList(BiMambaBlock(cfg.ssm_dim, cfg.d_state) for _ in range(cfg.ssm_layers))
         self.skips = nn.ModuleList(nn.Linear(2 * cfg.ssm_dim, cfg.ssm_dim) for _ in range(cfg.ssm_layers // 2))
-        blocks = [ResidualBlock(cfg.hidden) for _ in range(cfg.hidden_layers)]
-        self.mlp = nn.Sequential(nn.Linear(3 * E, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, 2))
+        if cfg.block not in ("gelu", "relu"):
+            raise ValueError(f"unknown block {cfg.block!r}; use gelu or relu")
+        blocks = [ResidualBlock(cfg.hidden, cfg.block) for _ in range(cfg.hidden_layers)]
+        if cfg.block == "relu":  # the study's MLPDenoiser: pre-activation blocks, one ReLU before the output
+            self.mlp = nn.Sequential(nn.Linear(3 * E, cfg.hidden), *blocks, nn.ReLU(), nn.Linear(cfg.hidden, 2))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(3 * E, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, 2))
         # The training data's mean and covariance, for the sampler's start (NoiseScheduler.prior).
         # Saved with the weights; 0 and I (the defaults) mean the standard N(0, I) start.
         self.register_buffer("data_mean", torch.zeros(2))

@@ -16,46 +16,65 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 import datasets
 import evaluate
 import tinydiff as td
 
-# Settings that differ between the study ("paper") and tinydiff's measured defaults (see README).
+# Settings that differ between the study ("paper": its template code, setting by setting) and
+# tinydiff's measured defaults (see README).
 PRESETS = {
-    "paper": dict(lr=3e-4, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=25.0, prior="standard", low_t=0, low_frac=0.0),
-    "tinydiff": dict(lr=1e-3, warmup_steps=0, ema_decay=0.995, num_timesteps=100, beta_schedule="linear", coord_scale=50.0, prior="data", low_t=2, low_frac=0.25),
+    "paper": dict(block="relu", lr=3e-4, warmup_steps=0, grad_clip=0.5, ema_decay=0.995, ema_every=10, ema_warmup=100, batches="epochs",
+                  num_timesteps=100, beta_schedule="linear", coord_scale=25.0, prior="standard", low_t=0, low_frac=0.0, eval_loss="raw-train"),
+    "tinydiff": dict(block="gelu", lr=1e-3, warmup_steps=0, grad_clip=1.0, ema_decay=0.995, ema_every=1, ema_warmup=0, batches="random",
+                     num_timesteps=100, beta_schedule="linear", coord_scale=50.0, prior="data", low_t=2, low_frac=0.25, eval_loss="ema-heldout"),
 }
 # What runs from before an option existed did: they read as if run with these values.
-LEGACY_ARGS = dict(low_t=0, low_frac=0.0)
+LEGACY_ARGS = dict(low_t=0, low_frac=0.0, block="gelu", ema_every=1, ema_warmup=0, batches="random", eval_loss="ema-heldout")
 # Arguments that define the run's math; --resume takes them from the checkpoint.
-RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "coord_scale", "num_timesteps", "beta_schedule", "prior", "low_t", "low_frac", "train_steps",
-            "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed", "threads", "dtype")
+RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "block", "coord_scale", "num_timesteps", "beta_schedule", "prior",
+            "low_t", "low_frac", "train_steps", "batch_size", "batches", "lr", "warmup_steps", "ema_decay", "ema_every", "ema_warmup", "grad_clip",
+            "eval_loss", "seed", "threads", "dtype")
+
+
+def preset_value(key):
+    """'tinydiff: X, paper: Y', for the help of a flag that a preset sets."""
+    return ", ".join(f"{name}: {p[key]}" for name, p in PRESETS.items())
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train a DDPM on 2-D points, then evaluate it.")
+    p = argparse.ArgumentParser(description="Train a DDPM on 2-D points, then evaluate it.", allow_abbrev=False)
     a = p.add_argument
+    pre = lambda text, key: f"{text} (default from --preset: {preset_value(key)})"
     a("--dataset", default="dino", help="circle, dino, line, moons, or a path to an (N, 2) .csv/.txt/.npy file")
-    a("--preset", choices=sorted(PRESETS), default="tinydiff", help="tinydiff (measured defaults) or paper (the study's settings)")
+    a("--preset", choices=sorted(PRESETS), default="tinydiff", help="tinydiff (measured defaults) or paper (the study's code path)")
     a("--attn_layers", type=int, default=0, help="self-attention layers over the tokens [x1, x2, t]")
     a("--heads", type=int, default=4, help="attention heads; must divide 128")
     a("--ssm_layers", type=int, default=0, help="bidirectional SSM (Mamba) blocks over the tokens")
     a("--hidden", type=int, default=256, help="width of the residual MLP")
-    a("--coord_scale", type=float, default=None, help="sinusoidal-embedding scale of x1, x2 (preset: 25)")
-    a("--num_timesteps", type=int, default=None, help="diffusion steps T (preset: 100)")
-    a("--beta_schedule", choices=["linear", "quadratic", "cosine"], default=None, help="noise schedule (preset: linear)")
+    a("--block", choices=["gelu", "relu"], default=None, help=pre("residual MLP form: gelu = Linear-GELU-(x+GELU(Wx))-Linear, relu = the study's Linear-(x+W ReLU(x))-ReLU-Linear", "block"))
+    a("--coord_scale", type=float, default=None, help=pre("sinusoidal-embedding scale of x1, x2", "coord_scale"))
+    a("--num_timesteps", type=int, default=None, help=pre("diffusion steps T", "num_timesteps"))
+    a("--beta_schedule", choices=["linear", "quadratic", "cosine"], default=None, help=pre("noise schedule", "beta_schedule"))
     a("--prior", choices=["data", "standard"], default=None,
-      help="sampler start: data = Gaussian with the moments of q(x_T) given the data's mean and covariance, standard = N(0, I) (preset)")
-    a("--low_t", type=int, default=None, help="oversample timesteps t < low_t in training (preset: 2; 0 = off)")
-    a("--low_frac", type=float, default=None, help="share of each batch drawn from t < low_t (preset: 0.25)")
+      help=pre("sampler start: data = Gaussian with the moments of q(x_T) given the data's mean and covariance, standard = N(0, I)", "prior"))
+    a("--low_t", type=int, default=None, help=pre("oversample timesteps t < low_t in training (0 = off)", "low_t"))
+    a("--low_frac", type=float, default=None, help=pre("share of each batch drawn from t < low_t", "low_frac"))
     a("--train_steps", type=int, default=10_000, help="optimizer steps")
     a("--batch_size", type=int, default=256)
-    a("--lr", type=float, default=None, help="peak AdamW learning rate (preset)")
-    a("--warmup_steps", type=int, default=None, help="linear LR warm-up steps before the cosine decay (preset)")
-    a("--ema_decay", type=float, default=None, help="EMA decay of the weights used for sampling (preset)")
-    a("--grad_clip", type=float, default=1.0, help="gradient-norm clip")
+    a("--batches", choices=["random", "epochs"], default=None,
+      help=pre("random = rows drawn with replacement; epochs = shuffled passes without replacement, as a DataLoader", "batches"))
+    a("--lr", type=float, default=None, help=pre("peak AdamW learning rate", "lr"))
+    a("--warmup_steps", type=int, default=None, help=pre("linear LR warm-up steps before the cosine decay", "warmup_steps"))
+    a("--ema_decay", type=float, default=None, help=pre("EMA decay of the weights used for sampling", "ema_decay"))
+    a("--ema_every", type=int, default=None, help=pre("update the EMA every this many steps", "ema_every"))
+    a("--ema_warmup", type=int, default=None,
+      help=pre("0 = constant decay; N > 0 = the study's EMA: copy the weights for N steps, then decay min(ema_decay, 1 - (1 + s - N)^(-2/3))", "ema_warmup"))
+    a("--grad_clip", type=float, default=None, help=pre("gradient-norm clip", "grad_clip"))
+    a("--eval_loss", choices=["ema-heldout", "raw-train"], default=None,
+      help=pre("eval loss: EMA model on 10,000 held-out points, or the study's raw model over one pass of the training points", "eval_loss"))
+    a("--eval_interval", type=int, default=0, help="every this many steps, record the EMA model's kNN KL (2,000 DPM++-20 samples) and draw kl.png (0 = off)")
     a("--seed", type=int, default=0, help="seeds model init, batches, timesteps and noise")
     a("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
     a("--threads", type=int, default=None, help="CPU threads (default 1: fastest for this model size; see README)")
@@ -100,7 +119,8 @@ def check_settings(args):
         fail(f"--low_frac must lie in [0, 1] and --low_t in [1, T={args.num_timesteps}] (got {args.low_frac:g} and {args.low_t})")
     try:
         X = datasets.load_dataset(args.dataset)
-        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, coord_scale=args.coord_scale)
+        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
+                                coord_scale=args.coord_scale)
         td.Denoiser(cfg)  # raises for heads that do not divide the width
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
         sched = td.NoiseScheduler(**sched_cfg)
@@ -135,6 +155,38 @@ def lr_lambda(warmup, total):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return f
+
+
+def ema_update(decay, every, warmup):
+    """AveragedModel's update rule, called every `every` steps (n = updates so far, so the update
+    of step s = n * every). warmup = 0: a constant decay. warmup > 0: the study's EMA (ema_pytorch
+    with update_after_step=warmup, inv_gamma=1, power=2/3): copy the weights while s <= warmup, then
+    decay by min(decay, 1 - (1 + s - warmup)^(-2/3)), which reaches 0.995 near s = 2,900 for warmup 100."""
+
+    @torch.no_grad()
+    def update(ema_params, params, n):
+        s = int(n) * every
+        d = decay if warmup == 0 else 0.0 if s <= warmup else min(decay, 1 - (1 + s - warmup) ** (-2 / 3))
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, 1 - d)
+
+    return update
+
+
+class EpochBatches:
+    """The study's batches: shuffled passes over the data without replacement (a DataLoader with
+    shuffle=True), the last batch of each pass short. A function of the step alone, so resuming
+    draws the same rows."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size, self.seed, self.epoch, self.perm = n, batch_size, seed, None, None
+
+    def rows(self, step):
+        epoch, j = divmod(step, -(-self.n // self.batch_size))  # ceil(n / batch) batches per pass
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return self.perm[j * self.batch_size : (j + 1) * self.batch_size]
 
 
 def main(argv=None):
@@ -180,12 +232,15 @@ def main(argv=None):
         model.data_mean.copy_(torch.as_tensor(X.mean(0)))
         model.data_cov.copy_(torch.as_tensor(np.cov(X.T, bias=True)))
     scheduler = td.NoiseScheduler(**sched_cfg).to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+    ema = AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay, args.ema_every, args.ema_warmup))
+    epochs = EpochBatches(len(data), args.batch_size, args.seed) if args.batches == "epochs" else None
     fused = device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=fused)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.train_steps))
     gen = torch.Generator(device=device).manual_seed(args.seed)  # batches, timesteps and noise
-    step, losses, train_time = 0, [], 0.0
+    step, losses, train_time, curve = 0, [], 0.0, []
+    if args.eval_interval:  # KL during training: a fixed small sample, its floor and the data's kNN radii computed once
+        curve_eval = evaluate.CurveEval(X, args.dataset, device)
     if ckpt is not None:
         try:
             td.load_weights(model, ckpt["model"])
@@ -197,7 +252,7 @@ def main(argv=None):
         lr_sched.load_state_dict(ckpt["lr_scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         gen.set_state(ckpt["rng"]["gen"].to(gen.get_state().device))
-        step, losses, train_time = ckpt["step"], ckpt["losses"], ckpt["train_time"]
+        step, losses, train_time, curve = ckpt["step"], ckpt["losses"], ckpt["train_time"], ckpt.get("curve", [])
         print(f"resuming {ckpt_path} at step {step}")
     fwd = torch.compile(model) if args.compile else model
     n_params = sum(p.numel() for p in model.parameters())
@@ -210,7 +265,7 @@ def main(argv=None):
             format="tinydiff-1", args={k: v for k, v in vars(args).items()}, model_config=asdict(cfg), scheduler_config=sched_cfg,
             step=step, model=model.state_dict(), ema=ema.module.state_dict(), ema_n_averaged=int(ema.n_averaged),
             optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
-            rng=dict(torch=torch.get_rng_state(), gen=gen.get_state()), losses=losses, train_time=train_time,
+            rng=dict(torch=torch.get_rng_state(), gen=gen.get_state()), losses=losses, train_time=train_time, curve=curve,
         ), ckpt_path)
 
     # -------------------------------------------------------------------------
@@ -220,7 +275,8 @@ def main(argv=None):
     step_at_log = step
     while step < args.train_steps:
         t0 = time.perf_counter()
-        x0 = data[torch.randint(0, len(data), (args.batch_size,), device=device, generator=gen)]
+        rows = epochs.rows(step).to(device) if epochs else torch.randint(0, len(data), (args.batch_size,), device=device, generator=gen)
+        x0 = data[rows]
         with autocast:
             loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen, low_t=args.low_t, low_frac=args.low_frac)
         optimizer.zero_grad(set_to_none=True)
@@ -233,7 +289,8 @@ def main(argv=None):
             sys.exit(1)
         optimizer.step()
         lr_sched.step()
-        ema.update_parameters(model)
+        if step % args.ema_every == 0:
+            ema.update_parameters(model)
         losses.append(loss_val)
         step += 1
         train_time += time.perf_counter() - t0
@@ -242,6 +299,10 @@ def main(argv=None):
             eta = ms * (args.train_steps - step) / 1e3
             print(f"step {step:6d} | loss {np.mean(losses[-args.log_interval:]):.4f} | lr {lr_sched.get_last_lr()[0]:.2e} | {ms:.2f} ms/step | ETA {eta:.0f}s")
             t_log, step_at_log = time.perf_counter(), step
+        if args.eval_interval and (step % args.eval_interval == 0 or step == args.train_steps):
+            t_eval = time.perf_counter()
+            curve.append(dict(step=step, train_time_s=train_time, knn_kl_bits=curve_eval(ema.module, scheduler)))
+            t_log += time.perf_counter() - t_eval  # the log's ms/step counts training only
         if step % args.ckpt_interval == 0 or step == args.train_steps:
             save()
 
@@ -249,11 +310,17 @@ def main(argv=None):
     # evaluation with the EMA weights: the study's columns, plus the floors of both KL metrics
     model_ema = ema.module.eval()
     metrics = dict(train_time_s=train_time, ms_per_step=train_time / max(1, len(losses)) * 1e3)
-    metrics["eval_loss"] = evaluate.eval_loss(model_ema, scheduler, evaluate.heldout_points(args.dataset, X=X), device)
+    if args.eval_loss == "raw-train":  # the study's: the raw model over one pass of the training points
+        metrics["eval_loss"] = evaluate.eval_loss(model.eval(), scheduler, X, device, batch_size=args.batch_size)
+    else:
+        metrics["eval_loss"] = evaluate.eval_loss(model_ema, scheduler, evaluate.heldout_points(args.dataset, X=X), device)
     samples, metrics["inference_s"] = evaluate.timed_sample(model_ema, scheduler, args.eval_batch_size, device, sampler=args.sampler, steps=args.sample_steps)
     metrics.update(evaluate.compute_metrics(X, samples, evaluate.floor_draw(args.dataset, len(samples))))
     metrics.update(dataset=args.dataset, config=config_name(args), params=n_params, alpha_bar_T=scheduler.alpha_bar_T,
                    device=str(device), threads=args.threads, args=vars(args))
+    if curve:
+        metrics.update(curve=curve, curve_floor=curve_eval.floor, curve_samples=evaluate.CURVE_N)
+        plot_curve(curve, curve_eval.floor, os.path.join(args.out_dir, "kl.png"), f"{args.dataset} · {config_name(args)}")
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     np.save(os.path.join(args.out_dir, "samples.npy"), samples)
@@ -264,7 +331,7 @@ def main(argv=None):
     print(f"training time   {train_time:8.1f} s   ({metrics['ms_per_step']:.2f} ms/step)")
     print(f"inference time  {metrics['inference_s']:8.2f} s   ({args.eval_batch_size} samples, {args.sampler})")
     print(evaluate.format_table({k: v for k, v in metrics.items() if k not in ("inference_s",)}))
-    print(f"wrote {args.out_dir}/: ckpt.pt metrics.json samples.npy samples.png loss.png")
+    print(f"wrote {args.out_dir}/: ckpt.pt metrics.json samples.npy samples.png loss.png" + (" kl.png" if curve else ""))
     return metrics
 
 
@@ -279,6 +346,23 @@ def plot_loss(losses, path):
     ax.set_xlabel("step")
     ax.set_ylabel("noise MSE")
     ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(curve, floor, path, title):
+    """kNN KL of the EMA model against training step (--eval_interval), with the floor if known."""
+    plt = evaluate.pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([c["step"] for c in curve], [c["knn_kl_bits"] for c in curve], marker="o", ms=3, label=f"EMA model, {evaluate.CURVE_N} DPM++-20 samples")
+    if floor is not None:
+        ax.axhline(floor, color="gray", ls="--", lw=1, label=f"floor {floor:.3f} (a perfect model)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("kNN KL (bits)")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -355,6 +355,28 @@ def test_baseline_parameter_count_matches_the_study_build():
     assert sum(p.numel() for p in td.Denoiser(td.DenoiserConfig()).parameters()) == expected == 296_450
 
 
+def test_relu_block_is_the_study_mlp_denoiser():
+    """block="relu" against the study's MLPDenoiser written out by hand with the same weights:
+    Linear(384, 256) -> 3 x (x + Linear(ReLU(x))) -> ReLU -> Linear(256, 2)."""
+    torch.manual_seed(0)
+    model = td.Denoiser(td.DenoiserConfig(block="relu", coord_scale=25.0))
+    assert sum(p.numel() for p in model.parameters()) == 296_450
+    x, t = torch.randn(9, 2), torch.randint(0, 100, (9,))
+
+    def emb(v, scale):  # the template's SinusoidalEmbedding, from its formula
+        w = torch.exp(-math.log(10000.0) / 63 * torch.arange(64))
+        a = (v.float() * scale)[:, None] * w
+        return torch.cat([a.sin(), a.cos()], -1)
+
+    lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    h = lin[0](torch.cat([emb(x[:, 0], 25.0), emb(x[:, 1], 25.0), emb(t, 1.0)], -1))
+    for ff in lin[1:4]:
+        h = h + ff(torch.relu(h))
+    torch.testing.assert_close(model(x, t), lin[4](torch.relu(h)))
+    with pytest.raises(ValueError, match="unknown block"):
+        td.Denoiser(td.DenoiserConfig(block="tanh"))
+
+
 def test_long_skips_join_shallow_to_deep_blocks():
     model = td.Denoiser(td.DenoiserConfig(ssm_layers=4))
     order = []
