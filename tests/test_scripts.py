@@ -107,8 +107,10 @@ def final_weights(out):
     return td.load_checkpoint(str(out / "ckpt.pt"))["model"]
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    args = ["--dataset", "line", "--train_steps", 1500, "--ckpt_interval", 100, *FAST]
+@pytest.mark.parametrize("extra", [[], ["--preset", "paper", "--batch_size", 256, "--ckpt_interval", 130, "--eval_interval", 200]], ids=["tinydiff", "paper"])
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
+    # the paper preset: epochs of 391 batches, the EMA every 10 steps, checkpoints off both grids; KL recorded on the way
+    args = ["--dataset", "line", "--train_steps", 1500, "--ckpt_interval", 100, *FAST, *extra]
     run("train.py", *args, "--out_dir", tmp_path / "whole")
     killed = tmp_path / "killed"
     proc = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), *map(str, args), "--out_dir", str(killed)],
@@ -128,6 +130,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     ea = td.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"))["ema"]
     eb = td.load_checkpoint(str(killed / "ckpt.pt"))["ema"]
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    if extra:
+        ca, cb = (json.loads((d / "metrics.json").read_text())["curve"] for d in (tmp_path / "whole", killed))
+        assert [c["step"] for c in ca] == list(range(200, 1501, 200)) + [1500] and [c["knn_kl_bits"] for c in ca] == [c["knn_kl_bits"] for c in cb]
 
 
 def test_a_crash_between_write_and_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
