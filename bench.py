@@ -9,13 +9,14 @@ The matmul bound is timed in the same run: every nn.Linear call of one training 
 and the three matmuls it costs (forward, grad of input, grad of weight) are timed alone with
 torch.mm. ratio = ms/step / bound. Compare numbers within one run: this box is shared and noisy.
 """
-import argparse
 import statistics
 import time
 
 import torch
 
+import evaluate
 import tinydiff as td
+import train
 
 BACKBONES = {"baseline": {}, "attn 1x4": dict(attn_layers=1, heads=4), "attn 1x8": dict(attn_layers=1, heads=8),
              "attn 1x16": dict(attn_layers=1, heads=16), "attn 2x4": dict(attn_layers=2, heads=4),
@@ -63,9 +64,9 @@ def matmul_bound_ms(shapes, device, dtype, blocks, per_block):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = evaluate.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="finish in under a minute")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast for training, matmul bound in bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (sampling stays eager, as in train.py)")
@@ -74,7 +75,15 @@ def main():
     p.add_argument("--fast_steps", type=int, default=20, help="network evaluations of the few-step sampler (DPM-Solver++)")
     p.add_argument("--only", nargs="*", default=None, help="backbones to run (default all)")
     args = p.parse_args()
-    device = torch.device(args.device)
+    for name in ("threads", "batch_size", "n"):
+        if getattr(args, name) < 1:
+            evaluate.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not 1 <= args.fast_steps <= 100:
+        evaluate.fail(f"--fast_steps must be in 1..100 (T = 100), got {args.fast_steps}")
+    unknown = [b for b in args.only or [] if b not in BACKBONES]
+    if unknown:
+        evaluate.fail(f"unknown backbone {unknown[0]!r}; use some of: {', '.join(repr(b) for b in BACKBONES)}")
+    device = train.pick_device(args.device)
     torch.set_num_threads(args.threads)
     bf16 = args.dtype == "bf16"
     blocks, per_block, warmup = (3, 10, 10) if args.quick else (7, 25, 30)

@@ -135,6 +135,63 @@ def timed_sample(model, scheduler, n, device, seed=0, **kw):
     return x.cpu().numpy(), time.perf_counter() - t0
 
 
+def fail(msg, code=2):
+    """A user's error: one line on stderr, then exit (2 unless told)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: no abbreviations (--swe is not --sweep), and a bad command line costs one line."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message):
+        fail(f"{message} (see python {self.prog} --help)")
+
+
+def to_json(obj):
+    """Strict JSON: NaN and infinities become null, which every JSON reader accepts."""
+    clean = lambda v: {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else [clean(x) for x in v] if isinstance(v, (list, tuple)) \
+        else None if isinstance(v, float) and not np.isfinite(v) else v
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
+def available_memory(device=None):
+    """Bytes free for new allocations on the device (CPU: MemAvailable), or None where unknown."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_sampling_flags(args):
+    """sample.py's and evaluate.py's shared flags; ValueError names the flag and what is valid."""
+    if args.n < 1:
+        raise ValueError(f"--n must be a positive integer, got {args.n}")
+    if not 0 <= args.eta <= 1:  # NaN fails too
+        raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: as DDPM), got {args.eta}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+
+
+def check_steps(scheduler, steps):
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+
+
+def check_memory(flag, value, nbytes, device=None):
+    free = available_memory(device)
+    if free is not None and nbytes > free / 2:
+        raise ValueError(f"{flag} {value} needs about {nbytes / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; use a smaller value")
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
@@ -159,8 +216,16 @@ def plot_samples(data, samples, path, title=""):
     axes[0].set_ylim(-HIST_LIM, HIST_LIM)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def sample_title(prefix, metrics):
+    """What a reader needs to judge the picture: the kNN KL, its floor, and the excess (0 = perfect)."""
+    kl, floor = metrics["knn_kl_bits"], metrics.get("knn_kl_floor")
+    if floor is None:
+        return f"{prefix} · kNN KL {kl:.3f} bits (lower is better)"
+    return f"{prefix} · kNN KL {kl:.3f} bits, excess over floor {kl - floor:.3f} (0 = perfect)"
 
 
 def format_table(metrics):
@@ -176,24 +241,24 @@ def format_table(metrics):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score samples against a dataset (KL metrics with floors, eval loss).")
+    p = ArgumentParser(description="Score samples against a dataset (KL metrics with floors, eval loss).")
     p.add_argument("--samples", help="an (N, 2) .npy of samples to score")
     p.add_argument("--out_dir", help="a run directory: sample from its ckpt.pt (EMA weights)")
     p.add_argument("--ckpt", help="a checkpoint file to sample from (instead of --out_dir)")
     p.add_argument("--dataset", help="dataset name or data file (default: the checkpoint's)")
     p.add_argument("--n", type=int, default=10_000, help="samples to draw from a checkpoint")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm", help="sampler for a checkpoint")
+    p.add_argument("--sampler", choices=td.SAMPLERS, default="ddpm", help="sampler for a checkpoint")
     p.add_argument("--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+    p.add_argument("--json", action="store_true", help="print strict JSON on stdout instead of a table")
     args = p.parse_args(argv)
     try:
+        check_sampling_flags(args)
         metrics = run(args)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+        fail(str(e))
+    print(to_json(metrics) if args.json else format_table(metrics))
 
 
 def run(args):
@@ -214,6 +279,8 @@ def run(args):
             raise ValueError("give --samples X.npy, or --out_dir / --ckpt to sample from a checkpoint")
         ckpt = td.load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
         model, scheduler = td.model_from_checkpoint(ckpt)
+        check_steps(scheduler, args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps))
+        check_memory("--n", args.n, args.n * 2 * 64)
         dataset = args.dataset or ckpt["args"]["dataset"]
         device = torch.device("cpu")
         model.eval()

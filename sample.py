@@ -7,9 +7,10 @@
 Writes <name>.npy and <name>.png (samples beside the data) into the run directory (or --out),
 and <name>.gif with --gif.
 """
-import argparse
 import os
 import sys
+import tempfile
+import time
 
 import numpy as np
 import torch
@@ -17,9 +18,10 @@ import torch
 import datasets
 import evaluate
 import tinydiff as td
+import train
 
 
-def save_gif(trajectory, path, lim=evaluate.HIST_LIM, fps=12, max_points=3000):
+def save_gif(trajectory, f, lim=evaluate.HIST_LIM, fps=12, max_points=3000):
     """One frame per reverse step on fixed axes, holding the last frame for a second."""
     plt = evaluate.pyplot()
     from matplotlib.animation import FuncAnimation, PillowWriter
@@ -38,19 +40,22 @@ def save_gif(trajectory, path, lim=evaluate.HIST_LIM, fps=12, max_points=3000):
         title.set_text(f"reverse step {i}/{len(traj) - 1}")
         return scat, title
 
-    FuncAnimation(fig, draw, frames=frames, blit=False).save(path, writer=PillowWriter(fps=fps))
+    with tempfile.TemporaryDirectory() as tmp:  # Pillow picks the format from the file name, so write a .gif, then copy it
+        FuncAnimation(fig, draw, frames=frames, blit=False).save(os.path.join(tmp, "a.gif"), writer=PillowWriter(fps=fps))
+        with open(os.path.join(tmp, "a.gif"), "rb") as g:
+            f.write(g.read())
     plt.close(fig)
     return len(frames)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a trained tinydiff run (EMA weights).")
+    p = evaluate.ArgumentParser(description="Sample from a trained tinydiff run (EMA weights).")
     p.add_argument("--out_dir", help="run directory holding ckpt.pt")
     p.add_argument("--ckpt", help="checkpoint file (instead of --out_dir)")
     p.add_argument("--n", type=int, default=10_000, help="number of samples")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm")
+    p.add_argument("--sampler", choices=td.SAMPLERS, default="ddpm")
     p.add_argument("--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 as DDPM")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 as DDPM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--gif", action="store_true", help="also write an animation of the reverse process")
@@ -59,34 +64,46 @@ def main(argv=None):
     try:
         if not (args.ckpt or args.out_dir):
             raise ValueError("give --out_dir of a run (or --ckpt) to sample from")
-        if args.n <= 0:
-            raise ValueError(f"--n must be positive, got {args.n}")
+        evaluate.check_sampling_flags(args)
         ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
         ckpt = td.load_checkpoint(ckpt_path)
         model, scheduler = td.model_from_checkpoint(ckpt, key="model" if args.raw else "ema")
         steps = args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps)
-        scheduler.set_timesteps(steps)  # validates --steps
+        evaluate.check_steps(scheduler, steps)
+        frames = steps + 1 if args.gif else 1
+        evaluate.check_memory("--n", args.n, args.n * 2 * 4 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
+        stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}")
+        folder = os.path.dirname(os.path.abspath(stem))
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise ValueError(f"cannot write to {folder} (--out {stem}); choose a writable folder that exists")
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        evaluate.fail(str(e))
     torch.set_num_threads(1)  # fastest for this model size on small CPUs; see README
     model.eval()
     g = torch.Generator().manual_seed(args.seed)
-    out = td.sample(model, scheduler, args.n, sampler=args.sampler, steps=steps, eta=args.eta, generator=g, return_trajectory=args.gif)
+    t0 = time.perf_counter()
+    show = lambda i, n: print(f"\rsampling {args.n:,} points: step {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)", end="", file=sys.stderr, flush=True)
+    out = td.sample(model, scheduler, args.n, sampler=args.sampler, steps=steps, eta=args.eta, generator=g, return_trajectory=args.gif,
+                    callback=show if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     samples = (out[-1] if args.gif else out).numpy()
-    stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}")
-    np.save(stem + ".npy", samples)
+    bad = (~np.isfinite(samples).all(1)).sum()
+    if bad:  # never a silent wrong result
+        evaluate.fail(f"{bad} of {len(samples)} samples are NaN or infinite: the model or the sampler diverged; nothing was written", code=1)
     dataset = ckpt["args"]["dataset"]
     try:
         data = datasets.load_dataset(dataset)
     except ValueError:  # the run's data file has moved: plot the samples alone
         data = samples
-    evaluate.plot_samples(data, samples, stem + ".png", f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}")
+    write = train.write_or_fail
+    write(stem + ".npy", lambda f: np.save(f, samples))
+    write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}"))
     wrote = [stem + ".npy", stem + ".png"]
     if args.gif:
-        save_gif(out, stem + ".gif")
+        write(stem + ".gif", lambda f: save_gif(out, f))
         wrote.append(stem + ".gif")
-    print("wrote " + " ".join(wrote))
+    print(f"wrote {' '.join(wrote)} ({time.perf_counter() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -410,12 +410,13 @@ def ddpm_loss(model, scheduler, x0, generator=None, low_t=0, low_frac=0.0):
 # 8. Samplers
 
 
+SAMPLERS = ("ddpm", "ddim", "dpm++")
 DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; the others use all T
 
 
 @torch.no_grad()
 def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device="cpu", return_trajectory=False,
-           batch_size=None):
+           batch_size=None, callback=None):
     """Draw n points, starting from x_T ~ scheduler.prior with the model's data moments.
 
     sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
@@ -426,10 +427,11 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
 
     The network sees at most batch_size rows at a time: by default 1024 on CPU, where the activations
     then stay in cache (DDPM-100 at n = 10,000: 1.4x faster, README "Performance"), else all n.
-    Rows do not interact, so this changes the speed, not the samples.
+    Rows do not interact, so this changes the speed, not the samples. callback(i, steps), if given,
+    is called after each step (for progress bars).
     """
     T = scheduler.num_train_timesteps
-    if sampler not in ("ddpm", "ddim", "dpm++"):
+    if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be a positive number of rows (or None for the default)")
@@ -454,6 +456,8 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
             x = scheduler.ddim_step(eps, t, t_prev, x, eta=1.0 if sampler == "ddpm" else eta, generator=generator)
         if return_trajectory:
             trajectory.append(x.cpu())
+        if callback is not None:
+            callback(i, len(timesteps))
     return torch.stack(trajectory) if return_trajectory else x
 
 
@@ -465,14 +469,24 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash at any moment leaves the old file intact."""
+def atomic_write(path, write):
+    """write(f) into a temporary file, then rename it over path: a crash at any moment leaves the
+    old file intact, and a failed write (a full disk) removes the temporary file and re-raises."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):

@@ -9,7 +9,7 @@ import argparse
 import json
 import math
 import os
-import subprocess
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -32,7 +32,7 @@ PRESETS = {
 }
 # What runs from before an option existed did: they read as if run with these values.
 LEGACY_ARGS = dict(low_t=0, low_frac=0.0, block="gelu", ema_every=1, ema_warmup=0, batches="random", eval_loss="ema-heldout")
-# Arguments that define the run's math; --resume takes them from the checkpoint.
+# Arguments that define the run's math: --resume takes them from the checkpoint and refuses others.
 RUN_KEYS = ("dataset", "preset", "attn_layers", "heads", "ssm_layers", "hidden", "block", "coord_scale", "num_timesteps", "beta_schedule", "prior",
             "low_t", "low_frac", "train_steps", "batch_size", "batches", "lr", "warmup_steps", "ema_decay", "ema_every", "ema_warmup", "grad_clip",
             "eval_loss", "seed", "threads", "dtype")
@@ -43,9 +43,10 @@ def preset_value(key):
     return ", ".join(f"{name}: {p[key]}" for name, p in PRESETS.items())
 
 
-def get_parser():
-    p = argparse.ArgumentParser(description="Train a DDPM on 2-D points, then evaluate it.", allow_abbrev=False)
-    a = p.add_argument
+def get_parser(p=None, skip=()):
+    """train.py's flags, added to p (sweep.py passes its own parser and the flags the grid sets)."""
+    p = p or evaluate.ArgumentParser(description="Train a DDPM on 2-D points, then evaluate it.")
+    a = lambda flag, **kw: None if flag[2:] in skip else p.add_argument(flag, **kw)
     pre = lambda text, key: f"{text} (default from --preset: {preset_value(key)})"
     a("--dataset", default="dino", help="circle, dino, line, moons, or a path to an (N, 2) .csv/.txt/.npy file")
     a("--preset", choices=sorted(PRESETS), default="tinydiff", help="tinydiff (measured defaults) or paper (the study's code path)")
@@ -81,69 +82,15 @@ def get_parser():
     a("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocasts the forward pass")
     a("--compile", action="store_true", help="torch.compile the model (off by default)")
     a("--out_dir", default=None, help="run directory (default out/<dataset>-<config>)")
-    a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt, with its settings")
+    a("--auto_resume", action="store_true", help="resume if --out_dir holds a checkpoint, else start; a finished run is left as it is (for job arrays)")
+    a("--overwrite", action="store_true", help="replace the run already in --out_dir")
     a("--ckpt_interval", type=int, default=1000, help="save a checkpoint every this many steps")
     a("--eval_batch_size", type=int, default=10_000, help="samples drawn for the final evaluation")
-    a("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm", help="sampler for the final evaluation")
+    a("--sampler", choices=td.SAMPLERS, default="ddpm", help="sampler for the final evaluation")
     a("--sample_steps", type=int, default=None, help="network evaluations for the final evaluation (default: all T; dpm++: 20)")
     a("--log_interval", type=int, default=500, help="print a log line every this many steps")
-    a("--sweep", action="store_true", help="train and evaluate the study's grid instead (see README)")
-    a("--seeds", type=int, default=3, help="--sweep: seeds per configuration and dataset")
-    a("--jobs", type=int, default=os.cpu_count(), help="--sweep: runs in parallel (1 thread each)")
     return p
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def fill_preset(args):
-    """Settings left unset on the command line take the preset's value."""
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.low_frac == 0:  # oversampling off: one way to write it
-        args.low_t = 0
-    return args
-
-
-def check_settings(args):
-    """Fill in the preset and check everything but the run folder; fail with one line on a bad value.
-    Returns the data, the DenoiserConfig and the NoiseScheduler's keyword arguments."""
-    for name in ("train_steps", "batch_size", "eval_batch_size", "log_interval", "ckpt_interval"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    fill_preset(args)
-    if not 0 <= args.low_frac <= 1 or (args.low_frac > 0 and not 1 <= args.low_t <= args.num_timesteps):
-        fail(f"--low_frac must lie in [0, 1] and --low_t in [1, T={args.num_timesteps}] (got {args.low_frac:g} and {args.low_t})")
-    try:
-        X = datasets.load_dataset(args.dataset)
-        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
-                                coord_scale=args.coord_scale)
-        td.Denoiser(cfg)  # raises for heads that do not divide the width
-        sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
-        sched = td.NoiseScheduler(**sched_cfg)
-        if args.sample_steps is not None:  # refused now rather than after training
-            sched.set_timesteps(args.sample_steps)
-    except ValueError as e:
-        fail(str(e))
-    return X, cfg, sched_cfg
-
-
-def config_name(args):
-    parts = ([f"attn{args.attn_layers}x{args.heads}"] if args.attn_layers else []) + ([f"ssm{args.ssm_layers}"] if args.ssm_layers else [])
-    return "-".join(parts) or "base"
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def lr_lambda(warmup, total):
@@ -189,33 +136,205 @@ class EpochBatches:
         return self.perm[j * self.batch_size : (j + 1) * self.batch_size]
 
 
+fail = evaluate.fail
+RUN_FILES = ("ckpt.pt", "metrics.json", "samples.npy", "samples.png", "loss.png", "kl.png")
+RESUME_FREE = ("threads", "train_steps")  # run settings that --resume lets a user change (train_steps: only upwards)
+
+
+def fill_preset(args):
+    """Settings left unset on the command line take the preset's value."""
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.low_frac == 0:  # oversampling off: one way to write it
+        args.low_t = 0
+    return args
+
+
+def check_settings(args):
+    """Fill in the preset and check every flag before any work; fail with one line on a bad value.
+    Returns the data, the DenoiserConfig and the NoiseScheduler's keyword arguments."""
+    fill_preset(args)
+    for name in ("train_steps", "batch_size", "eval_batch_size", "log_interval", "ckpt_interval", "heads", "hidden", "ema_every", "num_timesteps"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("eval_interval", "attn_layers", "ssm_layers", "warmup_steps", "ema_warmup", "low_t"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    checks = [("lr", math.isfinite(args.lr) and args.lr > 0, "a positive number, such as 1e-3"),
+              ("grad_clip", args.grad_clip > 0, "a positive number (inf = no clipping)"),
+              ("coord_scale", math.isfinite(args.coord_scale) and args.coord_scale > 0, "a positive number"),
+              ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1), such as 0.995"),
+              ("threads", args.threads is None or args.threads >= 1, "a positive integer"),
+              ("seed", 0 <= args.seed < 2**63, "an integer in [0, 2^63)")]
+    for name, ok, valid in checks:  # written so that NaN fails too
+        if not ok:
+            fail(f"--{name} must be {valid}, got {getattr(args, name)}")
+    if not 0 <= args.low_frac <= 1 or (args.low_frac > 0 and not 1 <= args.low_t <= args.num_timesteps):
+        fail(f"--low_frac must lie in [0, 1] and --low_t in [1, T={args.num_timesteps}] (got {args.low_frac:g} and {args.low_t})")
+    if args.attn_layers and 128 % args.heads:
+        fail(f"--heads {args.heads} must divide the token width 128; use 1, 2, 4, 8, 16, 32, 64 or 128")
+    device = pick_device(args.device)
+    try:
+        X = datasets.load_dataset(args.dataset)
+        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
+                                coord_scale=args.coord_scale)
+        sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
+        sched = td.NoiseScheduler(**sched_cfg)
+        sched.set_timesteps(args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, args.num_timesteps))  # refused now, not after training
+    except ValueError as e:
+        fail(str(e).replace("steps must be", "--sample_steps must be"))
+    if not np.isfinite(X.astype(np.float32)).all():
+        fail(f"{args.dataset} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
+    need = [("batch_size", args.batch_size * activation_bytes_per_row(td.Denoiser(cfg), sched, X.shape[1])),
+            ("eval_batch_size", args.eval_batch_size * X.shape[1] * 64)]  # samples, their copies in the sampler and the k-d tree
+    free = evaluate.available_memory(device)
+    for name, nbytes in need:
+        if free is not None and nbytes > free / 2:
+            fail(f"--{name} {getattr(args, name)} needs about {nbytes / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; use a smaller value")
+    return X, cfg, sched_cfg
+
+
+def activation_bytes_per_row(model, scheduler, dim, rows=32):
+    """Bytes that autograd saves for the backward pass, per batch row, measured on a small batch."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        td.ddpm_loss(model, scheduler, torch.zeros(rows, dim))
+    return sum(saved) / rows
+
+
+def config_name(args):
+    parts = ([f"attn{args.attn_layers}x{args.heads}"] if args.attn_layers else []) + ([f"ssm{args.ssm_layers}"] if args.ssm_layers else [])
+    return "-".join(parts) or "base"
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu or auto")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        fail("--device mps: MPS is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name}: tinydiff runs on cpu, cuda or mps")
+    return device
+
+
+def given_flags(argv):
+    """The flags written on the command line (abbreviations are off, so the tokens are exact)."""
+    return {tok[2:].split("=")[0] for tok in argv if tok.startswith("--")}
+
+
+def take_settings_from(ckpt, args, given, ckpt_path):
+    """--resume: flags not given take the checkpoint's value; a given math flag must agree with it."""
+    saved = {**LEGACY_ARGS, **ckpt["args"]}
+    for k, v in saved.items():
+        if k in ("resume", "auto_resume", "overwrite", "out_dir") or not hasattr(args, k):
+            continue
+        if k not in given:
+            setattr(args, k, v)
+        elif k in RUN_KEYS and k not in RESUME_FREE and getattr(args, k) != v:
+            fail(f"--{k} {getattr(args, k)} differs from this run's {v} (in {ckpt_path}); a resumed run keeps its settings: "
+                 f"drop the flag, or start a new run with --overwrite or another --out_dir")
+    if args.train_steps < saved["train_steps"]:
+        fail(f"--train_steps {args.train_steps} is below this run's {saved['train_steps']}; a run can be extended, not shortened")
+    print(f"resuming {ckpt_path} at step {ckpt['step']} of {args.train_steps}; from the checkpoint: "
+          + ", ".join(f"{k} {getattr(args, k)}" for k in RUN_KEYS if k not in given))
+    if args.train_steps > saved["train_steps"]:
+        print(f"extending the run from {saved['train_steps']} to {args.train_steps} steps: the cosine schedule is stretched to the new end")
+
+
+def claim_run_dir(path):
+    """Make the run folder and lock it for this process: a second process refuses. The lock goes
+    with the process, even when it is killed. (POSIX; on Windows there is no lock.)"""
+    try:
+        os.makedirs(path, exist_ok=True)
+        f = open(os.path.join(path, ".lock"), "a")
+    except OSError as e:
+        fail(f"cannot write to --out_dir {path} ({e.strerror}); choose a writable directory")
+    try:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        fail(f"another process is using {path} right now; wait for it to finish, or choose another --out_dir")
+    return f  # the lock lasts as long as this file stays open
+
+
+def write_or_fail(path, write):
+    """Write one output file atomically; a failed write (a full disk, say) costs one line and leaves
+    the file's previous version and the last checkpoint as they were."""
+    try:
+        td.atomic_write(path, write)
+    except OSError as e:
+        fail(f"could not write {path} ({e.strerror or e}); free some space, then rerun with --resume (the last checkpoint is intact)")
+
+
 def main(argv=None):
+    """SIGINT / SIGTERM during training: finish the step, save, stop with one line. A second signal,
+    or one outside the training loop, stops at once; files are written atomically, so none is torn."""
+    sig = dict(signum=None, training=False)
+
+    def on_signal(signum, _frame):
+        if sig["signum"] is not None or not sig["training"]:
+            raise KeyboardInterrupt
+        sig["signum"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a caller ignores it
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        return train(sys.argv[1:] if argv is None else [str(a) for a in argv], sig)
+    except KeyboardInterrupt:
+        fail("interrupted; every file already written is intact (continue a run from its last checkpoint with --resume)", code=130)
+
+
+def train(argv, sig):
     args = get_parser().parse_args(argv)
-    if args.sweep:
-        return sweep(args)
+    given = given_flags(argv)
     # -------------------------------------------------------------------------
     # settings: checks first, so that a bad command line costs nothing
-    args.out_dir = args.out_dir or os.path.join("out", f"{os.path.splitext(os.path.basename(args.dataset))[0]}-{config_name(args)}")
+    stem, ext = os.path.splitext(os.path.basename(args.dataset))
+    args.out_dir = args.out_dir or os.path.join("out", f"{stem}{'-' + ext[1:].lower() if ext else ''}-{config_name(args)}")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out_dir and --overwrite replaces it; give one of them")
+    if args.auto_resume and not args.overwrite:
+        args.resume = os.path.isfile(ckpt_path)
+    if args.resume and not os.path.isfile(ckpt_path):
+        fail(f"--resume found no checkpoint at {ckpt_path}; run without --resume to start, or point --out_dir at the run")
+    lock = claim_run_dir(args.out_dir) if args.resume else None  # the run exists: hold it before reading it
     ckpt = None
     if args.resume:
-        if not os.path.isfile(ckpt_path):
-            fail(f"--resume found no checkpoint at {ckpt_path}; run without --resume to start, or point --out_dir at the run")
         try:
             ckpt = td.load_checkpoint(ckpt_path)
         except td.CheckpointError as e:
             fail(str(e))
-        given = vars(args)
-        for k in RUN_KEYS:  # the run's math comes from the checkpoint
-            given[k] = ckpt["args"].get(k, LEGACY_ARGS.get(k, given[k]))
+        finished = ckpt["step"] >= ckpt["args"]["train_steps"] and os.path.isfile(os.path.join(args.out_dir, "metrics.json"))
+        if finished and args.auto_resume and ("train_steps" not in given or args.train_steps <= ckpt["step"]):
+            print(f"{args.out_dir} is finished ({ckpt['step']} steps); nothing to do")
+            return None
+        if finished and ("train_steps" not in given or args.train_steps <= ckpt["step"]):
+            fail(f"{args.out_dir} is already finished ({ckpt['step']} steps); pass a larger --train_steps to train it further")
+        take_settings_from(ckpt, args, given, ckpt_path)
     X, cfg, sched_cfg = check_settings(args)
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        probe = os.path.join(args.out_dir, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"cannot write to --out_dir {args.out_dir} ({e.strerror}); choose a writable directory")
+    lock = lock or claim_run_dir(args.out_dir)
+    if not args.resume:
+        old = [f for f in RUN_FILES if os.path.isfile(os.path.join(args.out_dir, f))]
+        if old and not args.overwrite:
+            fail(f"{args.out_dir} already holds a run ({', '.join(old)}); continue it with --resume, replace it with --overwrite, or choose another --out_dir")
+        for f in old:
+            os.remove(os.path.join(args.out_dir, f))
 
     device = pick_device(args.device)
     if device.type == "cpu":
@@ -236,24 +355,27 @@ def main(argv=None):
     epochs = EpochBatches(len(data), args.batch_size, args.seed) if args.batches == "epochs" else None
     fused = device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=fused)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.train_steps))
+    schedule = lr_lambda(args.warmup_steps, args.train_steps)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # batches, timesteps and noise
-    step, losses, train_time, curve = 0, [], 0.0, []
+    step, losses, train_time, curve, saved_step = 0, [], 0.0, [], None
     if args.eval_interval:  # KL during training: a fixed small sample, its floor and the data's kNN radii computed once
         curve_eval = evaluate.CurveEval(X, args.dataset, device)
     if ckpt is not None:
         try:
             td.load_weights(model, ckpt["model"])
             td.load_weights(ema.module, ckpt["ema"])
-        except RuntimeError:
-            fail(f"{ckpt_path} does not fit this model's config; it was written by an incompatible version")
-        ema.n_averaged.fill_(ckpt["ema_n_averaged"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_sched.load_state_dict(ckpt["lr_scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        gen.set_state(ckpt["rng"]["gen"].to(gen.get_state().device))
-        step, losses, train_time, curve = ckpt["step"], ckpt["losses"], ckpt["train_time"], ckpt.get("curve", [])
-        print(f"resuming {ckpt_path} at step {step}")
+            ema.n_averaged.fill_(ckpt["ema_n_averaged"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            lr_sched.load_state_dict(ckpt["lr_scheduler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            gen.set_state(ckpt["rng"]["gen"].to(gen.get_state().device))
+            step, losses, train_time, curve = ckpt["step"], ckpt["losses"], ckpt["train_time"], ckpt.get("curve", [])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            fail(f"{ckpt_path} does not hold a complete training state ({type(e).__name__}: {str(e)[:80]}); start a new run with --overwrite")
+        for group, base in zip(optimizer.param_groups, lr_sched.base_lrs):  # the schedule's value now (differs only when extended)
+            group["lr"] = base * schedule(step)
+        saved_step = step
     fwd = torch.compile(model) if args.compile else model
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.dataset}: {len(X)} points | {config_name(args)}: {n_params:,} params | device {device}"
@@ -261,19 +383,26 @@ def main(argv=None):
           + (f", {args.low_frac:.0%} of each batch at t < {args.low_t}" if args.low_frac > 0 else ""))
 
     def save():
-        td.save_checkpoint(dict(
+        state = dict(
             format="tinydiff-1", args={k: v for k, v in vars(args).items()}, model_config=asdict(cfg), scheduler_config=sched_cfg,
             step=step, model=model.state_dict(), ema=ema.module.state_dict(), ema_n_averaged=int(ema.n_averaged),
             optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
             rng=dict(torch=torch.get_rng_state(), gen=gen.get_state()), losses=losses, train_time=train_time, curve=curve,
-        ), ckpt_path)
+        )
+        write_or_fail(ckpt_path, lambda f: torch.save(state, f))
+        return step
 
     # -------------------------------------------------------------------------
     # training loop
     model.train()
     t_log = time.perf_counter()
     step_at_log = step
+    sig["training"] = True
     while step < args.train_steps:
+        if sig["signum"] is not None:  # SIGINT / SIGTERM: save at this step boundary, then stop
+            save()
+            fail(f"stopped by {signal.Signals(sig['signum']).name} at step {step}; saved {ckpt_path}; continue with: "
+                 f"python train.py --out_dir {args.out_dir} --resume", code=128 + sig["signum"])
         t0 = time.perf_counter()
         rows = epochs.rows(step).to(device) if epochs else torch.randint(0, len(data), (args.batch_size,), device=device, generator=gen)
         x0 = data[rows]
@@ -284,9 +413,9 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         loss_val = loss.item()
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):  # stop before the bad update
-            print(f"error: the run diverged at step {step} (loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}); try a lower --lr"
-                  f" (now {args.lr:g}). The last good checkpoint is kept in {ckpt_path}.", file=sys.stderr)
-            sys.exit(1)
+            kept = f"the last good checkpoint (step {saved_step}) is kept in {ckpt_path}" if saved_step is not None else "no checkpoint was written"
+            fail(f"the run diverged at step {step} (loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}); start again with a lower --lr "
+                 f"(now {args.lr:g}) and --overwrite; {kept}", code=1)
         optimizer.step()
         lr_sched.step()
         if step % args.ema_every == 0:
@@ -304,7 +433,8 @@ def main(argv=None):
             curve.append(dict(step=step, train_time_s=train_time, knn_kl_bits=curve_eval(ema.module, scheduler)))
             t_log += time.perf_counter() - t_eval  # the log's ms/step counts training only
         if step % args.ckpt_interval == 0 or step == args.train_steps:
-            save()
+            saved_step = save()
+    sig["training"] = False
 
     # -------------------------------------------------------------------------
     # evaluation with the EMA weights: the study's columns, plus the floors of both KL metrics
@@ -318,20 +448,19 @@ def main(argv=None):
     metrics.update(evaluate.compute_metrics(X, samples, evaluate.floor_draw(args.dataset, len(samples))))
     metrics.update(dataset=args.dataset, config=config_name(args), params=n_params, alpha_bar_T=scheduler.alpha_bar_T,
                    device=str(device), threads=args.threads, args=vars(args))
+    out = lambda name: os.path.join(args.out_dir, name)
     if curve:
         metrics.update(curve=curve, curve_floor=curve_eval.floor, curve_samples=evaluate.CURVE_N)
-        plot_curve(curve, curve_eval.floor, os.path.join(args.out_dir, "kl.png"), f"{args.dataset} · {config_name(args)}")
-    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    np.save(os.path.join(args.out_dir, "samples.npy"), samples)
-    evaluate.plot_samples(X, samples, os.path.join(args.out_dir, "samples.png"),
-                          f"{args.dataset} · {config_name(args)} · kNN-KL {metrics['knn_kl_bits']:.3f} bits (floor {metrics.get('knn_kl_floor', float('nan')):.3f})")
-    plot_loss(losses, os.path.join(args.out_dir, "loss.png"))
+        write_or_fail(out("kl.png"), lambda f: plot_curve(curve, curve_eval.floor, f, f"{args.dataset} · {config_name(args)}"))
+    write_or_fail(out("samples.npy"), lambda f: np.save(f, samples))
+    write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(X, samples, f, evaluate.sample_title(f"{args.dataset} · {config_name(args)}", metrics)))
+    write_or_fail(out("loss.png"), lambda f: plot_loss(losses, f))
+    write_or_fail(out("metrics.json"), lambda f: f.write(evaluate.to_json(metrics).encode()))  # last: it marks the run finished
     print(f"\n{args.dataset} · {config_name(args)} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")
     print(f"training time   {train_time:8.1f} s   ({metrics['ms_per_step']:.2f} ms/step)")
     print(f"inference time  {metrics['inference_s']:8.2f} s   ({args.eval_batch_size} samples, {args.sampler})")
     print(evaluate.format_table({k: v for k, v in metrics.items() if k not in ("inference_s",)}))
-    print(f"wrote {args.out_dir}/: ckpt.pt metrics.json samples.npy samples.png loss.png" + (" kl.png" if curve else ""))
+    print(f"wrote {args.out_dir}/: " + " ".join(f for f in RUN_FILES if os.path.isfile(out(f))))
     return metrics
 
 
@@ -348,7 +477,7 @@ def plot_loss(losses, path):
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -365,134 +494,8 @@ def plot_curve(curve, floor, path, title):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# --sweep: the study's grid (its Tables 1-5) plus the SSM rows, each run a subprocess of this script
-
-SWEEP_CONFIGS = {"base": [], "attn1x4": ["--attn_layers", "1", "--heads", "4"], "attn1x8": ["--attn_layers", "1", "--heads", "8"],
-                 "attn1x16": ["--attn_layers", "1", "--heads", "16"], "attn2x4": ["--attn_layers", "2", "--heads", "4"],
-                 "ssm1": ["--ssm_layers", "1"], "ssm2": ["--ssm_layers", "2"]}
-SWEEP_DATASETS = ["circle", "dino", "line", "moons"]
-
-
-def sweep(args):
-    from concurrent.futures import ThreadPoolExecutor
-
-    root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
-    passed = [a for a in (sys.argv[1:]) if a != "--sweep"]
-    for flag in ("--out_dir", "--seeds", "--jobs"):  # sweep-only flags are not passed on
-        while flag in passed:
-            i = passed.index(flag)
-            del passed[i : i + 2]
-    # the study's tables first (baseline, then attention), then the SSM rows; rerunning resumes
-    runs = [(c, d, s) for c in SWEEP_CONFIGS for d in SWEEP_DATASETS for s in range(args.seeds)]
-    run_args = lambda c, d, s: [*passed, "--dataset", d, *SWEEP_CONFIGS[c], "--seed", str(s), "--threads", "1"]
-
-    # a bad setting is refused once, here, rather than by each run
-    for name in ("seeds", "jobs"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for c, d in dict.fromkeys((c, d) for c, d, _ in runs):
-        check_settings(get_parser().parse_args(run_args(c, d, 0)))
-    os.makedirs(root, exist_ok=True)
-    # rerunning resumes: finished runs are kept and killed ones continue, but only if they were made with these settings
-    for c, d, s in runs:
-        out, want = os.path.join(root, f"{d}-{c}-s{s}"), vars(fill_preset(get_parser().parse_args(run_args(c, d, s))))
-        try:
-            if os.path.isfile(os.path.join(out, "metrics.json")):
-                with open(os.path.join(out, "metrics.json")) as f:
-                    have = json.load(f)["args"]
-            elif os.path.isfile(os.path.join(out, "ckpt.pt")):
-                have = td.load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]
-            else:
-                continue
-        except (OSError, ValueError, KeyError) as e:
-            fail(f"cannot read the earlier run in {out} ({e}); delete that folder and rerun the sweep")
-        differ = [k for k in RUN_KEYS if have.get(k, LEGACY_ARGS.get(k)) != want[k]]
-        if differ:
-            fail(f"{root} holds runs made with other settings ({', '.join(differ)} differ in {out}); "
-                 f"pass --out_dir for a new sweep, or delete the old one")
-
-    def one(run):
-        c, d, s = run
-        out = os.path.join(root, f"{d}-{c}-s{s}")
-        if os.path.isfile(os.path.join(out, "metrics.json")):
-            return
-        cmd = [sys.executable, os.path.abspath(__file__), *run_args(c, d, s), "--out_dir", out, "--log_interval", str(10**9)]
-        if os.path.isfile(os.path.join(out, "ckpt.pt")):
-            cmd.append("--resume")
-        with open(os.path.join(root, f"{d}-{c}-s{s}.log"), "w") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-        print(f"{'done' if rc == 0 else f'FAILED ({rc})'}: {d} {c} seed {s}", flush=True)
-
-    t0 = time.time()
-    print(f"sweep: {len(runs)} runs, {args.jobs} at a time, into {root}/")
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, runs))
-    print(f"sweep finished in {time.time() - t0:.0f}s")
-    write_results(root, args, " ".join(["python train.py --sweep", *passed]))
-
-
-def write_results(root, args, command="python train.py --sweep"):
-    """results.md (one table per configuration, mean +- sd over seeds) and samples.png (datasets x configs)."""
-    plt = evaluate.pyplot()
-
-    cols = [("train_time_s", "train time (s)", 1), ("eval_loss", "eval loss", 4), ("inference_s", "inference (s)", 2),
-            ("knn_kl_bits", "kNN KL (bits)", 3), ("hist_kl_nats", "hist KL (nats)", 3)]
-    lines = [f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})", "",
-             "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
-             f"Excess = kNN KL - its floor. Written by `{command}`.", ""]
-    cell, found = {}, 0  # (config, dataset) -> excess kNN KL, for the summary table; runs found
-    # mean +- sample sd over seeds (just the value for a single seed)
-    mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
-    fig, axes = plt.subplots(len(SWEEP_DATASETS), len(SWEEP_CONFIGS), figsize=(2.2 * len(SWEEP_CONFIGS), 2.2 * len(SWEEP_DATASETS)), squeeze=False)
-    for j, c in enumerate(SWEEP_CONFIGS):
-        lines += [f"## {c}", "", "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
-                  "|---" * (len(cols) + 5) + "|"]
-        for i, d in enumerate(SWEEP_DATASETS):
-            ms = []
-            for s in range(args.seeds):
-                f = os.path.join(root, f"{d}-{c}-s{s}", "metrics.json")
-                if os.path.isfile(f):
-                    with open(f) as fh:
-                        ms.append(json.load(fh))
-            ax = axes[i, j]
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_xlim(-5, 5), ax.set_ylim(-5, 5)
-            if i == 0:
-                ax.set_title(c, fontsize=9)
-            if j == 0:
-                ax.set_ylabel(d, fontsize=9)
-            if not ms:
-                continue
-            found += len(ms)
-            fmt = lambda k, nd: mean_sd([m[k] for m in ms], nd)
-            excess = [m["knn_kl_bits"] - m["knn_kl_floor"] for m in ms]
-            cell[c, d] = f"{mean_sd(excess, 3)} ({len(ms)})"
-            lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
-                         + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {mean_sd(excess, 3)}"
-                         + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
-            shown = [f for f in (os.path.join(root, f"{d}-{c}-s{s}", "samples.npy") for s in range(args.seeds)) if os.path.isfile(f)]
-            if shown:  # the lowest seed that finished
-                pts = np.load(shown[0])
-                ax.scatter(pts[:, 0], pts[:, 1], s=0.3, alpha=0.3, linewidths=0)
-                ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
-        lines.append("")
-    total = len(SWEEP_CONFIGS) * len(SWEEP_DATASETS) * args.seeds
-    summary = [f"Runs finished: {found} of {total}" + ("." if found == total else " (rerun the same command to finish the rest)."), "",
-               "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)", "",
-               "| configuration | " + " | ".join(SWEEP_DATASETS) + " |", "|---" * (len(SWEEP_DATASETS) + 1) + "|"]
-    summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in SWEEP_DATASETS) + " |" for c in SWEEP_CONFIGS]
-    lines[5:5] = summary + [""]
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "samples.png"), dpi=100)
-    plt.close(fig)
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write("\n".join(lines))
-    print(f"wrote {root}/results.md and {root}/samples.png")
 
 
 if __name__ == "__main__":

@@ -218,8 +218,8 @@ def test_user_data_file_trains(tmp_path):
     ("train.py", ["--out_dir", "/etc/hostname/run"], "cannot write to --out_dir"),
     ("train.py", ["--out_dir", "{tmp}/nothing", "--resume"], "--resume found no checkpoint"),
     ("train.py", ["--dataset", "{tmp}/missing.csv"], "no data file at"),
-    ("train.py", ["--sweep", "--jobs", "0", "--out_dir", "{tmp}/sweep"], "--jobs must be a positive integer"),
-    ("train.py", ["--sweep", "--train_steps", "0", "--out_dir", "{tmp}/sweep"], "--train_steps must be a positive integer"),
+    ("sweep.py", ["--jobs", "0", "--out_dir", "{tmp}/sweep"], "--jobs must be a positive integer"),
+    ("sweep.py", ["--train_steps", "0", "--out_dir", "{tmp}/sweep"], "--train_steps must be a positive integer"),
     ("sample.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
     ("evaluate.py", ["--samples", "{tmp}/missing.npy", "--dataset", "dino"], "no samples file at"),
     ("evaluate.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
@@ -234,19 +234,19 @@ def test_bad_command_lines_get_one_line_and_exit_2(tmp_path, script, args, messa
 def test_a_sweep_refuses_to_mix_runs_made_with_other_settings(tmp_path):
     flags = ["--batch_size", 64, "--eval_batch_size", 100]
     run("train.py", "--dataset", "circle", "--seed", 0, "--threads", 1, "--train_steps", 2, *flags, "--out_dir", tmp_path / "circle-base-s0")
-    p = run("train.py", "--sweep", "--train_steps", 3, *flags, "--out_dir", tmp_path, check=False, timeout=60)
+    p = run("sweep.py", "--train_steps", 3, *flags, "--out_dir", tmp_path, check=False, timeout=60)
     assert p.returncode == 2 and "holds runs made with other settings (train_steps differ" in p.stderr, p.stderr
     metrics = tmp_path / "circle-base-s0" / "metrics.json"
     m = json.loads(metrics.read_text())
     del m["args"]["low_t"], m["args"]["low_frac"]  # as written before --low_t existed
     metrics.write_text(json.dumps(m))
-    p = run("train.py", "--sweep", "--train_steps", 2, *flags, "--out_dir", tmp_path, check=False, timeout=60)
+    p = run("sweep.py", "--train_steps", 2, *flags, "--out_dir", tmp_path, check=False, timeout=60)
     assert p.returncode == 2 and "(low_t, low_frac differ" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "dino-base-s0").exists()  # nothing was started
 
 
 def test_a_sweep_refuses_a_bad_setting_once_before_starting_anything(tmp_path):
-    p = run("train.py", "--sweep", "--low_frac", 2, "--out_dir", tmp_path / "sweep", check=False, timeout=60)
+    p = run("sweep.py", "--low_frac", 2, "--out_dir", tmp_path / "sweep", check=False, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--low_frac must lie in [0, 1]" in p.stderr, p.stderr
     assert not (tmp_path / "sweep").exists()
 
@@ -255,7 +255,7 @@ def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
     import statistics
     from types import SimpleNamespace
 
-    import train
+    import sweep
 
     vals = {0: 0.30, 1: 0.25, 2: 0.41}
     for s, kl in vals.items():
@@ -264,7 +264,7 @@ def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
         m = dict(train_time_s=70.0 + s, eval_loss=0.66, inference_s=12.0, knn_kl_bits=kl, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03)
         (d / "metrics.json").write_text(json.dumps(m))
         np.save(d / "samples.npy", np.zeros((10, 2)))
-    train.write_results(str(tmp_path), SimpleNamespace(preset="tinydiff", train_steps=10_000, batch_size=256, seeds=3))
+    sweep.write_results(str(tmp_path), SimpleNamespace(preset="tinydiff", train_steps=10_000, batch_size=256, seeds=3))
     text = (tmp_path / "results.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| dino | 3 |"))
     kl = list(vals.values())

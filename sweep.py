@@ -1,0 +1,224 @@
+"""The study's grid (its Tables 1-5) plus the SSM rows: 7 configurations x 4 datasets x seeds.
+
+    python sweep.py                              # tinydiff's defaults, 3 seeds, into out/sweep-tinydiff-10000/
+    python sweep.py --preset paper --eval_interval 500 --out_dir results/paper
+    python sweep.py --print > runs.txt           # one train.py command per line, for a cluster
+    python sweep.py --collect                    # results.md and the figures from the runs found
+
+Each run is `python train.py ... --auto_resume` in its own folder, so rerunning the same command
+continues a stopped grid, and the printed commands can run anywhere, in any order, more than once.
+Any train.py flag that is not one of the grid's own (dataset, configuration, seed, folder) is passed on.
+"""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+import evaluate
+import train
+
+CONFIGS = {"base": [], "attn1x4": ["--attn_layers", "1", "--heads", "4"], "attn1x8": ["--attn_layers", "1", "--heads", "8"],
+           "attn1x16": ["--attn_layers", "1", "--heads", "16"], "attn2x4": ["--attn_layers", "2", "--heads", "4"],
+           "ssm1": ["--ssm_layers", "1"], "ssm2": ["--ssm_layers", "2"]}
+DATASETS = ["circle", "dino", "line", "moons"]
+GRID_FLAGS = ("dataset", "attn_layers", "heads", "ssm_layers", "seed", "out_dir", "resume", "auto_resume", "overwrite", "threads", "log_interval")
+
+
+def get_parser():
+    p = evaluate.ArgumentParser(description="Train and evaluate the study's grid, or print it for a cluster.")
+    p.add_argument("--out_dir", default=None, help="the grid's folder (default out/sweep-<preset>-<train_steps>)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration and dataset")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one CPU thread each")
+    p.add_argument("--print", action="store_true", help="print the unfinished runs' commands, one per line, and exit")
+    p.add_argument("--collect", action="store_true", help="write results.md and the figures from the runs found, and exit")
+    return train.get_parser(p, skip=GRID_FLAGS)
+
+
+def passed_on(args):
+    """The train.py flags given to the sweep, as arguments for each run."""
+    own = {"out_dir", "seeds", "jobs", "print", "collect"}
+    defaults = vars(train.get_parser().parse_args([]))
+    out = []
+    for k, v in vars(args).items():
+        if k in own or v == defaults[k]:
+            continue
+        out += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return out
+
+
+def run_dirs(root, seeds):
+    return [(c, d, s, os.path.join(root, f"{d}-{c}-s{s}")) for c in CONFIGS for d in DATASETS for s in range(seeds)]
+
+
+def command(args, c, d, s, out):
+    return [sys.executable, os.path.abspath(train.__file__), *passed_on(args), "--dataset", d, *CONFIGS[c], "--seed", str(s),
+            "--threads", "1", "--out_dir", out, "--log_interval", str(10**9), "--auto_resume"]
+
+
+def check(args, root):
+    """Every setting, once, before any folder or run exists; and no earlier run made with other settings."""
+    for name in ("seeds", "jobs"):
+        if getattr(args, name) < 1:
+            evaluate.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for c in CONFIGS:
+        for d in DATASETS:
+            train.check_settings(train.get_parser().parse_args(command(args, c, d, 0, root)[2:-1]))
+    for c, d, s, out in run_dirs(root, args.seeds):
+        want = vars(train.fill_preset(train.get_parser().parse_args(command(args, c, d, s, out)[2:-1])))
+        try:
+            if os.path.isfile(os.path.join(out, "metrics.json")):
+                with open(os.path.join(out, "metrics.json")) as f:
+                    have = json.load(f)["args"]
+            elif os.path.isfile(os.path.join(out, "ckpt.pt")):
+                have = train.td.load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]
+            else:
+                continue
+        except (OSError, ValueError, KeyError) as e:
+            evaluate.fail(f"cannot read the earlier run in {out} ({str(e)[:80]}); delete that folder and rerun the sweep")
+        differ = [k for k in train.RUN_KEYS if have.get(k, train.LEGACY_ARGS.get(k)) != want[k]]
+        if differ:
+            evaluate.fail(f"{root} holds runs made with other settings ({', '.join(differ)} differ in {out}); "
+                          f"pass --out_dir for a new sweep, or delete the old one")
+
+
+def run_grid(args, root):
+    """Run the unfinished runs, `jobs` at a time. SIGINT / SIGTERM go to every running child, which
+    saves and stops; the sweep waits for them, so no run is left behind without its parent."""
+    todo = [r for r in run_dirs(root, args.seeds) if not os.path.isfile(os.path.join(r[3], "metrics.json"))]
+    children, stopped, lock = set(), [], threading.Lock()
+
+    def on_signal(signum, _frame):
+        stopped.append(signum)
+        with lock:
+            for p in children:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    queue = list(todo)
+
+    def worker():
+        while not stopped:
+            with lock:
+                if not queue:
+                    return
+                c, d, s, out = queue.pop(0)
+                os.makedirs(root, exist_ok=True)
+                log = open(os.path.join(root, f"{d}-{c}-s{s}.log"), "a")
+                # its own session: a Ctrl-C reaches the sweep, which passes one SIGTERM on
+                p = subprocess.Popen(command(args, c, d, s, out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                children.add(p)
+            rc = p.wait()
+            log.close()
+            with lock:
+                children.discard(p)
+            if not stopped:
+                print(f"{'done' if rc == 0 else f'FAILED ({rc}, see {log.name})'}: {d} {c} seed {s}", flush=True)
+
+    t0 = time.time()
+    print(f"sweep: {len(todo)} of {len(CONFIGS) * len(DATASETS) * args.seeds} runs to go, {args.jobs} at a time, into {root}/", flush=True)
+    threads = [threading.Thread(target=worker) for _ in range(min(args.jobs, len(todo)))]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):  # join with a timeout, so that signals are handled promptly
+        for t in threads:
+            t.join(0.2)
+    if stopped:
+        evaluate.fail(f"sweep stopped by {signal.Signals(stopped[0]).name}; stopped runs kept their checkpoints; rerun the same command to continue",
+                      code=128 + stopped[0])
+    print(f"sweep finished in {time.time() - t0:.0f}s")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
+    cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in passed_on(args))
+    if args.collect:
+        return write_results(root, args, cmd)
+    check(args, root)
+    if args.print:
+        for c, d, s, out in run_dirs(root, args.seeds):
+            if not os.path.isfile(os.path.join(out, "metrics.json")):
+                print(shlex.join(["python", "train.py", *command(args, c, d, s, out)[2:]]))
+        return
+    lock = train.claim_run_dir(root)  # one sweep per folder
+    run_grid(args, root)
+    write_results(root, args, cmd)
+    lock.close()
+
+
+def load_run(out):
+    """A finished run's metrics and samples; None for either that is missing or unreadable (with a warning)."""
+    metrics = samples = None
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            metrics = json.load(f)
+        samples = np.load(os.path.join(out, "samples.npy"), allow_pickle=False)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, EOFError) as e:
+        print(f"warning: skipping part of {out} ({type(e).__name__}: {str(e)[:80]})", file=sys.stderr)
+    return metrics, samples
+
+
+def write_results(root, args, command="python sweep.py"):
+    """results.md (one table per configuration, mean +- sd over seeds) and samples.png (datasets x configs)."""
+    plt = evaluate.pyplot()
+
+    cols = [("train_time_s", "train time (s)", 1), ("eval_loss", "eval loss", 4), ("inference_s", "inference (s)", 2),
+            ("knn_kl_bits", "kNN KL (bits)", 3), ("hist_kl_nats", "hist KL (nats)", 3)]
+    lines = [f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})", "",
+             "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
+             f"Excess = kNN KL - its floor. Written by `{command}`.", ""]
+    cell, found = {}, 0  # (config, dataset) -> excess kNN KL, for the summary table; runs found
+    # mean +- sample sd over seeds (just the value for a single seed)
+    mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
+    fig, axes = plt.subplots(len(DATASETS), len(CONFIGS), figsize=(2.2 * len(CONFIGS), 2.2 * len(DATASETS)), squeeze=False)
+    for j, c in enumerate(CONFIGS):
+        lines += [f"## {c}", "", "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
+                  "|---" * (len(cols) + 5) + "|"]
+        for i, d in enumerate(DATASETS):
+            runs = [load_run(os.path.join(root, f"{d}-{c}-s{s}")) for s in range(args.seeds)]
+            ms = [m for m, _ in runs if m is not None]
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_xlim(-5, 5), ax.set_ylim(-5, 5)
+            if i == 0:
+                ax.set_title(c, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(d, fontsize=9)
+            if not ms:
+                continue
+            found += len(ms)
+            fmt = lambda k, nd: mean_sd([m[k] for m in ms], nd)
+            excess = [m["knn_kl_bits"] - m["knn_kl_floor"] for m in ms]
+            cell[c, d] = f"{mean_sd(excess, 3)} ({len(ms)})"
+            lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
+                         + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {mean_sd(excess, 3)}"
+                         + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
+            shown = [pts for m, pts in runs if m is not None and pts is not None]
+            if shown:  # the lowest seed that finished
+                ax.scatter(shown[0][:, 0], shown[0][:, 1], s=0.3, alpha=0.3, linewidths=0)
+                ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
+        lines.append("")
+    total = len(CONFIGS) * len(DATASETS) * args.seeds
+    summary = [f"Runs finished: {found} of {total}" + ("." if found == total else " (rerun the same command to finish the rest)."), "",
+               "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)", "",
+               "| configuration | " + " | ".join(DATASETS) + " |", "|---" * (len(DATASETS) + 1) + "|"]
+    summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in DATASETS) + " |" for c in CONFIGS]
+    lines[5:5] = summary + [""]
+    fig.tight_layout()
+    train.write_or_fail(os.path.join(root, "samples.png"), lambda f: fig.savefig(f, dpi=100, format="png"))
+    plt.close(fig)
+    train.write_or_fail(os.path.join(root, "results.md"), lambda f: f.write("\n".join(lines).encode()))
+    print(f"wrote {root}/results.md and {root}/samples.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Nothing saved is lost and nothing wrong is silent: reruns, locks, full disks, signals, bad flags, strict JSON."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import tinydiff as td
+from conftest import ROOT
+
+PY = sys.executable
+TINY = ["--batch_size", "32", "--eval_batch_size", "200", "--log_interval", "10"]
+
+
+def run(script, *args, timeout=120):
+    return subprocess.run([PY, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def one_line(p, code=2):
+    """The process failed with the given code and said so in one line, without a traceback."""
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    return p.stderr
+
+
+def start(script, *args, **kw):
+    return subprocess.Popen([PY, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def wait_for(cond, timeout=60):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def processes_mentioning(text):
+    """PIDs of live processes whose command line contains text (read from /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if text in cmd and not zombie:
+            pids.append(int(pid))
+    return pids
+
+
+def test_a_rerun_never_overwrites_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert run("train.py", "--dataset", "moons", "--train_steps", 20, *TINY, "--out_dir", out).returncode == 0
+    before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "metrics.json", "samples.npy")}
+    msg = one_line(run("train.py", "--dataset", "moons", "--train_steps", 6, *TINY, "--out_dir", out))
+    assert "already holds a run" in msg and "--resume" in msg and "--overwrite" in msg
+    assert all((out / f).read_bytes() == b for f, b in before.items())  # untouched
+    assert "already finished" in one_line(run("train.py", "--out_dir", out, "--resume"))
+    p = run("train.py", "--dataset", "moons", "--train_steps", 6, *TINY, "--out_dir", out, "--overwrite")
+    assert p.returncode == 0 and td.load_checkpoint(str(out / "ckpt.pt"))["step"] == 6
+
+
+def test_a_users_file_and_a_named_dataset_get_different_default_folders(tmp_path):
+    import train
+
+    named = train.get_parser().parse_args(["--dataset", "dino"])
+    mine = train.get_parser().parse_args(["--dataset", str(tmp_path / "dino.csv")])
+    folder = lambda a: os.path.join("out", f"{os.path.splitext(os.path.basename(a.dataset))[0]}" + ("-csv" if a.dataset.endswith(".csv") else "") + "-base")
+    assert folder(named) != folder(mine)
+    np.savetxt(tmp_path / "dino.csv", np.random.default_rng(0).normal(size=(300, 2)), delimiter=",")
+    p = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--dataset", str(tmp_path / "dino.csv"), "--train_steps", "2", *TINY],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "dino-csv-base" / "metrics.json").exists() and not (tmp_path / "out" / "dino-base").exists()
+
+
+def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_path):
+    out = tmp_path / "run"
+    run("train.py", "--dataset", "line", "--preset", "paper", "--lr", "5e-4", "--train_steps", 30, *TINY, "--out_dir", out)
+    msg = one_line(run("train.py", "--out_dir", out, "--resume", "--train_steps", 40, "--lr", "1e-3"))
+    assert "--lr 0.001 differs from this run's 0.0005" in msg
+    p = run("train.py", "--out_dir", out, "--resume", "--train_steps", 40, "--eval_batch_size", 200)
+    assert p.returncode == 0, p.stderr
+    assert "from the checkpoint: dataset line, preset paper" in p.stdout and "lr 0.0005" in p.stdout and "extending the run from 30 to 40" in p.stdout
+    ck = td.load_checkpoint(str(out / "ckpt.pt"))
+    assert ck["step"] == 40 and ck["args"]["lr"] == 5e-4 and ck["args"]["dataset"] == "line"
+    # the cosine schedule stretched to the new end: the last step's lr is lr * lambda(39) of a 40-step schedule
+    import train
+
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * train.lr_lambda(0, 40)(40), abs=1e-12)
+    assert "already finished (40 steps)" in one_line(run("train.py", "--out_dir", out, "--resume", "--train_steps", 10))
+
+
+def test_two_processes_never_share_a_run_folder(tmp_path):
+    out = tmp_path / "run"
+    first = start("train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--out_dir", out)
+    try:
+        wait_for(lambda: first.stdout.readline().startswith("moons:"))  # past its checks: it holds the folder
+        msg = one_line(run("train.py", "--dataset", "moons", "--train_steps", 5, *TINY, "--out_dir", out, "--overwrite"))
+        assert "another process is using" in msg
+        assert "another process is using" in one_line(run("train.py", "--out_dir", out, "--auto_resume"))
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_full_disk_costs_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import train
+
+    out = tmp_path / "run"
+    calls = []
+    real_save = torch.save
+
+    def save(obj, f, *a, **kw):  # the second checkpoint write hits a full disk halfway
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "moons", "--train_steps", 40, "--ckpt_interval", 20, *TINY, "--out_dir", out])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "ckpt.pt" in err[0]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt"]  # no temporary file left behind
+    monkeypatch.setattr(torch, "save", real_save)
+    assert td.load_checkpoint(str(out / "ckpt.pt"))["step"] == 20  # the previous one, intact
+
+
+def test_atomic_write_removes_its_temporary_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"new, half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        td.atomic_write(str(path), write)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_training_with_one_line_and_a_checkpoint_to_resume(tmp_path, sig):
+    out = tmp_path / "run"
+    p = start("train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--ckpt_interval", 100000, "--out_dir", out)
+    wait_for(lambda: p.stdout.readline().startswith("step"))  # training
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig and len(err.strip().splitlines()) == 1 and f"stopped by {signal.Signals(sig).name} at step" in err, err
+    step = td.load_checkpoint(str(out / "ckpt.pt"))["step"]
+    assert step >= 10 and f"at step {step}" in err  # saved where it stopped, though no checkpoint was due
+    assert not (out / "metrics.json").exists()
+
+
+def test_sigterm_to_a_sweep_stops_every_run_and_leaves_no_child(tmp_path):
+    root = tmp_path / "grid"
+    p = start("sweep.py", "--train_steps", 100000, "--seeds", 1, "--jobs", 2, *TINY[:4], "--out_dir", root)
+    wait_for(lambda: len(processes_mentioning(str(root) + "/")) >= 2)  # two runs started
+    wait_for(lambda: all(os.path.getsize(f) > 0 for f in root.glob("*.log")) and len(list(root.glob("*.log"))) == 2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=90)
+    assert p.returncode == 128 + signal.SIGTERM and "sweep stopped by SIGTERM" in err, err
+    assert processes_mentioning(str(root)) == []  # no orphan keeps training
+    assert len(list(root.glob("*/ckpt.pt"))) == 2  # each stopped run saved where it was
+
+
+def test_a_sweep_refuses_a_folder_that_another_sweep_holds(tmp_path):
+    import fcntl
+
+    root = tmp_path / "grid"
+    root.mkdir()
+    with open(root / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another process is using" in one_line(run("sweep.py", "--train_steps", 2, "--seeds", 1, "--out_dir", root))
+
+
+def test_the_sweep_refuses_flags_that_would_change_its_configurations(tmp_path):
+    for flags in (["--attn_layers", "2"], ["--heads", "8"], ["--dataset", "dino"], ["--swe"], ["--sweep"], ["--seed", "3"]):
+        msg = one_line(run("sweep.py", *flags, "--out_dir", tmp_path / "grid"))
+        assert "unrecognized arguments" in msg, flags
+    assert not (tmp_path / "grid").exists()
+
+
+def test_the_sweep_prints_runs_for_a_cluster_and_collects_them(tmp_path):
+    root = tmp_path / "grid"
+    p = run("sweep.py", "--train_steps", 2, "--seeds", 1, "--batch_size", 16, "--eval_batch_size", 50, "--out_dir", root, "--print")
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0 and len(lines) == 28 and all(line.startswith("python train.py ") and "--auto_resume" in line for line in lines)
+    assert "--dataset circle" in lines[0] and "--ssm_layers 2" in lines[-1] and not root.exists()
+    for line in lines[:2]:  # two runs, the way a job array would run them, the first one twice
+        for _ in range(2 if line == lines[0] else 1):
+            q = subprocess.run(line.replace("python", PY, 1), shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert q.returncode == 0, q.stderr
+    p = run("sweep.py", "--train_steps", 2, "--seeds", 1, "--batch_size", 16, "--eval_batch_size", 50, "--out_dir", root, "--print")
+    assert len(p.stdout.strip().splitlines()) == 26  # the finished runs are not printed again
+    run("sweep.py", "--train_steps", 2, "--seeds", 1, "--batch_size", 16, "--eval_batch_size", 50, "--out_dir", root, "--collect")
+    text = (root / "results.md").read_text()
+    assert "Runs finished: 2 of 28" in text and "| circle | 1 |" in text
+
+
+def test_a_corrupt_run_does_not_stop_the_results(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import sweep
+
+    for s in range(2):
+        d = tmp_path / f"dino-base-s{s}"
+        d.mkdir()
+        m = dict(train_time_s=1.0, eval_loss=0.6, inference_s=1.0, knn_kl_bits=0.3 + s, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03)
+        (d / "metrics.json").write_text(json.dumps(m))
+        np.save(d / "samples.npy", np.zeros((10, 2)))
+    (tmp_path / "dino-base-s0" / "samples.npy").write_bytes((tmp_path / "dino-base-s0" / "samples.npy").read_bytes()[:60])  # truncated
+    sweep.write_results(str(tmp_path), SimpleNamespace(preset="tinydiff", train_steps=10, batch_size=256, seeds=2))
+    assert "| dino | 2 |" in (tmp_path / "results.md").read_text()
+    assert "skipping part of" in capsys.readouterr().err
+
+
+BAD_FLAGS = [
+    ("train.py", ["--swe"], "unrecognized arguments: --swe"),
+    ("train.py", ["--lr", "-1"], "--lr must be a positive number"),
+    ("train.py", ["--lr", "nan"], "--lr must be a positive number"),
+    ("train.py", ["--lr", "0"], "--lr must be a positive number"),
+    ("train.py", ["--grad_clip", "-1"], "--grad_clip must be a positive number"),
+    ("train.py", ["--grad_clip", "0"], "--grad_clip must be a positive number"),
+    ("train.py", ["--ema_decay", "1.5"], "--ema_decay must be in [0, 1)"),
+    ("train.py", ["--ema_decay", "nan"], "--ema_decay must be in [0, 1)"),
+    ("train.py", ["--hidden", "-5"], "--hidden must be a positive integer"),
+    ("train.py", ["--hidden", "0"], "--hidden must be a positive integer"),
+    ("train.py", ["--threads", "-1"], "--threads must be a positive integer"),
+    ("train.py", ["--coord_scale", "nan"], "--coord_scale must be a positive number"),
+    ("train.py", ["--device", "nonsense"], "--device 'nonsense' is not a device"),
+    ("train.py", ["--device", "cuda:7"], "CUDA device"),
+    ("train.py", ["--num_timesteps", "10", "--sampler", "dpm++"], "--sample_steps must be in 1..10"),
+    ("train.py", ["--batch_size", "100000000"], "--batch_size 100000000 needs about"),
+    ("train.py", ["--eval_batch_size", "1000000000"], "--eval_batch_size 1000000000 needs about"),
+    ("train.py", ["--resume", "--overwrite"], "give one of them"),
+    ("train.py", ["--lr"], "expected one argument"),
+    ("sweep.py", ["--jobs", "-2"], "--jobs must be a positive integer"),
+    ("sample.py", ["--out_dir", "{run}", "--eta", "nan"], "--eta must be"),
+    ("sample.py", ["--out_dir", "{run}", "--n", "1000000000000"], "--n 1000000000000 needs about"),
+    ("sample.py", ["--out_dir", "{run}", "--out", "/proc/nope/x"], "cannot write"),
+    ("sample.py", ["--out_dir", "{run}", "--steps", "0"], "--steps must be"),
+    ("sample.py", ["--out_dir", "{run}", "--sampler", "ddim", "--eta", "-1"], "--eta must be"),
+    ("evaluate.py", ["--out_dir", "{run}", "--n", "-5"], "--n must be a positive integer"),
+    ("evaluate.py", ["--out_dir", "{run}", "--steps", "1000"], "--steps must be"),
+    ("evaluate.py", ["--out_dir", "{run}", "--eta", "inf"], "--eta must be"),
+    ("bench.py", ["--threads", "0"], "--threads must be a positive integer"),
+    ("bench.py", ["--batch_size", "-1"], "--batch_size must be a positive integer"),
+    ("bench.py", ["--only", "transformer"], "unknown backbone"),
+    ("bench.py", ["--device", "cuda:7"], "CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert run("train.py", "--dataset", "moons", "--train_steps", 5, *TINY, "--out_dir", out).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("script,args,message", BAD_FLAGS, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD_FLAGS])
+def test_every_bad_flag_gets_one_line_and_exit_2(tiny_run, tmp_path, script, args, message):
+    p = run(script, *[a.format(run=tiny_run) for a in args], *(["--out_dir", tmp_path / "x"] if script == "train.py" else []), timeout=60)
+    assert message in one_line(p), p.stderr
+    assert not (tmp_path / "x").exists()  # refused before any folder was made
+
+
+def test_metrics_json_is_strict_json_even_for_degenerate_data(tmp_path):
+    np.savetxt(tmp_path / "same.csv", np.ones((50, 2)), delimiter=",")  # every point identical
+    p = run("train.py", "--dataset", tmp_path / "same.csv", "--train_steps", 3, *TINY, "--out_dir", tmp_path / "run")
+    assert p.returncode == 0, p.stderr
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text(), parse_constant=refuse)
+    assert m["dataset"].endswith("same.csv")
