@@ -1,4 +1,4 @@
-"""Where does a circle model lose its KL?  The measurements behind the README's circle paragraph.
+"""Where does a circle model lose its KL?  The measurements behind docs/tuning.md, "Circle, and low-t oversampling".
 
     python docs/circle_diagnosis.py out/circle-base            # any circle run directory
     python docs/circle_diagnosis.py out/circle-base --full     # also the exact denoiser at every step (slow)
