@@ -391,11 +391,13 @@ class Denoiser(nn.Module):
 # 7. Loss
 
 
-def ddpm_loss(model, scheduler, x0, generator=None, low_t=0, low_frac=0.0):
+def ddpm_loss(model, scheduler, x0, generator=None, low_t=0, low_frac=0.0, rows=None):
     """L_simple (Ho et al. eq. 14): MSE between the true and predicted noise, t ~ U{0..T-1}.
 
     low_frac > 0 redraws that share of the batch from t ~ U{0..low_t-1}: more signal for the last
-    denoising steps, where sharp detail is decided (README: "Circle, and low-t oversampling").
+    denoising steps, where sharp detail is decided (docs/tuning.md: "low-t oversampling").
+    rows (a slice) scores only those rows of the batch, after drawing t and noise for all of it: each
+    data-parallel process takes its own rows of the same draw, as one process would see them.
     """
     n = x0.shape[0]
     t = torch.randint(0, scheduler.num_train_timesteps, (n,), device=x0.device, generator=generator)
@@ -403,6 +405,8 @@ def ddpm_loss(model, scheduler, x0, generator=None, low_t=0, low_frac=0.0):
     if k > 0:  # the batch's rows are in random order, so the first k are as good as any
         t[:k] = torch.randint(0, low_t, (k,), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    if rows is not None:
+        x0, t, noise = x0[rows], t[rows], noise[rows]
     return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
 
 

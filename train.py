@@ -2,8 +2,12 @@
 
     python train.py --dataset dino                          # tinydiff defaults
     python train.py --dataset dino --attn_layers 2 --heads 4
-    python train.py --dataset moons --preset paper          # the study's exact settings
+    python train.py --dataset moons --preset paper          # the study's code path
     python train.py --dataset dino --resume                 # continue out/dino-base
+    torchrun --standalone --nproc_per_node=2 train.py --dataset dino   # data-parallel (DDP)
+
+Under torchrun every process draws the same global batch (--batch_size) and takes its own share of
+the rows; rank 0 alone logs, writes checkpoints and evaluates.
 """
 import argparse
 import json
@@ -16,6 +20,8 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 import datasets
@@ -280,6 +286,29 @@ def write_or_fail(path, write):
         fail(f"could not write {path} ({e.strerror or e}); free some space, then rerun with --resume (the last checkpoint is intact)")
 
 
+def init_ddp(args, device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA) and return
+    (rank, world size, this process's device); alone: (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} does not split over {world} processes; use a multiple of {world}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_available() or not dist.is_backend_available(backend):
+        fail(f"this torch has no {backend} backend for data-parallel training on {device.type}; run without torchrun")
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        fail(f"data-parallel training runs on cpu or cuda, not {device.type}; pass --device cpu")
+    dist.init_process_group(backend)
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone logs
+    return rank, world, device
+
+
 def main(argv=None):
     """SIGINT / SIGTERM during training: finish the step, save, stop with one line. A second signal,
     or one outside the training loop, stops at once; files are written atomically, so none is torn."""
@@ -313,7 +342,8 @@ def train(argv, sig):
         args.resume = os.path.isfile(ckpt_path)
     if args.resume and not os.path.isfile(ckpt_path):
         fail(f"--resume found no checkpoint at {ckpt_path}; run without --resume to start, or point --out_dir at the run")
-    lock = claim_run_dir(args.out_dir) if args.resume else None  # the run exists: hold it before reading it
+    lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds the folder
+    lock = claim_run_dir(args.out_dir) if args.resume and lead else None  # the run exists: hold it before reading it
     ckpt = None
     if args.resume:
         try:
@@ -328,15 +358,15 @@ def train(argv, sig):
             fail(f"{args.out_dir} is already finished ({ckpt['step']} steps); pass a larger --train_steps to train it further")
         take_settings_from(ckpt, args, given, ckpt_path)
     X, cfg, sched_cfg = check_settings(args)
-    lock = lock or claim_run_dir(args.out_dir)
-    if not args.resume:
+    rank, world, device = init_ddp(args, pick_device(args.device))
+    lock = lock or claim_run_dir(args.out_dir) if rank == 0 else None
+    if not args.resume and rank == 0:
         old = [f for f in RUN_FILES if os.path.isfile(os.path.join(args.out_dir, f))]
         if old and not args.overwrite:
             fail(f"{args.out_dir} already holds a run ({', '.join(old)}); continue it with --resume, replace it with --overwrite, or choose another --out_dir")
         for f in old:
             os.remove(os.path.join(args.out_dir, f))
 
-    device = pick_device(args.device)
     if device.type == "cpu":
         args.threads = args.threads or 1
         torch.set_num_threads(args.threads)
@@ -376,11 +406,12 @@ def train(argv, sig):
         for group, base in zip(optimizer.param_groups, lr_sched.base_lrs):  # the schedule's value now (differs only when extended)
             group["lr"] = base * schedule(step)
         saved_step = step
-    fwd = torch.compile(model) if args.compile else model
+    fwd = DistributedDataParallel(model) if world > 1 else model
+    fwd = torch.compile(fwd) if args.compile else fwd
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.dataset}: {len(X)} points | {config_name(args)}: {n_params:,} params | device {device}"
           f"{f' ({args.threads} thread)' if device.type == 'cpu' else ''} | T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={scheduler.alpha_bar_T:.3f}, prior {args.prior}"
-          + (f", {args.low_frac:.0%} of each batch at t < {args.low_t}" if args.low_frac > 0 else ""))
+          + (f", {args.low_frac:.0%} of each batch at t < {args.low_t}" if args.low_frac > 0 else "") + (f" | {world} processes" if world > 1 else ""), flush=True)
 
     def save():
         state = dict(
@@ -389,7 +420,8 @@ def train(argv, sig):
             optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
             rng=dict(torch=torch.get_rng_state(), gen=gen.get_state()), losses=losses, train_time=train_time, curve=curve,
         )
-        write_or_fail(ckpt_path, lambda f: torch.save(state, f))
+        if rank == 0:
+            write_or_fail(ckpt_path, lambda f: torch.save(state, f))
         return step
 
     # -------------------------------------------------------------------------
@@ -399,6 +431,10 @@ def train(argv, sig):
     step_at_log = step
     sig["training"] = True
     while step < args.train_steps:
+        if world > 1:  # every process stops at the same step: share whether any was signalled
+            flag = torch.tensor([float(sig["signum"] or 0)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            sig["signum"] = int(flag.item()) or None
         if sig["signum"] is not None:  # SIGINT / SIGTERM: save at this step boundary, then stop
             save()
             fail(f"stopped by {signal.Signals(sig['signum']).name} at step {step}; saved {ckpt_path}; continue with: "
@@ -406,8 +442,9 @@ def train(argv, sig):
         t0 = time.perf_counter()
         rows = epochs.rows(step).to(device) if epochs else torch.randint(0, len(data), (args.batch_size,), device=device, generator=gen)
         x0 = data[rows]
+        share = slice(rank * len(x0) // world, (rank + 1) * len(x0) // world) if world > 1 else None  # this process's rows of the batch
         with autocast:
-            loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen, low_t=args.low_t, low_frac=args.low_frac)
+            loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen, low_t=args.low_t, low_frac=args.low_frac, rows=share)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -426,15 +463,19 @@ def train(argv, sig):
         if step % args.log_interval == 0 or step == args.train_steps:
             ms = (time.perf_counter() - t_log) / (step - step_at_log) * 1e3
             eta = ms * (args.train_steps - step) / 1e3
-            print(f"step {step:6d} | loss {np.mean(losses[-args.log_interval:]):.4f} | lr {lr_sched.get_last_lr()[0]:.2e} | {ms:.2f} ms/step | ETA {eta:.0f}s")
+            print(f"step {step:6d} | loss {np.mean(losses[-args.log_interval:]):.4f} | lr {lr_sched.get_last_lr()[0]:.2e} | {ms:.2f} ms/step | ETA {eta:.0f}s", flush=True)
             t_log, step_at_log = time.perf_counter(), step
-        if args.eval_interval and (step % args.eval_interval == 0 or step == args.train_steps):
+        if args.eval_interval and rank == 0 and (step % args.eval_interval == 0 or step == args.train_steps):
             t_eval = time.perf_counter()
             curve.append(dict(step=step, train_time_s=train_time, knn_kl_bits=curve_eval(ema.module, scheduler)))
             t_log += time.perf_counter() - t_eval  # the log's ms/step counts training only
         if step % args.ckpt_interval == 0 or step == args.train_steps:
             saved_step = save()
     sig["training"] = False
+    if world > 1:
+        dist.destroy_process_group()
+        if rank:
+            return None
 
     # -------------------------------------------------------------------------
     # evaluation with the EMA weights: the study's columns, plus the floors of both KL metrics

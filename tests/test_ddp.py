@@ -1,0 +1,64 @@
+"""Data-parallel training under torchrun (2 gloo processes on the CPU) against one process."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import tinydiff as td
+from conftest import ROOT
+
+PY = sys.executable
+ARGS = ["--dataset", "moons", "--batch_size", "64", "--eval_batch_size", "200", "--log_interval", "10"]
+
+
+def torchrun(*args, wait=True):
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def weights(out, key="model"):
+    return td.load_checkpoint(str(out / "ckpt.pt"))[key]
+
+
+def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_path):
+    p = torchrun(*ARGS, "--train_steps", 40, "--out_dir", tmp_path / "ddp")
+    assert "2 processes" in p.stdout and p.stdout.count("step     10 |") == 1  # rank 0 alone logs
+    one = subprocess.run([PY, os.path.join(ROOT, "train.py"), *ARGS, "--train_steps", "40", "--out_dir", str(tmp_path / "one")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    for k in a:  # the same draws, split in two: equal up to the order of the gradient sums
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(weights(tmp_path / "one")["mlp.0.weight"], td.Denoiser(td.DenoiserConfig()).state_dict()["mlp.0.weight"])
+    assert sorted(f.name for f in (tmp_path / "ddp").iterdir()) == sorted(f.name for f in (tmp_path / "one").iterdir())
+
+
+def test_stop_and_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path):
+    torchrun(*ARGS, "--train_steps", 300, "--out_dir", tmp_path / "whole")
+    p = torchrun(*ARGS, "--train_steps", 300, "--ckpt_interval", 1000, "--out_dir", tmp_path / "cut", wait=False)
+    deadline = time.time() + 120
+    while "step     20 |" not in p.stdout.readline():
+        assert time.time() < deadline and p.poll() is None
+    p.send_signal(signal.SIGTERM)  # torchrun passes it to both processes, which stop at the same step
+    _, err = p.communicate(timeout=120)
+    assert "stopped by SIGTERM at step" in err, err[-2000:]
+    step = td.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"]
+    assert 20 <= step < 300
+    torchrun("--out_dir", tmp_path / "cut", "--resume", "--eval_batch_size", 200)
+    for key in ("model", "ema"):
+        a, b = weights(tmp_path / "whole", key), weights(tmp_path / "cut", key)
+        assert all(torch.equal(a[k], b[k]) for k in a), key
+
+
+def test_a_batch_that_does_not_split_is_refused_in_one_line(tmp_path):
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), "--batch_size", "63",
+           "--out_dir", str(tmp_path / "x")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "--batch_size 63 does not split over 2 processes; use a multiple of 2" in p.stderr
