@@ -102,7 +102,7 @@ def eval_loss(model, scheduler, points, device, seed=0, batch_size=None):
     batch_size: the mean of the per-batch losses over one pass, as the study reports it."""
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.as_tensor(points, dtype=torch.float32, device=device)
-    return float(torch.stack([td.ddpm_loss(model, scheduler, b, generator=g) for b in x0.split(batch_size or len(x0))]).mean())
+    return float(torch.stack([td.ddpm_loss(model, scheduler, b, generator=g, low_frac=0) for b in x0.split(batch_size or len(x0))]).mean())
 
 
 class CurveEval:

@@ -47,7 +47,7 @@ def get_parser():
     p = argparse.ArgumentParser(description="Train a DDPM on 2-D points, then evaluate it.", allow_abbrev=False)
     a = p.add_argument
     pre = lambda text, key: f"{text} (default from --preset: {preset_value(key)})"
-    a("--dataset", default="dino", help="circle, dino, line, moons, or a path to an (N, 2) .csv/.txt/.npy file")
+    a("--dataset", default="dino", help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.txt/.npy file")
     a("--preset", choices=sorted(PRESETS), default="tinydiff", help="tinydiff (measured defaults) or paper (the study's code path)")
     a("--attn_layers", type=int, default=0, help="self-attention layers over the tokens [x1, x2, t]")
     a("--heads", type=int, default=4, help="attention heads; must divide 128")
@@ -120,7 +120,7 @@ def check_settings(args):
     try:
         X = datasets.load_dataset(args.dataset)
         cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
-                                coord_scale=args.coord_scale)
+                                coord_scale=args.coord_scale, data_dim=X.shape[1])
         td.Denoiser(cfg)  # raises for heads that do not divide the width
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
         sched = td.NoiseScheduler(**sched_cfg)
@@ -228,9 +228,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     data = torch.as_tensor(X, dtype=torch.float32, device=device)
     model = td.Denoiser(cfg).to(device)
-    if args.prior == "data":  # the sampler starts from the data's moments (NoiseScheduler.prior)
-        model.data_mean.copy_(torch.as_tensor(X.mean(0)))
-        model.data_cov.copy_(torch.as_tensor(np.cov(X.T, bias=True)))
+    # a user's file is standardized inside the model (named datasets keep the study's coordinates); prior data: start from the data's moments
+    model.set_data_stats(torch.as_tensor(X), standardize=args.dataset not in datasets.DATASETS, moments=args.prior == "data")
     scheduler = td.NoiseScheduler(**sched_cfg).to(device)
     ema = AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay, args.ema_every, args.ema_warmup))
     epochs = EpochBatches(len(data), args.batch_size, args.seed) if args.batches == "epochs" else None
@@ -245,6 +244,8 @@ def main(argv=None):
         try:
             td.load_weights(model, ckpt["model"])
             td.load_weights(ema.module, ckpt["ema"])
+        except ValueError as e:  # the data now have another number of columns
+            fail(f"cannot resume {ckpt_path} with {args.dataset}: {e}")
         except RuntimeError:
             fail(f"{ckpt_path} does not fit this model's config; it was written by an incompatible version")
         ema.n_averaged.fill_(ckpt["ema_n_averaged"])

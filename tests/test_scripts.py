@@ -211,7 +211,7 @@ def test_user_data_file_trains(tmp_path):
 
 @pytest.mark.parametrize("script,args,message", [
     ("train.py", ["--dataset", "spiral"], "unknown dataset 'spiral'"),
-    ("train.py", ["--attn_layers", "1", "--heads", "3"], "--heads 3 must divide"),
+    ("train.py", ["--attn_layers", "1", "--heads", "3"], "heads 3 must divide the token width 128"),
     ("train.py", ["--train_steps", "0"], "--train_steps must be a positive integer"),
     ("train.py", ["--batch_size", "-4"], "--batch_size must be a positive integer"),
     ("train.py", ["--sample_steps", "500"], "steps must be in 1..100"),
