@@ -326,7 +326,8 @@ def main(argv=None):
         json.dump(metrics, f, indent=2)
     np.save(os.path.join(args.out_dir, "samples.npy"), samples)
     evaluate.plot_samples(X, samples, os.path.join(args.out_dir, "samples.png"),
-                          f"{args.dataset} · {config_name(args)} · kNN-KL {metrics['knn_kl_bits']:.3f} bits (floor {metrics.get('knn_kl_floor', float('nan')):.3f})")
+                          f"{args.dataset} · {config_name(args)} · kNN-KL {metrics['knn_kl_bits']:.3f} bits"
+                          + (f" (floor {metrics['knn_kl_floor']:.3f})" if "knn_kl_floor" in metrics else ""))  # a user's file has no floor
     plot_loss(losses, os.path.join(args.out_dir, "loss.png"))
     print(f"\n{args.dataset} · {config_name(args)} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")
     print(f"training time   {train_time:8.1f} s   ({metrics['ms_per_step']:.2f} ms/step)")
