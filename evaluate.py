@@ -9,13 +9,15 @@ Metrics (train.py writes the same ones into metrics.json; this file is their one
            k = 5, max-norm, 100,000 data points against the samples, in D dimensions.
   hist_kl  grid-histogram KL(data || samples), in nats: 100 bins per coordinate for both sets, eps = 1e-6
            added to every bin's probability, scipy.stats.entropy. The grid (grid_box) is the study's
-           square [-5, 5]^2 for data inside it (the named datasets), else the data's bounding box plus
-           5% on each side; samples outside it are dropped. D = 2: the 2-D histogram; D > 2: the mean
-           over all D(D-1)/2 coordinate pairs of their 2-D marginals' KL ("pair hist KL"); D = 1: 1-D.
+           [-5, 5] per coordinate for data that fill it (the named datasets), else the data's bounding
+           box plus 5% on each side; samples outside it are dropped. D = 2: the 2-D histogram; D > 2:
+           the mean over all D(D-1)/2 coordinate pairs of their 2-D marginals' KL ("pair hist KL",
+           with hist_kl_pairs in metrics.json); D = 1: the 1-D histogram.
   floors   each metric for a fresh draw of the same size from the data's own generator (another
            seed): what a perfect model scores. The kNN estimator is biased, so floors can be < 0.
   eval_loss, inference_s   with a checkpoint: noise-prediction MSE of the EMA model on held-out
-           points with fixed seeds, and the time to draw the samples.
+           points with fixed seeds (in the model's standardized space for a user's file), and the
+           time to draw the samples.
 """
 import argparse
 import itertools

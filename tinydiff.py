@@ -401,16 +401,16 @@ class Denoiser(nn.Module):
         moments=True: data_mean and data_cov of z, for NoiseScheduler.prior; False keeps 0 and I (N(0, I)).
         Call this before wrapping the model in AveragedModel, which copies the buffers once.
         """
-        x = torch.as_tensor(x).detach().cpu().double()
+        x = torch.as_tensor(x).detach().cpu().double()  # statistics in float64 on the CPU (MPS has no float64)
         self.check_points(x)
-        sd = x.std(0, correction=0)
+        D, sd = x.shape[1], x.std(0, correction=0)
         sd = torch.where(sd > 0, sd, sd.max() if sd.max() > 0 else 1.0)
-        self.data_shift.copy_(x.mean(0) if standardize else torch.zeros(x.shape[1]))
-        self.data_scale.copy_(sd / MODEL_SD if standardize else torch.ones(x.shape[1]))
-        z = (x - self.data_shift.cpu().double()) / self.data_scale.cpu().double()  # as to_model computes it, in float64
-        mean = z.mean(0) if moments else torch.zeros(z.shape[1], dtype=torch.float64)
-        self.data_mean.copy_(mean)
-        self.data_cov.copy_((z - mean).T @ (z - mean) / len(z) if moments else torch.eye(z.shape[1]))
+        shift, scale = (x.mean(0).float(), (sd / MODEL_SD).float()) if standardize else (torch.zeros(D), torch.ones(D))
+        z = (x - shift.double()) / scale.double()  # as to_model computes it
+        mean = z.mean(0) if moments else torch.zeros(D, dtype=torch.float64)
+        cov = (z - mean).T @ (z - mean) / len(z) if moments else torch.eye(D, dtype=torch.float64)
+        for buffer, value in ((self.data_shift, shift), (self.data_scale, scale), (self.data_mean, mean), (self.data_cov, cov)):
+            buffer.copy_(value.float())
 
     def to_model(self, x):
         """Data units -> the model's space: z = (x - data_shift) / data_scale (exact for the identity map)."""

@@ -2,7 +2,7 @@
 
     python docs/library_example.py
 
-Trains the default denoiser on a 3-D swiss roll given in centimetres around (500, 500, 500), then
+Trains the default denoiser on a 3-D swiss roll given in centimetres and offset by 5 m, then
 draws 2,000 samples in the same units. Needs only torch and tinydiff.py.
 """
 import math
