@@ -1,7 +1,10 @@
-"""The study's four 2-D datasets, and loading a user's own points. numpy only.
+"""The study's four 2-D datasets, a 3-D swiss roll, and loading a user's own points. numpy only.
 
 Each named dataset has n = 100,000 points by default, drawn with np.random.default_rng(42).
+The named datasets lie inside [-5, 5]^D; a user's points may have any offset and scale (the
+model standardizes them: tinydiff.Denoiser.set_data_stats).
 """
+import math
 import os
 import warnings
 
@@ -47,39 +50,127 @@ def dino(n, rng):
     return np.stack([(x / 54 - 1) * 4, (y / 48 - 1) * 4], 1)
 
 
-DATASETS = {"circle": circle, "dino": dino, "line": line, "moons": moons}
+def swissroll3d(n, rng):
+    """A 3-D swiss roll (sklearn's make_swiss_roll): angle t = 1.5 pi (1 + 2u), u ~ U(0, 1), the point
+    (t cos t, h, t sin t) with height h ~ U(0, 21), then centred in h, divided by 3.6 (inside [-4, 4]^3)
+    and jittered with noise sd 0.05."""
+    t = 1.5 * np.pi * (1 + 2 * rng.uniform(0, 1, n))
+    h = rng.uniform(0, 21, n)
+    X = np.stack([t * np.cos(t), h - 10.5, t * np.sin(t)], 1) / 3.6
+    return X + 0.05 * rng.normal(size=(n, 3))
+
+
+DATASETS = {"circle": circle, "dino": dino, "line": line, "moons": moons, "swissroll3d": swissroll3d}
+MAX_FILE_BYTES = 10**9  # larger files are refused before they are read: subsample them first
+
+
+class DataError(ValueError):
+    """A data file that cannot be used, told in one sentence that names it."""
+
+
+def available_memory():
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere the free pages), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(path, n_bytes):
+    """Refuse to read a file whose points would need more memory than is available."""
+    free = available_memory()
+    if free is not None and n_bytes > free:
+        raise DataError(f"{path} would need about {n_bytes / 1e9:.1f} GB of memory to read, more than the {free / 1e9:.1f} GB available; subsample it first")
+
+
+def read_npy(path, size):
+    """np.load, after checking the header against the file, so that a forged or truncated header, or
+    a dtype that is not real numbers, is refused in one sentence before anything large is allocated."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}[version]
+            shape, _, dtype = read_header(f)
+            header_bytes = f.tell()
+    except (ValueError, TypeError, KeyError, SyntaxError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:80] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} is not a readable .npy file ({reason}); save your points with numpy.save") from None
+    if dtype.kind == "c":
+        raise DataError(f"{path} holds complex numbers ({dtype}); give real coordinates, e.g. the real and imaginary parts as two columns")
+    if dtype.kind not in "iuf":
+        raise DataError(f"{path} holds {dtype} values; it must hold real numbers (integers or floats)")
+    n_items = math.prod(shape)
+    if header_bytes + n_items * dtype.itemsize != size:
+        raise DataError(f"{path} has a header for an array of shape {shape} ({dtype}) that does not match the file's {size} bytes;"
+                         " the file is truncated or corrupt, so save it again with numpy.save")
+    check_memory(path, 2 * n_items * 8)  # the array, then its float64 copy
+    return np.load(path, allow_pickle=False)
+
+
+def read_text(path, size):
+    """Text as people write it: an optional UTF-8 BOM, '#' comments, and one header row (skipped, with
+    a note); columns separated by commas, semicolons, tabs or spaces."""
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(1 << 20)  # enough to find the header and estimate the parsed size
+    lines = head.splitlines()[: -1 if len(head) == 1 << 20 else None]  # the last line may be cut
+    first = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
+    if first is None:
+        return np.zeros((0, 0))
+    row = lines[first].split("#")[0]
+    delim = "," if "," in row else ";" if ";" in row else None
+    skip = 0
+    try:
+        [float(field.strip().strip('"')) for field in row.split(delim)]
+    except ValueError:  # a header row
+        print(f"note: skipped the header row of {path}: {row.strip()[:80]}")
+        skip = first + 1
+    body = lines[skip:]
+    values = sum(len(line.split("#")[0].split(delim)) for line in body if line.split("#")[0].strip())
+    if values:  # float64 points, and as much again while numpy parses them
+        check_memory(path, 2 * 8 * values * size / max(1, sum(len(line.encode()) for line in body)))
+    with warnings.catch_warnings():  # an empty file is reported by the caller, in one sentence
+        warnings.simplefilter("ignore", UserWarning)
+        return np.loadtxt(path, delimiter=delim, comments="#", skiprows=skip, quotechar='"', ndmin=2, encoding="utf-8-sig")
 
 
 def load_points(path):
-    """A user's points: .npy, or text (.csv / .txt / .tsv) with two numeric columns."""
+    """A user's points (N, D), D >= 1 columns, as float64: .npy, or text (.csv, .tsv, .txt; any case).
+    Refused in one sentence: a missing or larger than 1 GB file, one that would not fit in memory,
+    text that is not a table of numbers, complex, non-numeric or non-finite values."""
     if not os.path.isfile(path):
-        raise ValueError(f"no data file at {path}; give a dataset name ({', '.join(DATASETS)}) or a path to an (N, 2) .csv, .txt or .npy file")
+        raise ValueError(f"no data file at {path}; give a dataset name ({', '.join(DATASETS)}) or a path to an (N, D) .csv, .txt or .npy file")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{path} is {size / 1e9:.1f} GB, larger than the {MAX_FILE_BYTES / 1e9:.0f} GB tinydiff reads; subsample it first")
     try:
-        if path.endswith(".npy"):
-            X = np.load(path, allow_pickle=False)
-        else:
-            with open(path) as f:
-                first = f.readline()
-            delim = "," if "," in first else None
-            with warnings.catch_warnings():  # an empty file is reported below, in one sentence
-                warnings.simplefilter("ignore", UserWarning)
-                X = np.loadtxt(path, delimiter=delim, ndmin=2)
-    except ValueError as e:  # non-numeric text, a pickled .npy, ...
-        raise ValueError(f"{path} is not a table of numbers ({str(e).splitlines()[0][:80]}); give two numeric columns x, y, no header") from None
+        X = read_npy(path, size) if path.lower().endswith(".npy") else read_text(path, size)
+    except DataError:
+        raise
+    except ValueError as e:  # numpy's reason, up to its first ';'
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(";")[0][:100]
+        raise ValueError(f"{path} is not a table of numbers ({reason}); give numeric columns, one point per row") from None
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path} could not be read as points ({e}); give an (N, 2) .npy or a two-column text file") from None
-    X = np.asarray(X)
-    if X.ndim != 2 or X.shape[1] != 2 or X.shape[0] == 0:
-        raise ValueError(f"{path} holds an array of shape {X.shape}; it must have N >= 1 rows and exactly 2 columns")
-    if not np.issubdtype(X.dtype, np.number):
-        raise ValueError(f"{path} holds {X.dtype} values; it must hold numbers")
+        raise ValueError(f"{path} could not be read as points ({e}); give an (N, D) .npy or a text file with numeric columns") from None
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{path} holds an array of shape {X.shape}; it must be (N, D) with N >= 1 rows (points) and D >= 1 columns"
+                         " (coordinates); save 1-D points as one column, x.reshape(-1, 1)")
+    if np.iscomplexobj(X) or not np.issubdtype(X.dtype, np.number):
+        raise ValueError(f"{path} holds {X.dtype} values; it must hold real numbers")
     if not np.isfinite(X).all():
         raise ValueError(f"{path} contains NaN or infinite values; remove those rows")
     return X.astype(np.float64)
 
 
 def load_dataset(name, n=100_000, seed=42):
-    """(n, 2) float64 points: a named dataset drawn with default_rng(seed), or a user's file as it is."""
+    """(n, D) float64 points: a named dataset drawn with default_rng(seed), or a user's file as it is."""
     if name in DATASETS:
         return DATASETS[name](n, np.random.default_rng(seed))
     if os.path.splitext(name)[1].lower() in (".csv", ".txt", ".tsv", ".npy") or os.path.sep in name:

@@ -1,4 +1,4 @@
-"""Score generated 2-D points against a dataset.
+"""Score generated points (any dimension D) against a dataset.
 
     python evaluate.py --samples out/dino-base/samples.npy --dataset dino
     python evaluate.py --out_dir out/dino-base            # samples from the checkpoint itself
@@ -6,16 +6,21 @@
 
 Metrics (train.py writes the same ones into metrics.json; this file is their one home):
   knn_kl   the study's kNN estimator of KL(data || samples), in bits (Wang, Kulkarni & Verdu 2009):
-           k = 5, max-norm, 100,000 data points against the samples.
-  hist_kl  grid-histogram KL(data || samples), in nats: np.histogram2d over [-5, 5]^2 with 100 x 100
-           bins for both sets, eps = 1e-6 added to every bin's probability, scipy.stats.entropy.
-           Points outside the square are dropped (the four datasets lie inside it).
+           k = 5, max-norm, 100,000 data points against the samples, in D dimensions.
+  hist_kl  grid-histogram KL(data || samples), in nats: 100 bins per coordinate for both sets, eps = 1e-6
+           added to every bin's probability, scipy.stats.entropy. The grid (grid_box) is the study's
+           [-5, 5] per coordinate for data that fill it (the named datasets), else the data's bounding
+           box plus 5% on each side; samples outside it are dropped. D = 2: the 2-D histogram; D > 2:
+           the mean over all D(D-1)/2 coordinate pairs of their 2-D marginals' KL ("pair hist KL",
+           with hist_kl_pairs in metrics.json); D = 1: the 1-D histogram.
   floors   each metric for a fresh draw of the same size from the data's own generator (another
            seed): what a perfect model scores. The kNN estimator is biased, so floors can be < 0.
   eval_loss, inference_s   with a checkpoint: noise-prediction MSE of the EMA model on held-out
-           points with fixed seeds, and the time to draw the samples.
+           points with fixed seeds (in the model's standardized space for a user's file), and the
+           time to draw the samples.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -35,11 +40,14 @@ HELDOUT_SEED, FLOOR_SEED = 1, 2  # the training data use seed 42
 CURVE_N = 2000  # samples per point of the KL-during-training curve
 
 
-def check_samples(samples):
-    """Refuse a wrong shape; drop non-finite rows, returning them as a fraction (never silently)."""
-    samples = np.asarray(samples, dtype=np.float64)
-    if samples.ndim != 2 or samples.shape[1] != 2:
-        raise ValueError(f"samples have shape {samples.shape}; they must be an (N, 2) array of points")
+def check_samples(samples, dim=None):
+    """Refuse a wrong shape (dim: the data's D); drop non-finite rows, returning them as a fraction (never silently)."""
+    samples = np.asarray(samples)
+    if np.iscomplexobj(samples) or not np.issubdtype(samples.dtype, np.number):
+        raise ValueError(f"samples hold {samples.dtype} values; they must be real numbers")
+    samples = samples.astype(np.float64)
+    if samples.ndim != 2 or (dim is not None and samples.shape[1] != dim):
+        raise ValueError(f"samples have shape {samples.shape}; they must be an (N, {dim or 'D'}) array of points, as many coordinates as the data")
     finite = np.isfinite(samples).all(1)
     if not finite.any():
         raise ValueError("every sample is NaN or infinite; the model diverged, so retrain it (a lower --lr helps)")
@@ -62,23 +70,42 @@ def knn_kl(data, samples, k=KNN_K, data_tree=None, rho=None):
     return (np.log(m) - np.log(n - 1) + d * (np.log(np.maximum(nu, tiny)).mean() - np.log(np.maximum(rho, tiny)).mean())) / np.log(2)
 
 
-def hist_kl(data, samples, lim=HIST_LIM, bins=HIST_BINS, eps=HIST_EPS):
-    """KL(data || samples) in nats over a fixed grid, both histograms eps-smoothed."""
-    edges = np.linspace(-lim, lim, bins + 1)
-    p = np.histogram2d(data[:, 0], data[:, 1], bins=[edges, edges])[0].ravel()
-    q = np.histogram2d(samples[:, 0], samples[:, 1], bins=[edges, edges])[0].ravel()
+def grid_box(data):
+    """(lo, hi) per coordinate for the histogram and the plots: the study's square [-5, 5] when the data
+    lie inside it and span at least 2 in every coordinate (the named datasets do), else the data's
+    bounding box widened by 5% on each side, so that valid data never fall off the grid."""
+    lo, hi = data.min(0), data.max(0)
+    if (lo >= -HIST_LIM).all() and (hi <= HIST_LIM).all() and (hi - lo >= 2).all():
+        return np.full(data.shape[1], -HIST_LIM), np.full(data.shape[1], HIST_LIM)
+    pad = np.maximum(0.05 * (hi - lo), 1e-6 * np.maximum(np.abs(lo), np.abs(hi)) + 1e-12)  # > 0 for a constant coordinate too
+    return lo - pad, hi + pad
+
+
+def hist_kl(data, samples, box=None, bins=HIST_BINS, eps=HIST_EPS):
+    """KL(data || samples) in nats over a grid on box (default grid_box(data)), both histograms
+    eps-smoothed. For D > 2, the mean over coordinate pairs of the 2-D marginals' KL: a joint grid of
+    100^D bins would be almost empty."""
+    lo, hi = grid_box(data) if box is None else box
+    if data.shape[1] > 2:
+        pairs = [list(p) for p in itertools.combinations(range(data.shape[1]), 2)]
+        return float(np.mean([hist_kl(data[:, p], samples[:, p], (lo[p], hi[p]), bins, eps) for p in pairs]))
+    edges = [np.linspace(a, b, bins + 1) for a, b in zip(lo, hi)]
+    p = np.histogramdd(data, bins=edges)[0].ravel()
+    q = np.histogramdd(samples, bins=edges)[0].ravel()
     # flattened to 1-D: scipy.stats.entropy sums over axis 0 only, which is wrong for a 2-D histogram
     return float(entropy(p / p.sum() + eps, q / max(q.sum(), 1) + eps))
 
 
 def compute_metrics(data, samples, floor_samples=None):
     """The KL metrics (and their floors, if floor_samples is given) for one set of samples."""
-    samples, bad = check_samples(samples)
+    samples, bad = check_samples(samples, data.shape[1])
     rho = cKDTree(data).query(data, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
     out = dict(knn_kl_bits=float(knn_kl(data, samples, rho=rho)), hist_kl_nats=hist_kl(data, samples), nonfinite_frac=float(bad), n_samples=len(samples))
     if floor_samples is not None:
         out["knn_kl_floor"] = float(knn_kl(data, floor_samples, rho=rho))
         out["hist_kl_floor"] = hist_kl(data, floor_samples)
+    if data.shape[1] > 2:  # say what hist_kl_nats is
+        out["hist_kl_pairs"] = data.shape[1] * (data.shape[1] - 1) // 2
     return out
 
 
@@ -102,7 +129,7 @@ def eval_loss(model, scheduler, points, device, seed=0, batch_size=None):
     batch_size: the mean of the per-batch losses over one pass, as the study reports it."""
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.as_tensor(points, dtype=torch.float32, device=device)
-    return float(torch.stack([td.ddpm_loss(model, scheduler, b, generator=g) for b in x0.split(batch_size or len(x0))]).mean())
+    return float(torch.stack([td.ddpm_loss(model, scheduler, b, generator=g, low_frac=0) for b in x0.split(batch_size or len(x0))]).mean())
 
 
 class CurveEval:
@@ -159,14 +186,10 @@ def to_json(obj):
 
 
 def available_memory(device=None):
-    """Bytes free for new allocations on the device (CPU: MemAvailable), or None where unknown."""
+    """Bytes free for new allocations on the device (CUDA: the driver's count; else datasets.available_memory), or None."""
     if device is not None and device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
+    return datasets.available_memory()
 
 
 def check_sampling_flags(args):
@@ -202,20 +225,43 @@ def pyplot():
     return plt
 
 
+def plot_pairs(D):
+    """The coordinate pairs plot_samples shows: all of them up to D = 5, else (x1, x2), (x2, x3), ... (at most 12)."""
+    return list(itertools.combinations(range(D), 2)) if D <= 5 else [(i, i + 1) for i in range(min(D - 1, 12))]
+
+
 def plot_samples(data, samples, path, title=""):
-    """Data (left) and samples (right) on the same fixed axes."""
+    """Data (left) and samples (right) on the same axes (grid_box of the data). D > 2: one such pair of
+    panels per coordinate pair (plot_pairs), two pairs to a row from four pairs on; D = 1: histograms."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), sharex=True, sharey=True)
+    D = data.shape[1]
+    lo, hi = grid_box(data)
+    pairs = plot_pairs(D) if D > 1 else [(0, 0)]
+    per_row = 1 if len(pairs) <= 3 else 2
+    rows = -(-len(pairs) // per_row)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(8 * per_row, 4.2 * rows if D <= 2 else 3.8 * rows + 0.4), squeeze=False)
     show = data[np.random.default_rng(0).permutation(len(data))[: len(samples)]]
-    for ax, pts, name in [(axes[0], show, f"data ({len(show)} shown)"), (axes[1], samples, f"samples ({len(samples)})")]:
-        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, linewidths=0)
-        ax.set_title(name)
-        ax.set_aspect("equal")
-    axes[0].set_xlim(-HIST_LIM, HIST_LIM)
-    axes[0].set_ylim(-HIST_LIM, HIST_LIM)
+    for k, (i, j) in enumerate(pairs):
+        for m, (pts, name) in enumerate([(show, f"data ({len(show)} shown)"), (samples, f"samples ({len(samples)})")]):
+            ax = axes[k // per_row, 2 * (k % per_row) + m]
+            if D == 1:
+                ax.hist(pts[:, 0], bins=HIST_BINS, range=(lo[0], hi[0]), density=True)
+            else:
+                ax.scatter(pts[:, i], pts[:, j], s=1, alpha=0.4, linewidths=0)
+                ax.set_xlim(lo[i], hi[i])
+                ax.set_ylim(lo[j], hi[j])
+                wi, wj = hi[i] - lo[i], hi[j] - lo[j]
+                ax.set_aspect("equal" if max(wi, wj) < 4 * min(wi, wj) else "auto")  # coordinates in other units: fill the panel
+            if D > 2:
+                ax.set_xlabel(f"x{i + 1}")
+                ax.set_ylabel(f"x{j + 1}")
+            if k < per_row:
+                ax.set_title(name)
+    for ax in axes.flat[2 * len(pairs):]:
+        ax.set_visible(False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if D > 2 else None)  # room for the title above the panels' titles
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
@@ -229,20 +275,21 @@ def sample_title(prefix, metrics):
 
 
 def format_table(metrics):
-    rows = [("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"), ("hist KL (nats)", "hist_kl_nats", "hist_kl_floor")]
-    lines = [f"{'metric':<16}{'value':>10}{'floor':>10}"]
+    hist = "pair hist KL (nats)" if "hist_kl_pairs" in metrics else "hist KL (nats)"  # D > 2: the mean over the 2-D marginals
+    rows = [("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"), (hist, "hist_kl_nats", "hist_kl_floor")]
+    lines = [f"{'metric':<20}{'value':>10}{'floor':>10}"]
     for name, key, floor in rows:
         fl = metrics.get(floor)
-        lines.append(f"{name:<16}{metrics[key]:>10.4f}{(f'{fl:.4f}' if fl is not None else 'n/a'):>10}")
-    for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples"):
+        lines.append(f"{name:<20}{metrics[key]:>10.4f}{(f'{fl:.4f}' if fl is not None else 'n/a'):>10}")
+    for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples", "hist_kl_pairs"):
         if key in metrics:
-            lines.append(f"{key:<16}{metrics[key]:>10.4g}")
+            lines.append(f"{key:<20}{metrics[key]:>10.4g}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = ArgumentParser(description="Score samples against a dataset (KL metrics with floors, eval loss).")
-    p.add_argument("--samples", help="an (N, 2) .npy of samples to score")
+    p.add_argument("--samples", help="an (N, D) .npy of samples to score")
     p.add_argument("--out_dir", help="a run directory: sample from its ckpt.pt (EMA weights)")
     p.add_argument("--ckpt", help="a checkpoint file to sample from (instead of --out_dir)")
     p.add_argument("--dataset", help="dataset name or data file (default: the checkpoint's)")
@@ -274,20 +321,24 @@ def run(args):
         dataset = args.dataset
         if dataset is None:
             raise ValueError("say which data the samples should match with --dataset (a name or a data file)")
+        data = datasets.load_dataset(dataset)
     else:
         if not (args.ckpt or args.out_dir):
             raise ValueError("give --samples X.npy, or --out_dir / --ckpt to sample from a checkpoint")
         ckpt = td.load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
         model, scheduler = td.model_from_checkpoint(ckpt)
         check_steps(scheduler, args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps))
-        check_memory("--n", args.n, args.n * 2 * 64)
+        check_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
         dataset = args.dataset or ckpt["args"]["dataset"]
+        data = datasets.load_dataset(dataset)
+        if data.shape[1] != model.cfg.data_dim:
+            raise ValueError(f"{dataset} holds {data.shape[1]}-D points but the checkpoint's model makes {model.cfg.data_dim}-D ones;"
+                             " score it against the data it was trained on (leave out --dataset)")
         device = torch.device("cpu")
         model.eval()
         samples, metrics["inference_s"] = timed_sample(model, scheduler, args.n, device, seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta)
-        metrics["eval_loss"] = eval_loss(model, scheduler, heldout_points(dataset), device)
-    data = datasets.load_dataset(dataset)
-    floor = floor_draw(dataset, len(check_samples(samples)[0]))
+        metrics["eval_loss"] = eval_loss(model, scheduler, heldout_points(dataset, X=data), device)
+    floor = floor_draw(dataset, len(check_samples(samples, data.shape[1])[0]))
     return {**compute_metrics(data, samples, floor), **metrics, "dataset": dataset}
 
 

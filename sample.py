@@ -21,16 +21,21 @@ import tinydiff as td
 import train
 
 
-def save_gif(trajectory, f, lim=evaluate.HIST_LIM, fps=12, max_points=3000):
-    """One frame per reverse step on fixed axes, holding the last frame for a second."""
+def save_gif(trajectory, f, box, fps=12, max_points=3000):
+    """One frame per reverse step on fixed axes (box: evaluate.grid_box of the data), holding the last
+    frame for a second. Written into the open file f."""
     plt = evaluate.pyplot()
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    traj = trajectory[:, :max_points].numpy()  # (S+1, n, 2)
+    traj = trajectory[:, :max_points, :2].numpy()  # (S+1, n, 2): the first two coordinates
+    if traj.shape[2] == 1:  # 1-D points: against a fixed random height
+        height = np.random.default_rng(0).uniform(size=(traj.shape[1], 1))
+        traj = np.concatenate([traj, np.broadcast_to(height, traj.shape)], 2)
+        box = (np.append(box[0], 0.0), np.append(box[1], 1.0))
     fig, ax = plt.subplots(figsize=(4, 4))
     scat = ax.scatter(traj[0, :, 0], traj[0, :, 1], s=2, alpha=0.5, linewidths=0)
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
+    ax.set_xlim(box[0][0], box[1][0])
+    ax.set_ylim(box[0][1], box[1][1])
     ax.set_aspect("equal")
     title = ax.set_title("")
     frames = list(range(len(traj))) + [len(traj) - 1] * fps
@@ -71,7 +76,7 @@ def main(argv=None):
         steps = args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps)
         evaluate.check_steps(scheduler, steps)
         frames = steps + 1 if args.gif else 1
-        evaluate.check_memory("--n", args.n, args.n * 2 * 4 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
+        evaluate.check_memory("--n", args.n, args.n * model.cfg.data_dim * 4 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
         stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}")
         folder = os.path.dirname(os.path.abspath(stem))
         if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
@@ -96,12 +101,15 @@ def main(argv=None):
         data = datasets.load_dataset(dataset)
     except ValueError:  # the run's data file has moved: plot the samples alone
         data = samples
+    if data.shape[1] != samples.shape[1]:
+        print(f"note: {dataset} now holds {data.shape[1]}-D points, not the model's {samples.shape[1]}-D ones; plotting the samples alone")
+        data = samples
     write = train.write_or_fail
     write(stem + ".npy", lambda f: np.save(f, samples))
     write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}"))
     wrote = [stem + ".npy", stem + ".png"]
     if args.gif:
-        write(stem + ".gif", lambda f: save_gif(out, f))
+        write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(data)))
         wrote.append(stem + ".gif")
     print(f"wrote {' '.join(wrote)} ({time.perf_counter() - t0:.1f} s)")
 

@@ -1,17 +1,18 @@
-"""tinydiff: denoising diffusion on 2-D points, in one file.
+"""tinydiff: denoising diffusion on low-dimensional points (2-D, 3-D, ... D-D), in one file.
 
 Read top to bottom, in the order of the math:
   1. NoiseScheduler      DDPM forward process, posterior step, DDIM step
                          (Ho et al. 2020, arXiv:2006.11239; Song et al. 2021, arXiv:2010.02502;
                           cosine schedule: Nichol & Dhariwal 2021, arXiv:2102.09672)
   2. SinusoidalEmbedding (Vaswani et al. 2017), as the 2-D MLP denoiser of tiny-diffusion uses it
-  3. SelfAttention       multi-head, pre-norm, over the tokens [x1, x2, t]
+  3. SelfAttention       multi-head, pre-norm, over the tokens [x1, ..., xD, t]
   4. ResidualBlock       x + GELU(Linear(x)) (tiny-diffusion), or the study's x + Linear(ReLU(x))
   5. BiMambaBlock        bidirectional selective state space (Mamba: Gu & Dao 2023, arXiv:2312.00752;
                          Vision Mamba: Zhu et al. 2024, arXiv:2401.09417; DiS: Fei et al. 2024,
                          arXiv:2402.05608), with an exact product-only scan
-  6. Denoiser            embeddings -> optional attention / SSM token mixers -> residual MLP
-  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), optional low-t oversampling
+  6. Denoiser            embeddings -> optional attention / SSM token mixers -> residual MLP;
+                         keeps the data's affine map (any offset and scale) and moments
+  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), low-t oversampling
   8. sample              DDPM ancestral, strided DDIM and DPM-Solver++(2M) samplers
   9. checkpoints         atomic save, safe load (weights_only)
 Depends on torch and the Python standard library only, so that it can be copied alone.
@@ -71,15 +72,18 @@ class NoiseScheduler(nn.Module):
     def alpha_bar_T(self):
         return self.alphas_cumprod[-1].item()
 
-    def prior(self, n, mean=None, cov=None, generator=None, device="cpu"):
-        """Draw x_T for sampling. x_T = sqrt(ab_T) x_0 + sqrt(1 - ab_T) eps has mean sqrt(ab_T) mean
-        and covariance ab_T cov + (1 - ab_T) I, where mean and cov are the data's; we draw from the
-        Gaussian with those moments. Without them (or with 0 and I) this is N(0, I) exactly."""
-        z = torch.randn((n, 2), generator=generator, device=device)
+    def prior(self, n, mean=None, cov=None, generator=None, device="cpu", dim=None):
+        """Draw x_T (n, D) for sampling. x_T = sqrt(ab_T) x_0 + sqrt(1 - ab_T) eps has mean sqrt(ab_T) mean
+        and covariance ab_T cov + (1 - ab_T) I, where mean (D,) and cov (D, D) are the data's; we draw
+        from the Gaussian with those moments. Without them (give dim = D), or with 0 and I, this is N(0, I) exactly."""
+        if mean is None and dim is None:
+            raise ValueError("prior needs the data's mean and cov, or dim (coordinates per point) for the standard N(0, I) start")
+        D = dim if mean is None else len(mean)
+        z = torch.randn((n, D), generator=generator, device=device)
         if mean is None:
             return z
-        ab, mean, cov = (v.detach().cpu().double() for v in (self.alphas_cumprod[-1], mean, cov))  # 2x2: on the CPU (MPS has no float64)
-        L = torch.linalg.cholesky(ab * cov + (1 - ab) * torch.eye(2, dtype=torch.float64))
+        ab, mean, cov = (v.detach().cpu().double() for v in (self.alphas_cumprod[-1], mean, cov))  # small: on the CPU (MPS has no float64)
+        L = torch.linalg.cholesky(ab * cov + (1 - ab) * torch.eye(D, dtype=torch.float64))
         return (ab.sqrt() * mean).float().to(device) + z @ L.T.float().to(device)
 
     def add_noise(self, x0, noise, t):
@@ -88,7 +92,7 @@ class NoiseScheduler(nn.Module):
 
     def predict_x0(self, model_output, t, x_t):
         """x_0 from the noise prediction, inverting eq. 4 (DDPM eq. 15, DDIM eq. 12). No clipping:
-        the data span about +-4, and clamping to [-1, 1] would destroy them."""
+        the model's data span about +-4, and clamping to [-1, 1] would destroy them."""
         return (x_t - self.sqrt_one_minus_alphas_cumprod[t] * model_output) / self.sqrt_alphas_cumprod[t]
 
     def step(self, model_output, t, x_t, generator=None):
@@ -184,7 +188,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         if heads < 1 or dim % heads:
-            raise ValueError(f"--heads {heads} must divide the token width {dim}; use a divisor such as 4, 8 or 16")
+            divisors = [h for h in range(1, dim + 1) if dim % h == 0]
+            raise ValueError(f"heads {heads} must divide the token width {dim}; use one of {', '.join(map(str, divisors))}")
         self.heads = heads
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -319,35 +324,42 @@ class BiMambaBlock(nn.Module):
 # 6. Denoiser
 
 
+MODEL_SD = 2.0  # set_data_stats(standardize=True): each coordinate's sd in the model's space (the named datasets' ~1.2-2.3)
+
+
 @dataclass
 class DenoiserConfig:
+    data_dim: int = 2  # D, coordinates per point: one token each, plus the time token
     emb_dim: int = 128  # width of each sinusoidal embedding (= token width)
     hidden: int = 256  # width of the residual MLP
     hidden_layers: int = 3  # residual blocks
     block: str = "gelu"  # "gelu": Linear-GELU-blocks-Linear; "relu": the study's Linear-blocks-ReLU-Linear
-    attn_layers: int = 0  # self-attention layers over the tokens [x1, x2, t]
+    attn_layers: int = 0  # self-attention layers over the tokens [x1, ..., xD, t]
     heads: int = 4
     ssm_layers: int = 0  # bidirectional SSM blocks over the same tokens, with long skips
     ssm_dim: int = 64  # token width inside the SSM stack (d_inner = 2 * ssm_dim); see README
     d_state: int = 4  # SSM state size per channel
-    coord_scale: float = 25.0  # sinusoidal scale for x1 and x2
+    coord_scale: float = 50.0  # sinusoidal scale for the coordinates (the study's: 25)
     time_scale: float = 1.0  # sinusoidal scale for the integer timestep
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_t, t): (B, 2), (B,) -> (B, 2).
+    """eps_theta(z_t, t): (B, D), (B,) -> (B, D), in the model's space z (see set_data_stats).
 
-    x1, x2 and t are embedded into three tokens of width emb_dim. Optional attention and SSM
-    blocks mix the tokens; the tokens are then flattened (3 * emb_dim, in the study's order
-    [x1, x2, t]) into the residual MLP. With no mixers and block="relu" this is the study's
-    MLPDenoiser exactly; block="gelu" (the default) is tiny-diffusion's form, same parameter count. The SSM stack follows DiS: time is a token, and the first half
-    of the blocks is joined to the second half by long skips (concat + Linear), as in U-ViT.
+    Each coordinate and t is embedded into a token of width emb_dim. Optional attention and SSM
+    blocks mix the D + 1 tokens; the tokens are then flattened ((D + 1) * emb_dim, in the order
+    [x1, ..., xD, t]) into the residual MLP. At D = 2 with no mixers and block="relu" this is the
+    study's MLPDenoiser exactly; block="gelu" (the default) is tiny-diffusion's form, same parameter
+    count. The SSM stack follows DiS: time is a token, and the first half of the blocks is joined to
+    the second half by long skips (concat + Linear), as in U-ViT.
     """
 
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
         self.cfg = cfg
-        E = cfg.emb_dim
+        D, E = cfg.data_dim, cfg.emb_dim
+        if D < 1:
+            raise ValueError(f"data_dim {D} must be at least 1: it is the number of coordinates per point")
         self.coord_emb = SinusoidalEmbedding(E, cfg.coord_scale)
         self.time_emb = SinusoidalEmbedding(E, cfg.time_scale)
         self.attn = nn.ModuleList(SelfAttention(E, cfg.heads) for _ in range(cfg.attn_layers))
@@ -359,21 +371,66 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown block {cfg.block!r}; use gelu or relu")
         blocks = [ResidualBlock(cfg.hidden, cfg.block) for _ in range(cfg.hidden_layers)]
         if cfg.block == "relu":  # the study's MLPDenoiser: pre-activation blocks, one ReLU before the output
-            self.mlp = nn.Sequential(nn.Linear(3 * E, cfg.hidden), *blocks, nn.ReLU(), nn.Linear(cfg.hidden, 2))
+            self.mlp = nn.Sequential(nn.Linear((D + 1) * E, cfg.hidden), *blocks, nn.ReLU(), nn.Linear(cfg.hidden, D))
         else:
-            self.mlp = nn.Sequential(nn.Linear(3 * E, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, 2))
-        # The training data's mean and covariance, for the sampler's start (NoiseScheduler.prior).
-        # Saved with the weights; 0 and I (the defaults) mean the standard N(0, I) start.
-        self.register_buffer("data_mean", torch.zeros(2))
-        self.register_buffer("data_cov", torch.eye(2))
+            self.mlp = nn.Sequential(nn.Linear((D + 1) * E, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, D))
+        # What the model knows about its training data, saved with the weights (set_data_stats):
+        # the affine map x = data_shift + data_scale * z between data units x and the model's space z,
+        # and the mean and covariance of z, for the sampler's start (NoiseScheduler.prior).
+        # The defaults (the identity map, 0 and I) mean raw coordinates and the standard N(0, I) start.
+        self.register_buffer("data_mean", torch.zeros(D))
+        self.register_buffer("data_cov", torch.eye(D))
+        self.register_buffer("data_shift", torch.zeros(D))
+        self.register_buffer("data_scale", torch.ones(D))
+
+    def check_points(self, x):
+        """Refuse anything but (B, D) points, in one sentence."""
+        D = self.cfg.data_dim
+        if x.ndim != 2 or x.shape[1] != D:
+            raise ValueError(f"this Denoiser takes {D}-D points, (B, {D}) (DenoiserConfig.data_dim={D}), but got shape {tuple(x.shape)};"
+                             f" give it points with {D} coordinates, or build a model for yours with DenoiserConfig(data_dim=...)")
+
+    @torch.no_grad()
+    def set_data_stats(self, x, standardize=True, moments=True):
+        """Keep what the loss and the samplers need to know about the training points x (N, D), in data units.
+
+        standardize=True: the model works on z = (x - data_shift) / data_scale, each coordinate at mean 0
+        and sd MODEL_SD (a constant one at the largest scale of the others), so that points at any offset
+        and scale meet the settings tuned on the study's data; ddpm_loss maps its input to z and sample
+        maps its output back. False keeps the raw coordinates (train.py does, for the named datasets).
+        moments=True: data_mean and data_cov of z, for NoiseScheduler.prior; False keeps 0 and I (N(0, I)).
+        Call this before wrapping the model in AveragedModel, which copies the buffers once.
+        """
+        x = torch.as_tensor(x).detach().cpu().double()  # statistics in float64 on the CPU (MPS has no float64)
+        self.check_points(x)
+        D, sd = x.shape[1], x.std(0, correction=0)
+        sd = torch.where(sd > 0, sd, sd.max() if sd.max() > 0 else 1.0)
+        shift, scale = (x.mean(0).float(), (sd / MODEL_SD).float()) if standardize else (torch.zeros(D), torch.ones(D))
+        z = (x - shift.double()) / scale.double()  # as to_model computes it
+        mean = z.mean(0) if moments else torch.zeros(D, dtype=torch.float64)
+        cov = (z - mean).T @ (z - mean) / len(z) if moments else torch.eye(D, dtype=torch.float64)
+        for buffer, value in ((self.data_shift, shift), (self.data_scale, scale), (self.data_mean, mean), (self.data_cov, cov)):
+            buffer.copy_(value.float())
+
+    def to_model(self, x):
+        """Data units -> the model's space: z = (x - data_shift) / data_scale (exact for the identity map)."""
+        self.check_points(x)
+        return (x - self.data_shift) / self.data_scale
+
+    def to_data(self, z):
+        """The model's space -> data units: x = data_shift + data_scale * z."""
+        return self.data_shift + self.data_scale * z
 
     def forward(self, x, t):
-        tokens = torch.stack([self.coord_emb(x[:, 0]), self.coord_emb(x[:, 1]), self.time_emb(t)], 1)  # (B, 3, E)
+        self.check_points(x)
+        if t.shape != x.shape[:1]:
+            raise ValueError(f"t must hold one timestep per point, shape ({x.shape[0]},), but has shape {tuple(t.shape)}")
+        tokens = torch.stack([self.coord_emb(x[:, i]) for i in range(x.shape[1])] + [self.time_emb(t)], 1)  # (B, D+1, E)
         for block in self.attn:
             tokens = block(tokens)
         if len(self.ssm):
             tokens = tokens + self.ssm_out(self.ssm_stack(self.ssm_in(tokens)))
-        return self.mlp(tokens.flatten(1))  # (B, 3E) -> (B, 2)
+        return self.mlp(tokens.flatten(1))  # (B, (D+1)E) -> (B, D)
 
     def ssm_stack(self, h):
         """DiS / U-ViT long skips: block i of the shallow half feeds block n-1-i of the deep half."""
@@ -391,14 +448,31 @@ class Denoiser(nn.Module):
 # 7. Loss
 
 
-def ddpm_loss(model, scheduler, x0, generator=None, low_t=0, low_frac=0.0, rows=None):
+def unwrap(model):
+    """The Denoiser inside torch's wrappers: AveragedModel, DataParallel and DDP hold it as .module,
+    torch.compile as ._orig_mod. So the loss and the samplers find its data statistics through an
+    EMA wrapper too. Any other module (a stand-in denoiser) is returned as it is."""
+    while isinstance(model, nn.Module) and not isinstance(model, Denoiser):
+        inner = model._modules.get("module", model._modules.get("_orig_mod"))
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def ddpm_loss(model, scheduler, x0, generator=None, low_t=2, low_frac=0.25, rows=None):
     """L_simple (Ho et al. eq. 14): MSE between the true and predicted noise, t ~ U{0..T-1}.
 
+    x0: (B, D) points in data units; a Denoiser first maps them to its own space (set_data_stats).
     low_frac > 0 redraws that share of the batch from t ~ U{0..low_t-1}: more signal for the last
     denoising steps, where sharp detail is decided (docs/tuning.md: "low-t oversampling").
+    The defaults are train.py's (a quarter of each batch at t < 2); low_frac=0 is the plain L_simple.
     rows (a slice) scores only those rows of the batch, after drawing t and noise for all of it: each
     data-parallel process takes its own rows of the same draw, as one process would see them.
     """
+    net = unwrap(model)
+    if isinstance(net, Denoiser):
+        x0 = net.to_model(x0)
     n = x0.shape[0]
     t = torch.randint(0, scheduler.num_train_timesteps, (n,), device=x0.device, generator=generator)
     k = round(low_frac * n)
@@ -420,14 +494,16 @@ DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; th
 
 @torch.no_grad()
 def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device="cpu", return_trajectory=False,
-           batch_size=None, callback=None):
-    """Draw n points, starting from x_T ~ scheduler.prior with the model's data moments.
+           batch_size=None, dim=None, callback=None):
+    """Draw n points in data units, starting from x_T ~ scheduler.prior with the model's data moments.
 
     sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
     sampler="ddim": strided DDIM over `steps` timesteps with the given eta (0: deterministic).
     sampler="dpm++": DPM-Solver++(2M) SDE over `steps` (default 20) timesteps spaced evenly in log-SNR.
     Each timestep is one network evaluation; the last one (t = 0) returns its predicted x_0.
-    Returns (n, 2), or the trajectory (steps + 1, n, 2) on the CPU with return_trajectory=True.
+    Returns (n, D), or the trajectory (steps + 1, n, D) on the CPU with return_trajectory=True.
+    model: a Denoiser, also inside AveragedModel or torch.compile (unwrap). Any other module starts
+    from its data_mean / data_cov if it has them, else from N(0, I) in dim dimensions.
 
     The network sees at most batch_size rows at a time: by default 1024 on CPU, where the activations
     then stay in cache (DDPM-100 at n = 10,000: 1.4x faster, README "Performance"), else all n.
@@ -441,8 +517,10 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
         raise ValueError(f"batch_size {batch_size} must be a positive number of rows (or None for the default)")
     steps = steps or DEFAULT_STEPS.get(sampler, T)
     timesteps = scheduler.set_timesteps(steps, "logsnr" if sampler == "dpm++" else "linear")
-    x = scheduler.prior(n, getattr(model, "data_mean", None), getattr(model, "data_cov", None), generator, device)
-    trajectory = [x.cpu()] if return_trajectory else None
+    net = unwrap(model)
+    x = scheduler.prior(n, getattr(net, "data_mean", None), getattr(net, "data_cov", None), generator, device, dim)
+    to_data = net.to_data if isinstance(net, Denoiser) else (lambda z: z)
+    trajectory = [to_data(x).cpu()] if return_trajectory else None
     x0_last = t_last = None
     batch_size = batch_size or (1024 if x.device.type == "cpu" else n)
     for i, t in enumerate(timesteps):
@@ -459,10 +537,10 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
         else:
             x = scheduler.ddim_step(eps, t, t_prev, x, eta=1.0 if sampler == "ddpm" else eta, generator=generator)
         if return_trajectory:
-            trajectory.append(x.cpu())
+            trajectory.append(to_data(x).cpu())
         if callback is not None:
             callback(i, len(timesteps))
-    return torch.stack(trajectory) if return_trajectory else x
+    return torch.stack(trajectory) if return_trajectory else to_data(x)
 
 
 # -----------------------------------------------------------------------------
@@ -508,16 +586,21 @@ def load_checkpoint(path):
 
 
 def load_weights(model, state):
-    """load_state_dict, strict, except that checkpoints from before the data-moment buffers load
-    with their defaults (the N(0, I) start they were sampled with)."""
-    model.load_state_dict({"data_mean": torch.zeros(2), "data_cov": torch.eye(2), **state})
+    """load_state_dict, strict, except that checkpoints from before the data-statistics buffers load
+    with their defaults (the raw coordinates and the N(0, I) start they were made with). Weights for
+    points with another number of coordinates are refused in one sentence."""
+    D, d = model.cfg.data_dim, len(state["data_mean"]) if "data_mean" in state else 2  # 2: from before data_mean
+    if d != D:
+        raise ValueError(f"the weights are for {d}-D points but the model is built for {D}-D points; use data with {d} coordinates per point")
+    defaults = dict(data_mean=torch.zeros(D), data_cov=torch.eye(D), data_shift=torch.zeros(D), data_scale=torch.ones(D))
+    model.load_state_dict({**defaults, **state})
 
 
 def model_from_checkpoint(ckpt, key="ema"):
     """Build the Denoiser and scheduler a checkpoint describes, with its EMA (or raw) weights."""
     try:
         known = {f.name for f in fields(DenoiserConfig)}
-        cfg = DenoiserConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
+        cfg = DenoiserConfig(**{"data_dim": 2, **{k: v for k, v in ckpt["model_config"].items() if k in known}})  # 2: from before data_dim
         model = Denoiser(cfg)
         load_weights(model, ckpt[key])
         scheduler = NoiseScheduler(**ckpt["scheduler_config"])

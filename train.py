@@ -54,7 +54,7 @@ def get_parser(p=None, skip=()):
     p = p or evaluate.ArgumentParser(description="Train a DDPM on 2-D points, then evaluate it.")
     a = lambda flag, **kw: None if flag[2:] in skip else p.add_argument(flag, **kw)
     pre = lambda text, key: f"{text} (default from --preset: {preset_value(key)})"
-    a("--dataset", default="dino", help="circle, dino, line, moons, or a path to an (N, 2) .csv/.txt/.npy file")
+    a("--dataset", default="dino", help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.txt/.npy file")
     a("--preset", choices=sorted(PRESETS), default="tinydiff", help="tinydiff (measured defaults) or paper (the study's code path)")
     a("--attn_layers", type=int, default=0, help="self-attention layers over the tokens [x1, x2, t]")
     a("--heads", type=int, default=4, help="attention heads; must divide 128")
@@ -184,7 +184,7 @@ def check_settings(args):
     try:
         X = datasets.load_dataset(args.dataset)
         cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
-                                coord_scale=args.coord_scale)
+                                coord_scale=args.coord_scale, data_dim=X.shape[1])
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
         sched = td.NoiseScheduler(**sched_cfg)
         sched.set_timesteps(args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, args.num_timesteps))  # refused now, not after training
@@ -192,12 +192,11 @@ def check_settings(args):
         fail(str(e).replace("steps must be", "--sample_steps must be"))
     if not np.isfinite(X.astype(np.float32)).all():
         fail(f"{args.dataset} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
-    need = [("batch_size", args.batch_size * activation_bytes_per_row(td.Denoiser(cfg), sched, X.shape[1])),
-            ("eval_batch_size", args.eval_batch_size * X.shape[1] * 64)]  # samples, their copies in the sampler and the k-d tree
-    free = evaluate.available_memory(device)
-    for name, nbytes in need:
-        if free is not None and nbytes > free / 2:
-            fail(f"--{name} {getattr(args, name)} needs about {nbytes / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; use a smaller value")
+    try:  # samples: their copies in the sampler and the k-d tree
+        evaluate.check_memory("--batch_size", args.batch_size, args.batch_size * activation_bytes_per_row(td.Denoiser(cfg), sched, X.shape[1]), device)
+        evaluate.check_memory("--eval_batch_size", args.eval_batch_size, args.eval_batch_size * X.shape[1] * 64, device)
+    except ValueError as e:
+        fail(str(e))
     return X, cfg, sched_cfg
 
 
@@ -377,9 +376,8 @@ def train(argv, sig):
     torch.manual_seed(args.seed)
     data = torch.as_tensor(X, dtype=torch.float32, device=device)
     model = td.Denoiser(cfg).to(device)
-    if args.prior == "data":  # the sampler starts from the data's moments (NoiseScheduler.prior)
-        model.data_mean.copy_(torch.as_tensor(X.mean(0)))
-        model.data_cov.copy_(torch.as_tensor(np.cov(X.T, bias=True)))
+    # a user's file is standardized inside the model (named datasets keep the study's coordinates); prior data: start from the data's moments
+    model.set_data_stats(torch.as_tensor(X), standardize=args.dataset not in datasets.DATASETS, moments=args.prior == "data")
     scheduler = td.NoiseScheduler(**sched_cfg).to(device)
     ema = AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay, args.ema_every, args.ema_warmup))
     epochs = EpochBatches(len(data), args.batch_size, args.seed) if args.batches == "epochs" else None
@@ -401,7 +399,9 @@ def train(argv, sig):
             torch.set_rng_state(ckpt["rng"]["torch"])
             gen.set_state(ckpt["rng"]["gen"].to(gen.get_state().device))
             step, losses, train_time, curve = ckpt["step"], ckpt["losses"], ckpt["train_time"], ckpt.get("curve", [])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except ValueError as e:  # the data now have another number of columns
+            fail(f"cannot resume {ckpt_path} with {args.dataset}: {e}")
+        except (KeyError, TypeError, RuntimeError) as e:
             fail(f"{ckpt_path} does not hold a complete training state ({type(e).__name__}: {str(e)[:80]}); start a new run with --overwrite")
         for group, base in zip(optimizer.param_groups, lr_sched.base_lrs):  # the schedule's value now (differs only when extended)
             group["lr"] = base * schedule(step)

@@ -1,9 +1,10 @@
-"""Each dataset's statistics against its definition; bad files refused."""
+"""Each dataset's statistics against its definition; users' files as people write them; bad files refused."""
 import math
+import os
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import integrate, stats
 
 import datasets
 
@@ -12,10 +13,16 @@ def close(value, expected, se, n_sigma=5):
     assert abs(value - expected) < n_sigma * se, (value, expected, se)
 
 
+DIMS = {"circle": 2, "dino": 2, "line": 2, "moons": 2, "swissroll3d": 3}
+
+
 def test_defaults_are_100k_points_from_seed_42_and_reproducible():
+    assert set(DIMS) == set(datasets.DATASETS)
     for name in datasets.DATASETS:
         X = datasets.load_dataset(name)
-        assert X.shape == (100_000, 2) and np.isfinite(X).all()
+        assert X.shape == (100_000, DIMS[name]) and np.isfinite(X).all()
+        # inside the study's square [-5, 5]^D and spread over it: evaluate's fixed grid and plots fit them
+        assert np.abs(X).max() < 5 and (X.max(0) - X.min(0) > 2).all()
         assert np.array_equal(X, datasets.DATASETS[name](100_000, np.random.default_rng(42)))
         assert not np.array_equal(X[:100], datasets.load_dataset(name, seed=1)[:100])
 
@@ -72,21 +79,63 @@ def test_dino_moments_match_the_datasaurus_points():
         close(X[:, d].var(), var[d], var[d] * 0.02)
 
 
-def test_user_points_load_from_csv_txt_and_npy(tmp_path):
-    P = np.random.default_rng(0).normal(size=(50, 2))
+def test_swissroll3d_matches_its_definition():
+    """Moments against the integrals of its definition (scipy.integrate.quad), and the roll itself:
+    the angle of (x1, x3) equals the radius (times 3.6), up to the noise."""
+    X = datasets.load_dataset("swissroll3d")
+    n, a, b, s2 = len(X), 1.5 * np.pi, 4.5 * np.pi, 0.05**2
+    Ex = integrate.quad(lambda t: t * np.cos(t), a, b)[0] / (b - a) / 3.6
+    Ez = integrate.quad(lambda t: t * np.sin(t), a, b)[0] / (b - a) / 3.6
+    Ex2 = integrate.quad(lambda t: (t * np.cos(t)) ** 2, a, b, limit=200)[0] / (b - a) / 3.6**2
+    Ez2 = integrate.quad(lambda t: (t * np.sin(t)) ** 2, a, b, limit=200)[0] / (b - a) / 3.6**2
+    Exz = integrate.quad(lambda t: t * t * np.cos(t) * np.sin(t), a, b, limit=200)[0] / (b - a) / 3.6**2
+    vx, vy, vz = Ex2 - Ex**2 + s2, 21**2 / 12 / 3.6**2 + s2, Ez2 - Ez**2 + s2
+    for d, mean, var in ((0, Ex, vx), (1, 0.0, vy), (2, Ez, vz)):
+        close(X[:, d].mean(), mean, math.sqrt(var / n))
+        close(X[:, d].var(), var, var * 0.02)
+    close(np.cov(X[:, 0], X[:, 2])[0, 1], Exz - Ex * Ez, math.sqrt(vx * vz / n) * 2)
+    t = 3.6 * np.hypot(X[:, 0], X[:, 2])
+    gap = np.abs(np.angle(np.exp(1j * (np.arctan2(X[:, 2], X[:, 0]) - t))))  # wrapped
+    assert np.median(gap) < 0.2 and np.quantile(gap, 0.99) < 1.0  # uniform angles would give pi/2 and 3.1
+    assert abs(X[:, 1]).max() < 10.5 / 3.6 + 0.05 * 6
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 5])
+def test_user_points_load_from_csv_txt_and_npy_in_any_dimension(tmp_path, D):
+    P = np.random.default_rng(0).normal(size=(50, D)) * 1e4 + 3
     np.savetxt(tmp_path / "p.csv", P, delimiter=",")
+    np.savetxt(tmp_path / "p.tsv", P, delimiter="\t")
     np.savetxt(tmp_path / "p.txt", P)
+    np.savetxt(tmp_path / "p.semi.csv", P, delimiter=";")
     np.save(tmp_path / "p.npy", P)
-    for f in ("p.csv", "p.txt", "p.npy"):
-        np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / f)), P)
+    with open(tmp_path / "P.NPY", "wb") as f:  # np.save would append .npy
+        np.save(f, P.astype(np.float32))
+    for f in ("p.csv", "p.tsv", "p.txt", "p.semi.csv", "p.npy", "P.NPY"):
+        X = datasets.load_dataset(str(tmp_path / f))
+        assert X.dtype == np.float64 and X.shape == (50, D)
+        np.testing.assert_allclose(X, P, rtol=1e-6 if f == "P.NPY" else 1e-12)
+
+
+def test_text_as_people_write_it_bom_comments_and_a_header(tmp_path, capsys):
+    P = np.random.default_rng(1).normal(size=(20, 3))
+    rows = "\n".join(",".join(f"{v:.17g}" for v in row) for row in P)
+    text = f"\ufeff# exported by my tool\n# units: m\nx,y,z\n{rows}\n# the end\n"
+    (tmp_path / "p.csv").write_bytes(text.encode("utf-8"))
+    np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / "p.csv")), P, rtol=1e-15)
+    assert "skipped the header row" in capsys.readouterr().out and "x,y,z" not in capsys.readouterr().out
+    (tmp_path / "q.csv").write_bytes(f"\ufeff{rows}\n".encode("utf-8"))  # a BOM, no header: nothing skipped
+    np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / "q.csv")), P, rtol=1e-15)
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("name,content,match", [
-    ("three.csv", "1,2,3\n4,5,6\n", "exactly 2 columns"),
+    ("ragged.csv", "1,2\n3,4,5\n", "not a table of numbers"),
     ("nan.csv", "1,2\nnan,5\n", "NaN or infinite"),
     ("inf.txt", "1 2\ninf 5\n", "NaN or infinite"),
     ("empty.csv", "", "N >= 1 rows"),
+    ("header-only.csv", "# comment\nx,y\n", "N >= 1 rows"),
     ("words.csv", "x,y\na,b\n", "not a table of numbers"),
+    ("complex.txt", "1+2j 3\n4-1j 5\n", "not a table of numbers"),
 ])
 def test_malformed_text_files_are_refused(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
@@ -94,15 +143,50 @@ def test_malformed_text_files_are_refused(tmp_path, name, content, match):
         datasets.load_dataset(str(tmp_path / name))
 
 
-def test_malformed_npy_files_are_refused(tmp_path):
+def with_shape(raw, shape):
+    """A version 1.0 .npy file's bytes with the header's shape replaced, the header kept at its length."""
+    n = int.from_bytes(raw[8:10], "little")
+    header = raw[10 : 10 + n].decode("latin1").rstrip()
+    assert "(4, 2)" in header
+    return raw[:10] + (header.replace("(4, 2)", shape).ljust(n - 1) + "\n").encode("latin1") + raw[10 + n :]
+
+
+def test_malformed_npy_files_are_refused_in_one_line(tmp_path):
     np.save(tmp_path / "flat.npy", np.arange(10.0))
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "complex.npy", np.ones((5, 2)) + 1j)
+    np.save(tmp_path / "words.npy", np.array([["a", "b"]]))
     (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
-    with pytest.raises(ValueError, match="exactly 2 columns"):
-        datasets.load_dataset(str(tmp_path / "flat.npy"))
-    for f in ("obj.npy", "junk.npy"):
-        with pytest.raises(ValueError, match=f"{f}"):
+    np.save(tmp_path / "good.npy", np.zeros((4, 2)))
+    raw = (tmp_path / "good.npy").read_bytes()
+    (tmp_path / "forged.npy").write_bytes(with_shape(raw, "(9**99,)"))  # an expression, not a shape
+    (tmp_path / "huge.npy").write_bytes(with_shape(raw, "(9999999999, 2)"))  # 160 GB promised, 32 bytes there
+    (tmp_path / "truncated.npy").write_bytes(raw[:-8])
+    cases = {"flat.npy": r"shape \(10,\); it must be \(N, D\)", "obj.npy": "object values; it must hold real numbers",
+             "complex.npy": "complex numbers", "words.npy": "<U1 values", "junk.npy": "not a readable .npy file",
+             "forged.npy": "not a readable .npy file", "huge.npy": "does not match the file's", "truncated.npy": "does not match the file's"}
+    for f, match in cases.items():
+        with pytest.raises(ValueError, match=match) as e:
             datasets.load_dataset(str(tmp_path / f))
+        assert str(e.value).startswith(str(tmp_path / f)) and "\n" not in str(e.value)
+
+
+def test_files_too_large_to_read_are_refused_before_reading(tmp_path, monkeypatch):
+    big = tmp_path / "big.csv"
+    with open(big, "wb") as f:  # sparse: takes no disk space, but reading it would take a while
+        f.truncate(datasets.MAX_FILE_BYTES + 1)
+    with pytest.raises(ValueError, match="larger than the 1 GB"):
+        datasets.load_dataset(str(big))
+    P = np.random.default_rng(0).normal(size=(1000, 4))
+    np.savetxt(tmp_path / "p.csv", P, delimiter=",")
+    np.save(tmp_path / "p.npy", P)
+    monkeypatch.setattr(datasets, "available_memory", lambda: P.nbytes)  # less than the parsed points and their copy
+    for f in ("p.csv", "p.npy"):
+        with pytest.raises(ValueError, match="would need about .* GB of memory"):
+            datasets.load_dataset(str(tmp_path / f))
+    monkeypatch.setattr(datasets, "available_memory", lambda: 10 * P.nbytes)
+    for f in ("p.csv", "p.npy"):
+        np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / f)), P)
 
 
 def test_unknown_names_and_missing_files_are_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""The KL metrics against the analytic KL of two Gaussians, and their refusals."""
+"""The KL metrics against the analytic KL of two Gaussians, in any dimension; grids and plots that fit the data; refusals."""
+import itertools
 import math
 
 import numpy as np
@@ -63,10 +64,65 @@ def test_nonfinite_samples_are_reported_and_excluded():
         evaluate.compute_metrics(data, np.full((10, 2), np.nan))
 
 
-@pytest.mark.parametrize("shape", [(10,), (10, 3), (2, 5, 2)])
+@pytest.mark.parametrize("shape", [(10,), (10, 3), (10, 1), (2, 5, 2)])
 def test_wrong_shapes_are_refused(shape):
     with pytest.raises(ValueError, match=r"must be an \(N, 2\) array"):
-        evaluate.check_samples(np.zeros(shape))
+        evaluate.check_samples(np.zeros(shape), dim=2)
+    data = datasets.load_dataset("moons", n=1000)
+    with pytest.raises(ValueError, match=r"must be an \(N, 2\) array"):
+        evaluate.compute_metrics(data, np.zeros(shape))
+
+
+def test_complex_samples_are_refused():
+    with pytest.raises(ValueError, match="real numbers"):
+        evaluate.check_samples(np.ones((10, 2)) + 1j)
+
+
+def test_knn_kl_matches_the_analytic_gaussian_kl_in_3d():
+    rng = np.random.default_rng(0)
+    mu, sigma = np.array([0.5, 0.0, -0.3]), 1.2
+    P = rng.normal(size=(20_000, 3))
+    Q = mu + sigma * rng.normal(size=(20_000, 3))
+    assert evaluate.knn_kl(P, Q) == pytest.approx(gauss_kl_nats(mu, sigma, d=3) / math.log(2), abs=0.05)
+
+
+def test_hist_kl_in_1d_and_the_pair_mean_in_3d_match_the_analytic_kl():
+    """D = 1: the 1-D histogram; D = 3: the mean over the 3 coordinate pairs of the 2-D marginals' KL,
+    each of which is the closed form for that pair's Gaussian marginals."""
+    rng = np.random.default_rng(1)
+    mu, sigma = np.array([0.5, 0.0, -0.3]), 1.3
+    P = rng.normal(size=(2_000_000, 3))
+    Q = mu + sigma * rng.normal(size=(2_000_000, 3))
+    pairs = list(itertools.combinations(range(3), 2))
+    expected = np.mean([gauss_kl_nats(mu[list(p)], sigma) for p in pairs])
+    assert evaluate.hist_kl(P, Q) == pytest.approx(expected, abs=0.01)
+    assert evaluate.hist_kl(P[:, :1], Q[:, :1]) == pytest.approx(gauss_kl_nats(mu[:1], sigma, d=1), abs=0.01)
+    m = evaluate.compute_metrics(P[:20_000], Q[:5000])
+    assert m["hist_kl_pairs"] == 3 and "pair hist KL (nats)" in evaluate.format_table(m)
+
+
+def test_the_grid_is_the_studys_square_for_named_data_and_covers_any_other():
+    for name in datasets.DATASETS:
+        lo, hi = evaluate.grid_box(datasets.load_dataset(name, n=10_000))
+        assert (lo == -5).all() and (hi == 5).all()
+    data, samples = datasets.load_dataset("moons", n=20_000), datasets.load_dataset("moons", n=5000, seed=7)
+    for scale, shift in ((50, 100), (1e-3, 0), (1e6, -3e6)):
+        lo, hi = evaluate.grid_box(data * scale + shift)
+        assert (lo < (data * scale + shift).min(0)).all() and (hi > (data * scale + shift).max(0)).all()
+        # reference: the same grid mapped back onto the unscaled points gives the same KL
+        kl = evaluate.hist_kl(data * scale + shift, samples * scale + shift)
+        assert np.isfinite(kl) and kl == pytest.approx(evaluate.hist_kl(data, samples, box=((lo - shift) / scale, (hi - shift) / scale)), abs=1e-3)
+    lo, hi = evaluate.grid_box(np.array([[1.0, 7.0], [2.0, 7.0]]))  # a constant coordinate still gets a box
+    assert (hi > lo).all()
+
+
+@pytest.mark.parametrize("D", [1, 3, 8])
+def test_plots_in_any_dimension(tmp_path, D):
+    data = np.random.default_rng(0).normal(size=(2000, D)) * 1e6 + 5e6
+    evaluate.plot_samples(data, data[:500] * 1.01, str(tmp_path / "s.png"), "title")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    pairs = evaluate.plot_pairs(D)
+    assert pairs == (list(itertools.combinations(range(D), 2)) if D <= 5 else [(i, i + 1) for i in range(D - 1)])
 
 
 def test_floor_is_none_for_a_users_file_and_a_fresh_draw_otherwise():

@@ -200,6 +200,26 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_moons_at_another_offset_and_scale_train_as_well_with_the_default_flags(trained, tmp_path):
+    """A user's moons, scaled by 50 and shifted by 100, with the flags of the run above. Reference: that
+    run on the study's coordinates. The samples come back in the file's units; mapped back to the
+    study's, they score about as well on its metrics (same grid)."""
+    out, _ = trained
+    data = datasets.load_dataset("moons")
+    np.savetxt(tmp_path / "moons.csv", data * 50 + 100, delimiter=",")
+    run("train.py", "--dataset", tmp_path / "moons.csv", "--train_steps", 1500, "--batch_size", 256, "--lr", "1e-3",
+        "--eval_batch_size", 2000, "--log_interval", 500, "--out_dir", tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert all(np.isfinite(m[k]) for k in ("knn_kl_bits", "hist_kl_nats", "eval_loss"))
+    raw, scaled = np.load(out / "samples.npy"), (np.load(tmp_path / "run" / "samples.npy") - 100) / 50
+    assert abs(evaluate.knn_kl(data, scaled) - evaluate.knn_kl(data, raw)) < 0.1
+    assert abs(evaluate.hist_kl(data, scaled) - evaluate.hist_kl(data, raw)) < 0.15
+    assert m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(data * 50 + 100, scaled * 50 + 100), abs=1e-6)  # in the file's units
+    ckpt = td.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # the map is in the checkpoint, for sample.py and evaluate.py
+    np.testing.assert_allclose(ckpt["ema"]["data_shift"].numpy(), data.mean(0) * 50 + 100, rtol=1e-6)
+    np.testing.assert_allclose(ckpt["ema"]["data_scale"].numpy(), data.std(0) * 50 / td.MODEL_SD, rtol=1e-6)
+
+
 def test_user_data_file_trains(tmp_path):
     pts = np.random.default_rng(0).normal(size=(500, 2))
     np.savetxt(tmp_path / "pts.csv", pts, delimiter=",")
@@ -211,7 +231,7 @@ def test_user_data_file_trains(tmp_path):
 
 @pytest.mark.parametrize("script,args,message", [
     ("train.py", ["--dataset", "spiral"], "unknown dataset 'spiral'"),
-    ("train.py", ["--attn_layers", "1", "--heads", "3"], "--heads 3 must divide"),
+    ("train.py", ["--attn_layers", "1", "--heads", "3"], "heads 3 must divide the token width 128"),
     ("train.py", ["--train_steps", "0"], "--train_steps must be a positive integer"),
     ("train.py", ["--batch_size", "-4"], "--batch_size must be a positive integer"),
     ("train.py", ["--sample_steps", "500"], "steps must be in 1..100"),

@@ -355,13 +355,15 @@ def test_baseline_parameter_count_matches_the_study_build():
     assert sum(p.numel() for p in td.Denoiser(td.DenoiserConfig()).parameters()) == expected == 296_450
 
 
-def test_relu_block_is_the_study_mlp_denoiser():
+@pytest.mark.parametrize("D", [2, 3])
+def test_relu_block_is_the_study_mlp_denoiser(D):
     """block="relu" against the study's MLPDenoiser written out by hand with the same weights:
-    Linear(384, 256) -> 3 x (x + Linear(ReLU(x))) -> ReLU -> Linear(256, 2)."""
+    Linear(384, 256) -> 3 x (x + Linear(ReLU(x))) -> ReLU -> Linear(256, 2); in D dimensions one
+    embedding per coordinate: Linear(128 (D + 1), 256) ... Linear(256, D)."""
     torch.manual_seed(0)
-    model = td.Denoiser(td.DenoiserConfig(block="relu", coord_scale=25.0))
-    assert sum(p.numel() for p in model.parameters()) == 296_450
-    x, t = torch.randn(9, 2), torch.randint(0, 100, (9,))
+    model = td.Denoiser(td.DenoiserConfig(block="relu", coord_scale=25.0, data_dim=D))
+    assert D != 2 or sum(p.numel() for p in model.parameters()) == 296_450
+    x, t = torch.randn(9, D), torch.randint(0, 100, (9,))
 
     def emb(v, scale):  # the template's SinusoidalEmbedding, from its formula
         w = torch.exp(-math.log(10000.0) / 63 * torch.arange(64))
@@ -369,7 +371,7 @@ def test_relu_block_is_the_study_mlp_denoiser():
         return torch.cat([a.sin(), a.cos()], -1)
 
     lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    h = lin[0](torch.cat([emb(x[:, 0], 25.0), emb(x[:, 1], 25.0), emb(t, 1.0)], -1))
+    h = lin[0](torch.cat([emb(x[:, i], 25.0) for i in range(D)] + [emb(t, 1.0)], -1))
     for ff in lin[1:4]:
         h = h + ff(torch.relu(h))
     torch.testing.assert_close(model(x, t), lin[4](torch.relu(h)))
@@ -392,7 +394,7 @@ def test_ddpm_loss_is_the_noise_mse():
     torch.manual_seed(0)
     model, s = td.Denoiser(td.DenoiserConfig()), td.NoiseScheduler()
     x0 = torch.randn(64, 2)
-    loss = td.ddpm_loss(model, s, x0, generator=torch.Generator().manual_seed(5))
+    loss = td.ddpm_loss(model, s, x0, generator=torch.Generator().manual_seed(5), low_frac=0)
     g = torch.Generator().manual_seed(5)
     t = torch.randint(0, 100, (64,), generator=g)
     noise = torch.randn(64, 2, generator=g)
@@ -421,7 +423,7 @@ def test_low_t_oversampling_draws_the_stated_mixture(low_t, low_frac):
 
 def test_low_t_off_is_the_plain_uniform_draw():
     a, b, s = RecordT(), RecordT(), td.NoiseScheduler()
-    td.ddpm_loss(a, s, torch.zeros(64, 2), generator=torch.Generator().manual_seed(3))
+    td.ddpm_loss(a, s, torch.zeros(64, 2), generator=torch.Generator().manual_seed(3), low_t=0, low_frac=0.0)
     td.ddpm_loss(b, s, torch.zeros(64, 2), generator=torch.Generator().manual_seed(3), low_t=2, low_frac=0.0)
     assert torch.equal(a.t, b.t) and torch.equal(a.t, torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(3)))
 
@@ -440,7 +442,7 @@ class OracleEps(torch.nn.Module):
 @pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddpm", 10), ("ddim", 20), ("ddim", 1), ("dpm++", 20), ("dpm++", 5)])
 def test_samplers_recover_a_point_mass_from_the_exact_denoiser(sampler, steps):
     s = td.NoiseScheduler()
-    x = td.sample(OracleEps(s, [1.5, -2.0]), s, 500, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+    x = td.sample(OracleEps(s, [1.5, -2.0]), s, 500, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0), dim=2)
     torch.testing.assert_close(x, torch.tensor([[1.5, -2.0]]).expand(500, 2), atol=1e-4, rtol=0)
 
 
@@ -465,14 +467,15 @@ def test_sampling_in_chunks_gives_the_samples_of_one_batch(sampler):
         run(0)
 
 
-def test_prior_has_the_moments_of_the_forward_process_at_T():
+@pytest.mark.parametrize("D", [2, 3])
+def test_prior_has_the_moments_of_the_forward_process_at_T(D):
     """Reference: x_T drawn by add_noise from skewed, correlated data (not Gaussian)."""
     s, g = td.NoiseScheduler(), torch.Generator().manual_seed(0)
     n = 400_000
     u = torch.rand(n, generator=g) ** 3
-    data = torch.stack([4 * u - 1, 2 * u + 0.5 * torch.randn(n, generator=g)], 1)
+    data = torch.stack([4 * u - 1, 2 * u + 0.5 * torch.randn(n, generator=g), u.sqrt() - torch.rand(n, generator=g)][:D], 1)
     mean, cov = data.mean(0), torch.cov(data.T, correction=0)
-    xT = s.add_noise(data, torch.randn(n, 2, generator=g), torch.full((n,), 99))
+    xT = s.add_noise(data, torch.randn(n, D, generator=g), torch.full((n,), 99))
     draw = s.prior(n, mean, cov, generator=g)
     torch.testing.assert_close(draw.mean(0), xT.mean(0), atol=0.01, rtol=0)
     torch.testing.assert_close(torch.cov(draw.T), torch.cov(xT.T), atol=0.01, rtol=0)
@@ -480,9 +483,12 @@ def test_prior_has_the_moments_of_the_forward_process_at_T():
 
 def test_prior_with_zero_mean_and_identity_cov_is_the_standard_normal():
     s = td.NoiseScheduler()
-    z = s.prior(1000, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(z, torch.randn(1000, 2, generator=torch.Generator().manual_seed(3)))
-    assert torch.equal(s.prior(1000, torch.zeros(2), torch.eye(2), generator=torch.Generator().manual_seed(3)), z)
+    for D in (1, 2, 5):
+        z = s.prior(1000, generator=torch.Generator().manual_seed(3), dim=D)
+        assert torch.equal(z, torch.randn(1000, D, generator=torch.Generator().manual_seed(3)))
+        assert torch.equal(s.prior(1000, torch.zeros(D), torch.eye(D), generator=torch.Generator().manual_seed(3)), z)
+    with pytest.raises(ValueError, match="or dim"):
+        s.prior(10)
 
 
 class GaussianEps(torch.nn.Module):
@@ -494,7 +500,7 @@ class GaussianEps(torch.nn.Module):
 
     def forward(self, x, t):
         ab = self.s.alphas_cumprod[t][:, None, None]
-        P = torch.linalg.inv(ab * self.S + (1 - ab) * torch.eye(2))
+        P = torch.linalg.inv(ab * self.S + (1 - ab) * torch.eye(len(self.mu)))
         return (1 - ab[:, :, 0]).sqrt() * (P @ (x - ab[:, :, 0].sqrt() * self.mu)[..., None])[..., 0]
 
 
@@ -507,30 +513,161 @@ def test_the_data_prior_removes_the_start_error_that_n01_leaves_at_T100():
     model.data_mean, model.data_cov = mu, S
     good = run()
     del model.data_mean, model.data_cov  # no moments: the standard N(0, I) start
-    bad = run()
+    bad = run(dim=2)
     assert (good.mean(0) - mu).abs().max() < 0.03
     assert (bad.mean(0) - mu).abs().max() > 0.3
 
 
-@pytest.mark.parametrize("sampler,steps,tol", [("ddpm", None, 0.03), ("dpm++", 20, 0.01)])
-def test_samplers_recover_gaussian_data_from_the_exact_denoiser(sampler, steps, tol):
-    s, mu, S = td.NoiseScheduler(), torch.tensor([1.0, -0.5]), torch.tensor([[0.3, 0.2], [0.2, 0.5]])
+GAUSS_3D = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([[0.4, 0.1, 0.0], [0.1, 0.3, -0.1], [0.0, -0.1, 0.6]])
+
+
+@pytest.mark.parametrize("sampler,steps,tol,gauss", [("ddpm", None, 0.03, None), ("dpm++", 20, 0.01, None), ("dpm++", 20, 0.01, GAUSS_3D)],
+                         ids=["ddpm", "dpm++", "dpm++-3d"])
+def test_samplers_recover_gaussian_data_from_the_exact_denoiser(sampler, steps, tol, gauss):
+    s, (mu, S) = td.NoiseScheduler(), gauss or (torch.tensor([1.0, -0.5]), torch.tensor([[0.3, 0.2], [0.2, 0.5]]))
     model = GaussianEps(s, mu, S)
     model.data_mean, model.data_cov = mu, S
     x = td.sample(model, s, 100_000, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
     assert (x.mean(0) - mu).abs().max() < tol and (torch.cov(x.T) - S).abs().max() < tol
 
 
-def test_checkpoints_without_the_moment_buffers_load_with_the_standard_start():
+@pytest.mark.parametrize("missing", [("data_mean", "data_cov", "data_shift", "data_scale"), ("data_shift", "data_scale")],
+                         ids=["before-moments", "before-affine-map"])
+def test_checkpoints_without_the_data_buffers_load_with_the_standard_start(missing):
     model = td.Denoiser(td.DenoiserConfig())
-    old = {k: v for k, v in model.state_dict().items() if k not in ("data_mean", "data_cov")}
+    old = {k: v for k, v in model.state_dict().items() if k not in missing}
     fresh = td.Denoiser(td.DenoiserConfig())
-    fresh.data_mean.fill_(5.0)
+    for name in ("data_mean", "data_cov", "data_shift", "data_scale"):
+        getattr(fresh, name).fill_(5.0)
     td.load_weights(fresh, old)
     assert torch.equal(fresh.data_mean, torch.zeros(2)) and torch.equal(fresh.data_cov, torch.eye(2))
+    assert torch.equal(fresh.data_shift, torch.zeros(2)) and torch.equal(fresh.data_scale, torch.ones(2))
     del old["mlp.0.weight"]
     with pytest.raises(RuntimeError, match="mlp.0.weight"):
         td.load_weights(fresh, old)
+
+
+# ----------------------------------------------------------------------------- any dimension, any scale
+
+
+@pytest.mark.parametrize("D", [1, 3, 8])
+@pytest.mark.parametrize("kw", [dict(), dict(attn_layers=1, ssm_layers=2)], ids=["base", "attn1-ssm2"])
+def test_a_d_dimensional_denoiser_has_one_token_per_coordinate(D, kw):
+    torch.manual_seed(0)
+    E, H = 128, 256
+    model = td.Denoiser(td.DenoiserConfig(data_dim=D, **kw))
+    linear = lambda i, o: i * o + o
+    mlp = sum(p.numel() for p in model.mlp.parameters())
+    assert mlp == linear((D + 1) * E, H) + 3 * linear(H, H) + linear(H, D)
+    seen = []
+    model.mlp.register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    out = model(torch.randn(7, D), torch.randint(0, 100, (7,)))
+    assert out.shape == (7, D) and torch.isfinite(out).all() and seen == [(7, (D + 1) * E)]
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("block", ["gelu", "relu"])
+def test_the_2d_build_draws_the_same_weights_in_the_same_order_as_before(block):
+    """Reference: the layers written out by hand in the order the 2-D build has always created them
+    (attention; the residual blocks; then the MLP's input and output layers). Same seed -> the same
+    weights, and the RNG left in the same state, so training from here is bit-identical too."""
+    torch.manual_seed(0)
+    model = td.Denoiser(td.DenoiserConfig(block=block, attn_layers=1))
+    after = torch.rand(5)
+    torch.manual_seed(0)
+    norm, qkv, proj = torch.nn.LayerNorm(128), torch.nn.Linear(128, 384), torch.nn.Linear(128, 128)
+    blocks = [torch.nn.Linear(256, 256) for _ in range(3)]
+    first, last = torch.nn.Linear(384, 256), torch.nn.Linear(256, 2)
+    assert torch.equal(after, torch.rand(5))
+    ref = [p for m in (norm, qkv, proj, first, *blocks, last) for p in m.parameters()]
+    assert len(ref) == len(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref))
+
+
+def test_points_that_do_not_fit_the_model_are_refused_in_library_terms():
+    model, s = td.Denoiser(td.DenoiserConfig()), td.NoiseScheduler()
+    t = torch.zeros(5, dtype=torch.long)
+    for x in (torch.randn(5, 3), torch.randn(5, 1), torch.randn(5)):
+        for call in (lambda: model(x, t), lambda: td.ddpm_loss(model, s, x), lambda: model.set_data_stats(x)):
+            with pytest.raises(ValueError, match=r"takes 2-D points, \(B, 2\) \(DenoiserConfig.data_dim=2\)") as e:
+                call()
+            assert "--" not in str(e.value)
+    with pytest.raises(ValueError, match="one timestep per point"):
+        model(torch.randn(5, 2), torch.zeros(4, dtype=torch.long))
+    weights_3d = td.Denoiser(td.DenoiserConfig(data_dim=3)).state_dict()
+    with pytest.raises(ValueError, match="weights are for 3-D points but the model is built for 2-D points"):
+        td.load_weights(model, weights_3d)
+    with pytest.raises(ValueError, match="data_dim 0 must be at least 1"):
+        td.Denoiser(td.DenoiserConfig(data_dim=0))
+
+
+def test_heads_error_names_the_divisors_of_the_width():
+    with pytest.raises(ValueError) as e:
+        td.SelfAttention(30, 4)
+    divisors = [h for h in range(1, 31) if 30 % h == 0]  # 1, 2, 3, 5, 6, 10, 15, 30
+    assert str(e.value) == f"heads 4 must divide the token width 30; use one of {', '.join(map(str, divisors))}"
+
+
+def test_set_data_stats_standardizes_each_coordinate_against_numpy():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5000, 3)) @ np.array([[2, 0, 0], [1, 0.5, 0], [0, 0.3, 1]]) * [50, 1e-3, 1e4] + [100, -3, 1e6]
+    model = td.Denoiser(td.DenoiserConfig(data_dim=3))
+    model.set_data_stats(torch.as_tensor(X))
+    np.testing.assert_allclose(model.data_shift.numpy(), X.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(model.data_scale.numpy(), X.std(0) / td.MODEL_SD, rtol=1e-6)
+    np.testing.assert_allclose(model.data_mean.numpy(), 0, atol=1e-5)
+    np.testing.assert_allclose(model.data_cov.numpy(), np.corrcoef(X.T) * td.MODEL_SD**2, atol=1e-5)  # the covariance of z
+    x = torch.as_tensor(X[:100], dtype=torch.float32)
+    torch.testing.assert_close(model.to_data(model.to_model(x)), x)
+    # raw coordinates: the identity map, and the moments numpy computes
+    raw = X / [100, 1e-3, 1e4]
+    model.set_data_stats(torch.as_tensor(raw), standardize=False)
+    assert torch.equal(model.data_shift, torch.zeros(3)) and torch.equal(model.data_scale, torch.ones(3))
+    np.testing.assert_allclose(model.data_mean.numpy(), raw.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(model.data_cov.numpy(), np.cov(raw.T, bias=True), rtol=1e-5, atol=1e-6)
+    # moments off: 0 and I (the N(0, I) start); a constant coordinate takes the largest scale of the others
+    model.set_data_stats(torch.tensor([[1.0, 5.0, 0.0], [3.0, 5.0, 0.5]]), moments=False)
+    assert torch.equal(model.data_mean, torch.zeros(3)) and torch.equal(model.data_cov, torch.eye(3))
+    torch.testing.assert_close(model.data_scale, torch.tensor([1.0, 1.0, 0.25]) / td.MODEL_SD)
+
+
+def test_a_standardized_model_is_the_raw_model_on_standardized_points():
+    """Reference: the same weights with the identity map, given the standardized points by hand:
+    the same loss (same t and noise), and samples that map back by x = shift + scale * z."""
+    torch.manual_seed(0)
+    X = torch.randn(512, 3, dtype=torch.float64) * torch.tensor([50.0, 0.01, 3.0]) + torch.tensor([100.0, -7.0, 1e3])
+    a = td.Denoiser(td.DenoiserConfig(data_dim=3)).eval()
+    a.set_data_stats(X)
+    b = copy.deepcopy(a)
+    b.data_shift.zero_()
+    b.data_scale.fill_(1.0)
+    s, g = td.NoiseScheduler(), lambda seed: torch.Generator().manual_seed(seed)
+    Z = (X.float() - a.data_shift) / a.data_scale
+    assert td.ddpm_loss(a, s, X.float(), g(1)).item() == pytest.approx(td.ddpm_loss(b, s, Z, g(1)).item(), rel=1e-6)
+    xa = td.sample(a, s, 300, "dpm++", generator=g(2))
+    zb = td.sample(b, s, 300, "dpm++", generator=g(2))
+    torch.testing.assert_close(xa, a.data_shift + a.data_scale * zb)
+    traj = td.sample(a, s, 300, "dpm++", generator=g(2), return_trajectory=True)
+    assert traj.shape == (21, 300, 3) and torch.equal(traj[-1], xa)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import warns about torch.jit
+def test_sampling_through_averaged_model_and_compile_uses_the_wrapped_statistics():
+    """Reference: the wrapped Denoiser itself. Without unwrapping, the EMA wrapper would start at N(0, I)
+    in the model's space and return points without the map back to data units."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = td.Denoiser(td.DenoiserConfig(data_dim=3)).eval()
+    model.set_data_stats(torch.randn(1000, 3, dtype=torch.float64) * 50 + 100)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+    assert td.unwrap(ema) is ema.module and td.unwrap(torch.compile(model)) is model and td.unwrap(model) is model
+    s = td.NoiseScheduler()
+    run = lambda m: td.sample(m, s, 300, "ddim", steps=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run(ema), run(model))
+    loss = lambda m: td.ddpm_loss(m, s, torch.full((64, 3), 100.0), torch.Generator().manual_seed(1))
+    assert torch.equal(loss(ema), loss(model))
 
 
 @pytest.mark.slow

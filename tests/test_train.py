@@ -62,3 +62,22 @@ def test_epoch_batches_are_shuffled_passes_without_replacement():
     assert torch.equal(second.sort().values, torch.arange(n)) and not torch.equal(second, torch.cat(per_epoch))
     resumed = train.EpochBatches(n, b, seed=3)  # a resumed run draws the same rows at the same step
     assert torch.equal(resumed.rows(6), batches.rows(6))
+
+
+def test_library_defaults_are_the_tinydiff_preset_and_the_paper_preset_sets_the_study_values():
+    import inspect
+
+    import tinydiff as td
+
+    preset, parser = train.PRESETS["tinydiff"], train.get_parser()
+    cfg = td.DenoiserConfig()
+    assert (cfg.coord_scale, cfg.block, cfg.hidden, cfg.heads) == (preset["coord_scale"], preset["block"], parser.get_default("hidden"), parser.get_default("heads"))
+    defaults = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()}
+    assert {k: defaults(td.ddpm_loss)[k] for k in ("low_t", "low_frac")} == dict(low_t=preset["low_t"], low_frac=preset["low_frac"])
+    sched = defaults(td.NoiseScheduler.__init__)
+    assert (sched["num_train_timesteps"], sched["beta_schedule"]) == (preset["num_timesteps"], preset["beta_schedule"])
+    # the paper preset builds the study's model and loss explicitly, whatever the library's defaults
+    args = parser.parse_args(["--preset", "paper", "--dataset", "moons"])
+    X, cfg, sched_cfg = train.check_settings(args)
+    assert (cfg.coord_scale, cfg.block, cfg.data_dim, args.low_frac, args.low_t) == (25.0, "relu", 2, 0.0, 0)
+    assert sched_cfg == dict(num_train_timesteps=100, beta_schedule="linear")

@@ -1,0 +1,90 @@
+"""Points beyond the study's 2-D datasets, as a user brings them: 3-D and 8-D files trained with the
+default flags, data that no longer fit a run, and the library example run exactly as written."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import evaluate
+from conftest import ROOT
+
+# the default flags, made shorter: 1,500 steps, 2,000 samples from DPM-Solver++ (20 network evaluations)
+FLAGS = ["--train_steps", 1500, "--batch_size", 256, "--eval_batch_size", 2000, "--sampler", "dpm++", "--log_interval", 500]
+
+
+def run(script, *args, check=True):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def sphere(n, rng):
+    x = rng.normal(size=(n, 3))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_points_on_a_sphere_train_onto_the_sphere(tmp_path):
+    """Reference: kNN KL of a fresh draw from the sphere (a perfect model) and of N(0, I)."""
+    rng = np.random.default_rng(0)
+    S = sphere(20_000, rng)
+    np.savetxt(tmp_path / "sphere.csv", S, delimiter=",", header="x,y,z", comments="")  # a header row, as people write them
+    p = run("train.py", "--dataset", tmp_path / "sphere.csv", *FLAGS, "--out_dir", tmp_path / "run")
+    assert "skipped the header row" in p.stdout
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    samples = np.load(tmp_path / "run" / "samples.npy")
+    assert samples.shape == (2000, 3) and m["hist_kl_pairs"] == 3 and np.isfinite(m["hist_kl_nats"])
+    assert m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(S, samples), abs=1e-9)
+    perfect, noise = evaluate.knn_kl(S, sphere(2000, rng)), evaluate.knn_kl(S, rng.normal(size=(2000, 3)))
+    assert m["knn_kl_bits"] < perfect + 0.5 and m["knn_kl_bits"] < noise - 2.5, (m["knn_kl_bits"], perfect, noise)
+    assert np.abs(np.linalg.norm(samples, axis=1) - 1).mean() < 0.05  # on the manifold
+    assert (tmp_path / "run" / "samples.png").stat().st_size > 0
+
+
+def test_an_8d_gaussian_mixture_trains_to_its_modes(tmp_path):
+    """Reference: N(0, I), and the Gaussian with the data's mean and covariance (which misses the modes)."""
+    rng = np.random.default_rng(1)
+    means = rng.choice([-2.0, 2.0], size=(4, 8))
+    X = means[rng.integers(0, 4, 20_000)] + 0.4 * rng.normal(size=(20_000, 8))
+    np.save(tmp_path / "mix.npy", X)
+    run("train.py", "--dataset", tmp_path / "mix.npy", *FLAGS, "--out_dir", tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    samples = np.load(tmp_path / "run" / "samples.npy")
+    assert samples.shape == (2000, 8) and m["hist_kl_pairs"] == 28
+    noise = evaluate.knn_kl(X, rng.normal(size=(2000, 8)))
+    moments = evaluate.knn_kl(X, rng.multivariate_normal(X.mean(0), np.cov(X.T), 2000))
+    assert m["knn_kl_bits"] < noise / 5 and m["knn_kl_bits"] < moments / 3, (m["knn_kl_bits"], noise, moments)
+    nearest = np.linalg.norm(samples[:, None] - means[None], axis=2).argmin(1)
+    np.testing.assert_allclose(np.bincount(nearest, minlength=4) / len(samples), 0.25, atol=0.05)  # every mode, equally
+
+
+def test_data_that_no_longer_fit_the_run_are_refused_in_one_line(tmp_path):
+    P = np.random.default_rng(0).normal(size=(500, 2))
+    np.savetxt(tmp_path / "p.csv", P, delimiter=",")
+    run("train.py", "--dataset", tmp_path / "p.csv", "--train_steps", 4, "--ckpt_interval", 2, "--eval_batch_size", 100, "--out_dir", tmp_path / "run")
+    np.savetxt(tmp_path / "one.csv", P[:, :1], delimiter=",")
+    p = run("evaluate.py", "--out_dir", tmp_path / "run", "--dataset", tmp_path / "one.csv", "--n", 100, check=False)
+    assert p.returncode == 2 and "holds 1-D points but the checkpoint's model makes 2-D ones" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    np.savetxt(tmp_path / "p.csv", P[:, :1], delimiter=",")  # the run's own file, now with one column
+    p = run("train.py", "--out_dir", tmp_path / "run", "--resume", "--train_steps", 8, check=False)
+    assert p.returncode == 2 and "cannot resume" in p.stderr and "weights are for 2-D points" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    p = run("sample.py", "--out_dir", tmp_path / "run", "--n", 50, "--out", tmp_path / "s")
+    assert "plotting the samples alone" in p.stdout and np.load(tmp_path / "s.npy").shape == (50, 2)
+
+
+def test_the_library_example_runs_as_written_and_learns_the_roll(capsys):
+    """docs/library_example.py, executed exactly as it is. Reference: the Gaussian with the data's
+    mean and covariance, which has the right moments but not the roll."""
+    out = runpy.run_path(os.path.join(ROOT, "docs", "library_example.py"), run_name="__main__")
+    assert "median distance from the roll" in capsys.readouterr().out
+    x, samples = out["x"].numpy(), out["samples"].numpy()
+    assert samples.shape == (2000, 3) and np.isfinite(samples).all()
+    gauss = np.random.default_rng(0).multivariate_normal(x.mean(0), np.cov(x.T), 2000)
+    assert evaluate.knn_kl(x, samples) < evaluate.knn_kl(x, gauss) - 1
+    assert out["gap"].abs().median() < 0.3  # on the roll: the angle equals the radius
