@@ -27,6 +27,7 @@ CONFIGS = {"base": [], "attn1x4": ["--attn_layers", "1", "--heads", "4"], "attn1
            "attn1x16": ["--attn_layers", "1", "--heads", "16"], "attn2x4": ["--attn_layers", "2", "--heads", "4"],
            "ssm1": ["--ssm_layers", "1"], "ssm2": ["--ssm_layers", "2"]}
 DATASETS = ["circle", "dino", "line", "moons"]
+STUDY_KL = {"circle": 0.343, "dino": 1.063, "line": 0.168, "moons": 0.088}  # the study's Table 1: its MLP after 10,000 steps
 GRID_FLAGS = ("dataset", "attn_layers", "heads", "ssm_layers", "seed", "out_dir", "resume", "auto_resume", "overwrite", "threads", "log_interval")
 
 
@@ -212,12 +213,68 @@ def write_results(root, args, command="python sweep.py"):
                "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)", "",
                "| configuration | " + " | ".join(DATASETS) + " |", "|---" * (len(DATASETS) + 1) + "|"]
     summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in DATASETS) + " |" for c in CONFIGS]
-    lines[5:5] = summary + [""]
+    lines[5:5] = summary + [""] + time_to_quality(root, args)
     fig.tight_layout()
     train.write_or_fail(os.path.join(root, "samples.png"), lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     train.write_or_fail(os.path.join(root, "results.md"), lambda f: f.write("\n".join(lines).encode()))
-    print(f"wrote {root}/results.md and {root}/samples.png")
+    print(f"wrote {root}/results.md and {root}/samples.png" + (" and curves.png" if os.path.isfile(os.path.join(root, "curves.png")) else ""))
+
+
+def curves(root, args):
+    """{(config, dataset): [curve of each seed]} from the runs' --eval_interval records."""
+    out = {}
+    for c, d, s, run in run_dirs(root, args.seeds):
+        m, _ = load_run(run)
+        if m and m.get("curve"):
+            out.setdefault((c, d), []).append(m["curve"])
+    return out
+
+
+def time_to_quality(root, args):
+    """curves.png (excess KL against step and against training seconds, a curve per configuration, a
+    panel per dataset) and the markdown lines of a table: the first step, and its training seconds,
+    at which the seed-mean curve reaches the study's final KL. Empty without --eval_interval runs."""
+    found = curves(root, args)
+    if not found:
+        return []
+    plt = evaluate.pyplot()
+    fig, axes = plt.subplots(2, len(DATASETS), figsize=(3.6 * len(DATASETS), 6.4), squeeze=False)
+    rows = ["## Time to the study's KL", "",
+            f"First step (training seconds) at which the mean over seeds of the kNN KL during training ({evaluate.CURVE_N} DPM++-20 samples,",
+            "every --eval_interval steps) reaches the study's final KL (its Table 1, the MLP after 10,000 steps); - = not reached.", "",
+            "| configuration | " + " | ".join(f"{d} ({STUDY_KL[d]})" for d in DATASETS) + " |", "|---" * (len(DATASETS) + 1) + "|"]
+    for c in CONFIGS:
+        cells = []
+        for j, d in enumerate(DATASETS):
+            runs = [r for r in found.get((c, d), []) if len(r) == len(found[c, d][0])]
+            if not runs:
+                cells.append("")
+                continue
+            step = np.array([p["step"] for p in runs[0]])
+            kl = np.mean([[p["knn_kl_bits"] for p in r] for r in runs], 0)
+            secs = np.mean([[p["train_time_s"] for p in r] for r in runs], 0)
+            floor = load_run(os.path.join(root, f"{d}-{c}-s0"))[0].get("curve_floor") or 0.0
+            for ax, x in ((axes[0, j], step), (axes[1, j], secs)):
+                ax.plot(x, kl - floor, label=c)
+            hit = np.flatnonzero(kl <= STUDY_KL[d])
+            cells.append(f"{step[hit[0]]} ({secs[hit[0]]:.0f} s)" if len(hit) else "-")
+        if any(cells):
+            rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    for j, d in enumerate(DATASETS):
+        axes[0, j].set_title(d)
+        for i, xlabel in enumerate(("step", "training seconds")):
+            ax = axes[i, j]
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.axhline(STUDY_KL[d] - (load_run(os.path.join(root, f"{d}-base-s0"))[0] or {}).get("curve_floor", 0.0), color="gray", ls="--", lw=1)
+        axes[0, j].set_ylabel("excess kNN KL (bits)" if j == 0 else "")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{args.preset} preset: excess kNN KL during training (dashed: the study's final KL)")
+    fig.tight_layout()
+    train.write_or_fail(os.path.join(root, "curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"))
+    plt.close(fig)
+    return rows + [""]
 
 
 if __name__ == "__main__":
