@@ -582,6 +582,9 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path} is not a readable tinydiff checkpoint ({reason}); use a ckpt.pt written by train.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "tinydiff-1":
         raise CheckpointError(f"{path} is not a tinydiff checkpoint; use a ckpt.pt written by train.py")
+    missing = [k for k in ("args", "model_config", "scheduler_config", "model", "ema", "step") if not isinstance(ckpt.get(k), (dict, int))]
+    if missing or not isinstance(ckpt["args"].get("dataset"), str) or not isinstance(ckpt["args"].get("train_steps"), int):
+        raise CheckpointError(f"{path} lacks parts of a tinydiff checkpoint ({', '.join(missing) or 'args'}); use a ckpt.pt written by train.py")
     return ckpt
 
 

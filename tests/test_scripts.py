@@ -146,7 +146,7 @@ def test_a_crash_between_write_and_replace_keeps_the_previous_checkpoint(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         td.save_checkpoint({"format": "tinydiff-1", "step": 2}, path)
     monkeypatch.undo()
-    assert td.load_checkpoint(path)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]  # the old one, and no leftover
 
 
 class RunsCode:
@@ -172,13 +172,15 @@ def bad_files(tmp_path, good_ckpt):
     ck = td.load_checkpoint(str(good_ckpt))
     ck["model_config"]["attn_layers"] = 2  # weights of a baseline, config of an attention model
     torch.save(ck, tmp_path / "incompatible.pt")
+    del ck["args"]  # hand-made: a tinydiff-1 checkpoint without its settings
+    torch.save(ck, tmp_path / "no-args.pt")
     return marker
 
 
 @pytest.mark.parametrize("name,message", [
     ("random.pt", "is not a readable tinydiff checkpoint"), ("empty.pt", "is not a readable tinydiff checkpoint"),
     ("truncated.pt", "is not a readable tinydiff checkpoint"), ("code.pt", "is not a readable tinydiff checkpoint"),
-    ("foreign.pt", "is not a tinydiff checkpoint"), ("incompatible.pt", "do not fit its config"),
+    ("foreign.pt", "is not a tinydiff checkpoint"), ("incompatible.pt", "do not fit its config"), ("no-args.pt", "lacks parts of a tinydiff checkpoint (args)"),
 ])
 def test_bad_checkpoints_are_refused_without_running_their_code(trained, tmp_path, name, message):
     out, _ = trained
