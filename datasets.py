@@ -6,6 +6,7 @@ model standardizes them: tinydiff.Denoiser.set_data_stats).
 """
 import math
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -130,7 +131,7 @@ def read_text(path, size):
     try:
         [float(field.strip().strip('"')) for field in row.split(delim)]
     except ValueError:  # a header row
-        print(f"note: skipped the header row of {path}: {row.strip()[:80]}")
+        print(f"note: skipped the header row of {path}: {row.strip()[:80]}", file=sys.stderr)
         skip = first + 1
     body = lines[skip:]
     values = sum(len(line.split("#")[0].split(delim)) for line in body if line.split("#")[0].strip())

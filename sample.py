@@ -104,7 +104,7 @@ def main(argv=None):
     if data.shape[1] != samples.shape[1]:
         print(f"note: {dataset} now holds {data.shape[1]}-D points, not the model's {samples.shape[1]}-D ones; plotting the samples alone")
         data = samples
-    write = train.write_or_fail
+    write = lambda path, fn: train.write_or_fail(path, fn, "free some space, then rerun")
     write(stem + ".npy", lambda f: np.save(f, samples))
     write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}"))
     wrote = [stem + ".npy", stem + ".png"]

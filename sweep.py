@@ -71,7 +71,7 @@ def check(args, root):
         for d in DATASETS:
             train.check_settings(train.get_parser().parse_args(command(args, c, d, 0, root)[2:-1]))
     for c, d, s, out in run_dirs(root, args.seeds):
-        want = vars(train.fill_preset(train.get_parser().parse_args(command(args, c, d, s, out)[2:-1])))
+        want = json.loads(evaluate.to_json(vars(train.fill_preset(train.get_parser().parse_args(command(args, c, d, s, out)[2:-1])))))  # as metrics.json holds it
         try:
             if os.path.isfile(os.path.join(out, "metrics.json")):
                 with open(os.path.join(out, "metrics.json")) as f:
@@ -92,7 +92,7 @@ def run_grid(args, root):
     """Run the unfinished runs, `jobs` at a time. SIGINT / SIGTERM go to every running child, which
     saves and stops; the sweep waits for them, so no run is left behind without its parent."""
     todo = [r for r in run_dirs(root, args.seeds) if not os.path.isfile(os.path.join(r[3], "metrics.json"))]
-    children, stopped, lock = set(), [], threading.Lock()
+    children, stopped, failed, lock = set(), [], [], threading.Lock()
 
     def on_signal(signum, _frame):
         stopped.append(signum)
@@ -107,7 +107,7 @@ def run_grid(args, root):
     def worker():
         while not stopped:
             with lock:
-                if not queue:
+                if not queue or stopped:  # checked under the lock: no run starts after a signal
                     return
                 c, d, s, out = queue.pop(0)
                 os.makedirs(root, exist_ok=True)
@@ -121,6 +121,8 @@ def run_grid(args, root):
                 children.discard(p)
             if not stopped:
                 print(f"{'done' if rc == 0 else f'FAILED ({rc}, see {log.name})'}: {d} {c} seed {s}", flush=True)
+                if rc:
+                    failed.append(log.name)
 
     t0 = time.time()
     print(f"sweep: {len(todo)} of {len(CONFIGS) * len(DATASETS) * args.seeds} runs to go, {args.jobs} at a time, into {root}/", flush=True)
@@ -133,14 +135,17 @@ def run_grid(args, root):
     if stopped:
         evaluate.fail(f"sweep stopped by {signal.Signals(stopped[0]).name}; stopped runs kept their checkpoints; rerun the same command to continue",
                       code=128 + stopped[0])
-    print(f"sweep finished in {time.time() - t0:.0f}s")
+    print(f"sweep finished in {time.time() - t0:.0f}s" + (f"; {len(failed)} runs FAILED (see their logs)" if failed else ""))
+    return len(failed)
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
-    cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in passed_on(args))
+    cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in [*passed_on(args), "--out_dir", root, "--seeds", str(args.seeds)])
     if args.collect:
+        if not os.path.isdir(root):
+            evaluate.fail(f"no grid at {root}; give the --out_dir and the flags the grid was run with")
         return write_results(root, args, cmd)
     check(args, root)
     if args.print:
@@ -149,9 +154,11 @@ def main(argv=None):
                 print(shlex.join(["python", "train.py", *command(args, c, d, s, out)[2:]]))
         return
     lock = train.claim_run_dir(root)  # one sweep per folder
-    run_grid(args, root)
+    failed = run_grid(args, root)
     write_results(root, args, cmd)
     lock.close()
+    if failed:
+        sys.exit(1)
 
 
 def load_run(out):
@@ -215,9 +222,9 @@ def write_results(root, args, command="python sweep.py"):
     summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in DATASETS) + " |" for c in CONFIGS]
     lines[5:5] = summary + [""] + time_to_quality(root, args)
     fig.tight_layout()
-    train.write_or_fail(os.path.join(root, "samples.png"), lambda f: fig.savefig(f, dpi=100, format="png"))
+    train.write_or_fail(os.path.join(root, "samples.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
     plt.close(fig)
-    train.write_or_fail(os.path.join(root, "results.md"), lambda f: f.write("\n".join(lines).encode()))
+    train.write_or_fail(os.path.join(root, "results.md"), lambda f: f.write("\n".join(lines).encode()), "free some space, then rerun")
     print(f"wrote {root}/results.md and {root}/samples.png" + (" and curves.png" if os.path.isfile(os.path.join(root, "curves.png")) else ""))
 
 
@@ -241,8 +248,9 @@ def time_to_quality(root, args):
     plt = evaluate.pyplot()
     fig, axes = plt.subplots(2, len(DATASETS), figsize=(3.6 * len(DATASETS), 6.4), squeeze=False)
     rows = ["## Time to the study's KL", "",
-            f"First step (training seconds) at which the mean over seeds of the kNN KL during training ({evaluate.CURVE_N} DPM++-20 samples,",
-            "every --eval_interval steps) reaches the study's final KL (its Table 1, the MLP after 10,000 steps); - = not reached.", "",
+            f"First step (training seconds) at which the mean over seeds of the excess kNN KL during training ({evaluate.CURVE_N} DPM++-20",
+            "samples every --eval_interval steps, less the floor at that sample size) reaches the study's final KL as an excess (its Table 1,",
+            "the MLP after 10,000 steps, less the floor at 10,000 samples); - = not reached.", "",
             "| configuration | " + " | ".join(f"{d} ({STUDY_KL[d]})" for d in DATASETS) + " |", "|---" * (len(DATASETS) + 1) + "|"]
     for c in CONFIGS:
         cells = []
@@ -254,10 +262,13 @@ def time_to_quality(root, args):
             step = np.array([p["step"] for p in runs[0]])
             kl = np.mean([[p["knn_kl_bits"] for p in r] for r in runs], 0)
             secs = np.mean([[p["train_time_s"] for p in r] for r in runs], 0)
-            floor = load_run(os.path.join(root, f"{d}-{c}-s0"))[0].get("curve_floor") or 0.0
+            m0 = next(m for m in (load_run(os.path.join(root, f"{d}-{c}-s{s}"))[0] for s in range(args.seeds)) if m and m.get("curve"))
+            excess = kl - (m0.get("curve_floor") or 0.0)  # against the floor at the curve's sample size
+            target = STUDY_KL[d] - m0.get("knn_kl_floor", 0.0)  # the study's KL as an excess at 10,000 samples
             for ax, x in ((axes[0, j], step), (axes[1, j], secs)):
-                ax.plot(x, kl - floor, label=c)
-            hit = np.flatnonzero(kl <= STUDY_KL[d])
+                ax.plot(x, excess, label=c)
+                ax.axhline(target, color="gray", ls="--", lw=1)
+            hit = np.flatnonzero(excess <= target)
             cells.append(f"{step[hit[0]]} ({secs[hit[0]]:.0f} s)" if len(hit) else "-")
         if any(cells):
             rows.append(f"| {c} | " + " | ".join(cells) + " |")
@@ -267,12 +278,11 @@ def time_to_quality(root, args):
             ax = axes[i, j]
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
-            ax.axhline(STUDY_KL[d] - (load_run(os.path.join(root, f"{d}-base-s0"))[0] or {}).get("curve_floor", 0.0), color="gray", ls="--", lw=1)
         axes[0, j].set_ylabel("excess kNN KL (bits)" if j == 0 else "")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{args.preset} preset: excess kNN KL during training (dashed: the study's final KL)")
+    fig.suptitle(f"{args.preset} preset: excess kNN KL during training (dashed: the study's final KL, as an excess)")
     fig.tight_layout()
-    train.write_or_fail(os.path.join(root, "curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"))
+    train.write_or_fail(os.path.join(root, "curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
     plt.close(fig)
     return rows + [""]
 

@@ -467,8 +467,9 @@ def ddpm_loss(model, scheduler, x0, generator=None, low_t=2, low_frac=0.25, rows
     low_frac > 0 redraws that share of the batch from t ~ U{0..low_t-1}: more signal for the last
     denoising steps, where sharp detail is decided (docs/tuning.md: "low-t oversampling").
     The defaults are train.py's (a quarter of each batch at t < 2); low_frac=0 is the plain L_simple.
-    rows (a slice) scores only those rows of the batch, after drawing t and noise for all of it: each
-    data-parallel process takes its own rows of the same draw, as one process would see them.
+    rows (a slice): draw t and noise for the whole batch, then return only those rows' share of its
+    mean. Data-parallel processes each take their rows of the same draw; their shares sum to the loss
+    one process would see.
     """
     net = unwrap(model)
     if isinstance(net, Denoiser):
@@ -479,9 +480,11 @@ def ddpm_loss(model, scheduler, x0, generator=None, low_t=2, low_frac=0.25, rows
     if k > 0:  # the batch's rows are in random order, so the first k are as good as any
         t[:k] = torch.randint(0, low_t, (k,), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-    if rows is not None:
-        x0, t, noise = x0[rows], t[rows], noise[rows]
-    return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
+    if rows is None:
+        return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
+    # these rows' share of the whole batch's mean (exact however the batch is split; 0 for no rows)
+    x0, t, noise_rows = x0[rows], t[rows], noise[rows]
+    return F.mse_loss(model(scheduler.add_noise(x0, noise_rows, t), t), noise_rows, reduction="sum") / noise.numel()
 
 
 # -----------------------------------------------------------------------------

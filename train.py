@@ -9,8 +9,6 @@
 Under torchrun every process draws the same global batch (--batch_size) and takes its own share of
 the rows; rank 0 alone logs, writes checkpoints and evaluates.
 """
-import argparse
-import json
 import math
 import os
 import signal
@@ -51,17 +49,17 @@ def preset_value(key):
 
 def get_parser(p=None, skip=()):
     """train.py's flags, added to p (sweep.py passes its own parser and the flags the grid sets)."""
-    p = p or evaluate.ArgumentParser(description="Train a DDPM on 2-D points, then evaluate it.")
+    p = p or evaluate.ArgumentParser(description="Train a DDPM on low-dimensional points, then evaluate it.")
     a = lambda flag, **kw: None if flag[2:] in skip else p.add_argument(flag, **kw)
     pre = lambda text, key: f"{text} (default from --preset: {preset_value(key)})"
     a("--dataset", default="dino", help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.txt/.npy file")
     a("--preset", choices=sorted(PRESETS), default="tinydiff", help="tinydiff (measured defaults) or paper (the study's code path)")
-    a("--attn_layers", type=int, default=0, help="self-attention layers over the tokens [x1, x2, t]")
+    a("--attn_layers", type=int, default=0, help="self-attention layers over the tokens [x1, ..., xD, t]")
     a("--heads", type=int, default=4, help="attention heads; must divide 128")
     a("--ssm_layers", type=int, default=0, help="bidirectional SSM (Mamba) blocks over the tokens")
     a("--hidden", type=int, default=256, help="width of the residual MLP")
     a("--block", choices=["gelu", "relu"], default=None, help=pre("residual MLP form: gelu = Linear-GELU-(x+GELU(Wx))-Linear, relu = the study's Linear-(x+W ReLU(x))-ReLU-Linear", "block"))
-    a("--coord_scale", type=float, default=None, help=pre("sinusoidal-embedding scale of x1, x2", "coord_scale"))
+    a("--coord_scale", type=float, default=None, help=pre("sinusoidal-embedding scale of the coordinates", "coord_scale"))
     a("--num_timesteps", type=int, default=None, help=pre("diffusion steps T", "num_timesteps"))
     a("--beta_schedule", choices=["linear", "quadratic", "cosine"], default=None, help=pre("noise schedule", "beta_schedule"))
     a("--prior", choices=["data", "standard"], default=None,
@@ -138,7 +136,7 @@ class EpochBatches:
         epoch, j = divmod(step, -(-self.n // self.batch_size))  # ceil(n / batch) batches per pass
         if epoch != self.epoch:
             self.epoch = epoch
-            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63))
         return self.perm[j * self.batch_size : (j + 1) * self.batch_size]
 
 
@@ -164,6 +162,10 @@ def check_settings(args):
     for name in ("train_steps", "batch_size", "eval_batch_size", "log_interval", "ckpt_interval", "heads", "hidden", "ema_every", "num_timesteps"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        fail(f"--sample_steps must be a positive integer, got {args.sample_steps}")
+    if args.eval_batch_size <= evaluate.KNN_K:
+        fail(f"--eval_batch_size must be more than {evaluate.KNN_K} (the kNN estimator's k), got {args.eval_batch_size}")
     for name in ("eval_interval", "attn_layers", "ssm_layers", "warmup_steps", "ema_warmup", "low_t"):
         if getattr(args, name) < 0:
             fail(f"--{name} must be 0 or more, got {getattr(args, name)}")
@@ -276,13 +278,13 @@ def claim_run_dir(path):
     return f  # the lock lasts as long as this file stays open
 
 
-def write_or_fail(path, write):
+def write_or_fail(path, write, advice="free some space, then rerun with --resume (the last checkpoint is intact)"):
     """Write one output file atomically; a failed write (a full disk, say) costs one line and leaves
-    the file's previous version and the last checkpoint as they were."""
+    the file's previous version as it was."""
     try:
         td.atomic_write(path, write)
     except OSError as e:
-        fail(f"could not write {path} ({e.strerror or e}); free some space, then rerun with --resume (the last checkpoint is intact)")
+        fail(f"could not write {path} ({e.strerror or e}); {advice}")
 
 
 def init_ddp(args, device):
@@ -335,9 +337,9 @@ def train(argv, sig):
     stem, ext = os.path.splitext(os.path.basename(args.dataset))
     args.out_dir = args.out_dir or os.path.join("out", f"{stem}{'-' + ext[1:].lower() if ext else ''}-{config_name(args)}")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume and args.overwrite:
+    if (args.resume or args.auto_resume) and args.overwrite:
         fail("--resume continues the run in --out_dir and --overwrite replaces it; give one of them")
-    if args.auto_resume and not args.overwrite:
+    if args.auto_resume:
         args.resume = os.path.isfile(ckpt_path)
     if args.resume and not os.path.isfile(ckpt_path):
         fail(f"--resume found no checkpoint at {ckpt_path}; run without --resume to start, or point --out_dir at the run")
@@ -359,6 +361,9 @@ def train(argv, sig):
     X, cfg, sched_cfg = check_settings(args)
     rank, world, device = init_ddp(args, pick_device(args.device))
     lock = lock or claim_run_dir(args.out_dir) if rank == 0 else None
+    if args.resume and rank == 0 and args.train_steps > ckpt["args"]["train_steps"]:  # an extension: the old results no longer describe the run
+        if os.path.isfile(os.path.join(args.out_dir, "metrics.json")):
+            os.remove(os.path.join(args.out_dir, "metrics.json"))
     if not args.resume and rank == 0:
         old = [f for f in RUN_FILES if os.path.isfile(os.path.join(args.out_dir, f))]
         if old and not args.overwrite:
@@ -387,7 +392,7 @@ def train(argv, sig):
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # batches, timesteps and noise
     step, losses, train_time, curve, saved_step = 0, [], 0.0, [], None
-    if args.eval_interval:  # KL during training: a fixed small sample, its floor and the data's kNN radii computed once
+    if args.eval_interval or (ckpt and ckpt.get("curve")):  # KL during training: a fixed small sample, its floor and the data's kNN radii computed once
         curve_eval = evaluate.CurveEval(X, args.dataset, device)
     if ckpt is not None:
         try:
@@ -432,7 +437,7 @@ def train(argv, sig):
     sig["training"] = True
     while step < args.train_steps:
         if world > 1:  # every process stops at the same step: share whether any was signalled
-            flag = torch.tensor([float(sig["signum"] or 0)])
+            flag = torch.tensor([float(sig["signum"] or 0)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             sig["signum"] = int(flag.item()) or None
         if sig["signum"] is not None:  # SIGINT / SIGTERM: save at this step boundary, then stop
@@ -444,7 +449,7 @@ def train(argv, sig):
         x0 = data[rows]
         share = slice(rank * len(x0) // world, (rank + 1) * len(x0) // world) if world > 1 else None  # this process's rows of the batch
         with autocast:
-            loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen, low_t=args.low_t, low_frac=args.low_frac, rows=share)
+            loss = td.ddpm_loss(fwd, scheduler, x0, generator=gen, low_t=args.low_t, low_frac=args.low_frac, rows=share) * world  # DDP averages over ranks
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -472,6 +477,9 @@ def train(argv, sig):
         if step % args.ckpt_interval == 0 or step == args.train_steps:
             saved_step = save()
     sig["training"] = False
+    if sig["signum"] is not None:  # a signal during the last save: the run is saved; stop before evaluating
+        fail(f"stopped by {signal.Signals(sig['signum']).name} after the last step; saved {ckpt_path}; evaluate it with: "
+             f"python train.py --out_dir {args.out_dir} --resume", code=128 + sig["signum"])
     if world > 1:
         dist.destroy_process_group()
         if rank:

@@ -34,7 +34,7 @@ def test_points_on_a_sphere_train_onto_the_sphere(tmp_path):
     S = sphere(20_000, rng)
     np.savetxt(tmp_path / "sphere.csv", S, delimiter=",", header="x,y,z", comments="")  # a header row, as people write them
     p = run("train.py", "--dataset", tmp_path / "sphere.csv", *FLAGS, "--out_dir", tmp_path / "run")
-    assert "skipped the header row" in p.stdout
+    assert "skipped the header row" in p.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     samples = np.load(tmp_path / "run" / "samples.npy")
     assert samples.shape == (2000, 3) and m["hist_kl_pairs"] == 3 and np.isfinite(m["hist_kl_nats"])

@@ -122,7 +122,8 @@ def test_text_as_people_write_it_bom_comments_and_a_header(tmp_path, capsys):
     text = f"\ufeff# exported by my tool\n# units: m\nx,y,z\n{rows}\n# the end\n"
     (tmp_path / "p.csv").write_bytes(text.encode("utf-8"))
     np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / "p.csv")), P, rtol=1e-15)
-    assert "skipped the header row" in capsys.readouterr().out and "x,y,z" not in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "skipped the header row" in out.err and "x,y,z" not in out.out
     (tmp_path / "q.csv").write_bytes(f"\ufeff{rows}\n".encode("utf-8"))  # a BOM, no header: nothing skipped
     np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / "q.csv")), P, rtol=1e-15)
     assert capsys.readouterr().out == ""
