@@ -395,11 +395,10 @@ class Denoiser(nn.Module):
         """Keep what the loss and the samplers need to know about the training points x (N, D), in data units.
 
         standardize=True: the model works on z = (x - data_shift) / data_scale, each coordinate at mean 0
-        and sd MODEL_SD (a constant one at the largest scale of the others), so that points at any offset
-        and scale meet the settings tuned on the study's data; ddpm_loss maps its input to z and sample
-        maps its output back. False keeps the raw coordinates (train.py does, for the named datasets).
-        moments=True: data_mean and data_cov of z, for NoiseScheduler.prior; False keeps 0 and I (N(0, I)).
-        Call this before wrapping the model in AveragedModel, which copies the buffers once.
+        and sd MODEL_SD, so points at any offset and scale meet the settings tuned on the study's data;
+        ddpm_loss maps its input to z and sample maps its output back. False keeps raw coordinates.
+        moments=True: data_mean and data_cov of z for NoiseScheduler.prior; False keeps 0 and I (N(0, I)).
+        Call it before AveragedModel copies the model.
         """
         x = torch.as_tensor(x).detach().cpu().double()  # statistics in float64 on the CPU (MPS has no float64)
         self.check_points(x)
@@ -449,9 +448,8 @@ class Denoiser(nn.Module):
 
 
 def unwrap(model):
-    """The Denoiser inside torch's wrappers: AveragedModel, DataParallel and DDP hold it as .module,
-    torch.compile as ._orig_mod. So the loss and the samplers find its data statistics through an
-    EMA wrapper too. Any other module (a stand-in denoiser) is returned as it is."""
+    """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), so that the loss
+    and the samplers find its data statistics; any other module is returned as it is."""
     while isinstance(model, nn.Module) and not isinstance(model, Denoiser):
         inner = model._modules.get("module", model._modules.get("_orig_mod"))
         if inner is None:
@@ -508,10 +506,9 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     model: a Denoiser, also inside AveragedModel or torch.compile (unwrap). Any other module starts
     from its data_mean / data_cov if it has them, else from N(0, I) in dim dimensions.
 
-    The network sees at most batch_size rows at a time: by default 1024 on CPU, where the activations
-    then stay in cache (DDPM-100 at n = 10,000: 1.4x faster, README "Performance"), else all n.
-    Rows do not interact, so this changes the speed, not the samples. callback(i, steps), if given,
-    is called after each step (for progress bars).
+    The network sees at most batch_size rows at a time (default: 1024 on CPU, where they stay in
+    cache, else all n); rows do not interact, so this changes the speed, not the samples.
+    callback(i, steps), if given, is called after each step (for progress bars).
     """
     T = scheduler.num_train_timesteps
     if sampler not in SAMPLERS:
