@@ -297,3 +297,25 @@ def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
     assert "Runs finished: 3 of 84 (rerun" in text
     assert f"| base | - | {statistics.mean(excess):.3f} +- {statistics.stdev(excess):.3f} (3) | - | - |" in text
     assert (tmp_path / "samples.png").stat().st_size > 0
+
+
+def test_every_flag_the_readme_names_exists_in_its_script():
+    """Each `--flag` in README.md is a flag of train.py's parser (or of the script named on the same
+    line: sweep.py, sample.py, evaluate.py, bench.py), read from the parsers themselves."""
+    import re
+
+    import train
+
+    def flags(script):
+        p = subprocess.run([PY, os.path.join(ROOT, script), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        return set(re.findall(r"--[a-z_]+", p.stdout))
+
+    known = {s: flags(s) for s in ("train.py", "sweep.py", "sample.py", "evaluate.py", "bench.py")}
+    assert {f"--{a.dest}" for a in train.get_parser()._actions} - {"--help"} <= known["train.py"]
+    missing = []
+    for line in open(os.path.join(ROOT, "README.md")).read().splitlines():
+        scripts = [s for s in known if s in line] or ["train.py"]
+        for flag in re.findall(r"(?<![\w-])--[a-z_]+", line):
+            if flag not in ("--standalone", "--nproc_per_node", "--slow") and not any(flag in known[s] for s in scripts + ["train.py"]):
+                missing.append((flag, line.strip()[:60]))
+    assert not missing, missing
