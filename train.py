@@ -52,7 +52,7 @@ def get_parser(p=None, skip=()):
     p = p or evaluate.ArgumentParser(description="Train a DDPM on low-dimensional points, then evaluate it.")
     a = lambda flag, **kw: None if flag[2:] in skip else p.add_argument(flag, **kw)
     pre = lambda text, key: f"{text} (default from --preset: {preset_value(key)})"
-    a("--dataset", default="dino", help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.txt/.npy file")
+    a("--dataset", default="dino", help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.tsv/.txt/.npy file")
     a("--preset", choices=sorted(PRESETS), default="tinydiff", help="tinydiff (measured defaults) or paper (the study's code path)")
     a("--attn_layers", type=int, default=0, help="self-attention layers over the tokens [x1, ..., xD, t]")
     a("--heads", type=int, default=4, help="attention heads; must divide 128")
