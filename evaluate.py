@@ -283,7 +283,8 @@ def format_table(metrics):
         lines.append(f"{name:<20}{metrics[key]:>10.4f}{(f'{fl:.4f}' if fl is not None else 'n/a'):>10}")
     for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples", "hist_kl_pairs"):
         if key in metrics:
-            lines.append(f"{key:<20}{metrics[key]:>10.4g}")
+            v = metrics[key]
+            lines.append(f"{key:<20}{v:>10}" if isinstance(v, int) else f"{key:<20}{v:>10.4g}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ torch.set_num_threads(1)  # the suite runs on 2 shared cores; more threads only 
 
 
 def pytest_addoption(parser):
-    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (torch.compile: needs a C++ compiler)")
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (the longest trainings, and torch.compile, which needs a C++ compiler)")
 
 
 def pytest_configure(config):

@@ -45,6 +45,7 @@ def test_points_on_a_sphere_train_onto_the_sphere(tmp_path):
     assert (tmp_path / "run" / "samples.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # the 3-D sphere above covers D > 2 by default
 def test_an_8d_gaussian_mixture_trains_to_its_modes(tmp_path):
     """Reference: N(0, I), and the Gaussian with the data's mean and covariance (which misses the modes)."""
     rng = np.random.default_rng(1)
