@@ -436,14 +436,15 @@ def train(argv, sig):
     step_at_log = step
     sig["training"] = True
     while step < args.train_steps:
-        if world > 1:  # every process stops at the same step: share whether any was signalled
-            flag = torch.tensor([float(sig["signum"] or 0)], device=device)
+        stop = sig["signum"]
+        if world > 1:  # every process stops at the same step: share whether any was signalled (its own signal may come later)
+            flag = torch.tensor([float(stop or 0)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            sig["signum"] = int(flag.item()) or None
-        if sig["signum"] is not None:  # SIGINT / SIGTERM: save at this step boundary, then stop
+            stop = int(flag.item()) or None
+        if stop is not None:  # SIGINT / SIGTERM: save at this step boundary, then stop
             save()
-            fail(f"stopped by {signal.Signals(sig['signum']).name} at step {step}; saved {ckpt_path}; continue with: "
-                 f"python train.py --out_dir {args.out_dir} --resume", code=128 + sig["signum"])
+            fail(f"stopped by {signal.Signals(stop).name} at step {step}; saved {ckpt_path}; continue with: "
+                 f"python train.py --out_dir {args.out_dir} --resume", code=128 + stop)
         t0 = time.perf_counter()
         rows = epochs.rows(step).to(device) if epochs else torch.randint(0, len(data), (args.batch_size,), device=device, generator=gen)
         x0 = data[rows]
