@@ -55,18 +55,20 @@ def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_pa
 
 
 def test_stop_and_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path):
-    torchrun(*ARGS, "--train_steps", 120, "--out_dir", tmp_path / "whole")
-    p = torchrun(*ARGS, "--train_steps", 120, "--ckpt_interval", 1000, "--out_dir", tmp_path / "cut", wait=False)
+    torchrun(*ARGS, "--train_steps", 400, "--out_dir", tmp_path / "whole")
+    p = torchrun(*ARGS, "--train_steps", 400, "--ckpt_interval", 1000, "--out_dir", tmp_path / "cut", wait=False)
     deadline = time.time() + 120
     while "step     20 |" not in p.stdout.readline():
         assert time.time() < deadline and p.poll() is None
-    for pid in workers(tmp_path / "cut"):  # as a scheduler stopping the job does: every process gets SIGTERM
+    pids = workers(tmp_path / "cut")  # found while the run is young: it must not finish first
+    assert len(pids) == 2, pids
+    for pid in pids:  # as a scheduler stopping the job does: every process gets SIGTERM
         os.kill(pid, signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert err.count("stopped by SIGTERM at step") == 2, err[-2000:]  # both ranks, at the same step, one line each
     assert len(set(line.split("at step ")[1].split(";")[0] for line in err.splitlines() if "stopped by SIGTERM" in line)) == 1
     step = td.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"]
-    assert 20 <= step < 120
+    assert 20 <= step < 400
     torchrun("--out_dir", tmp_path / "cut", "--resume", "--eval_batch_size", 200)
     for key in ("model", "ema"):
         a, b = weights(tmp_path / "whole", key), weights(tmp_path / "cut", key)
