@@ -63,7 +63,7 @@ def matmul_bound_ms(shapes, device, dtype, blocks, per_block):
     return median_ms(lambda: [torch.mm(a, b) for a, b in mats], device, blocks, per_block, warmup=3)
 
 
-def main():
+def main(argv=None):
     p = evaluate.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="finish in under a minute")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
@@ -74,7 +74,7 @@ def main():
     p.add_argument("--n", type=int, default=10_000, help="samples to draw")
     p.add_argument("--fast_steps", type=int, default=20, help="network evaluations of the few-step sampler (DPM-Solver++)")
     p.add_argument("--only", nargs="*", default=None, help="backbones to run (default all)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     for name in ("threads", "batch_size", "n"):
         if getattr(args, name) < 1:
             evaluate.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 import evaluate
-from conftest import ROOT
+from conftest import ROOT, run_here
 
 # the default flags, made shorter: 1,500 steps, 2,000 samples from DPM-Solver++ (20 network evaluations)
 FLAGS = ["--train_steps", 1500, "--batch_size", 256, "--eval_batch_size", 2000, "--sampler", "dpm++", "--log_interval", 500]
 
 
 def run(script, *args, check=True):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    p = run_here(script, *args)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p

@@ -12,13 +12,17 @@ import pytest
 import torch
 
 import tinydiff as td
-from conftest import ROOT
+from conftest import ROOT, refused, run_here
 
 PY = sys.executable
 TINY = ["--batch_size", "32", "--eval_batch_size", "200", "--log_interval", "10"]
 
 
-def run(script, *args, timeout=600):
+def run(script, *args):
+    return run_here(script, *args)
+
+
+def run_process(script, *args, timeout=600):
     return subprocess.run([PY, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -30,8 +34,10 @@ def one_line(p, code=2):
 
 
 def start(script, *args, **kw):
+    """The script as a child process that takes Ctrl-C as a terminal's foreground job does, even when
+    this suite runs in the background (where a shell starts it with SIGINT ignored)."""
     return subprocess.Popen([PY, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def wait_for(cond, timeout=300):
@@ -271,10 +277,17 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("script,args,message", BAD_FLAGS, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD_FLAGS])
-def test_every_bad_flag_gets_one_line_and_exit_2(tiny_run, tmp_path, script, args, message):
-    p = run(script, *[a.format(run=tiny_run) for a in args], *(["--out_dir", tmp_path / "x"] if script == "train.py" else []), timeout=300)
-    assert message in one_line(p), p.stderr
+def test_every_bad_flag_gets_one_line_and_exit_2(tiny_run, tmp_path, capsys, script, args, message):
+    err = refused(capsys, script, *[a.format(run=tiny_run) for a in args], *(["--out_dir", tmp_path / "x"] if script == "train.py" else []))
+    assert message in err
     assert not (tmp_path / "x").exists()  # refused before any folder was made
+
+
+@pytest.mark.parametrize("script,args,message", [BAD_FLAGS[i] for i in (1, 19, 20, 25, 28)], ids=["train.py", "sweep.py", "sample.py", "evaluate.py", "bench.py"])
+def test_a_refusal_is_the_process_exit_code_and_one_line(tiny_run, tmp_path, script, args, message):
+    """The same refusals as whole processes, one per script: what a shell sees."""
+    p = run_process(script, *[a.format(run=tiny_run) for a in args], *(["--out_dir", tmp_path / "x"] if script == "train.py" else []), timeout=300)
+    assert message in one_line(p)
 
 
 def test_metrics_json_is_strict_json_even_for_degenerate_data(tmp_path):
