@@ -84,11 +84,11 @@ def available_memory():
         return None
 
 
-def check_memory(path, n_bytes):
+def check_file_memory(path, n_bytes):
     """Refuse to read a file whose points would need more memory than is available."""
     free = available_memory()
     if free is not None and n_bytes > free:
-        raise DataError(f"{path} would need about {n_bytes / 1e9:.1f} GB of memory to read, more than the {free / 1e9:.1f} GB available; subsample it first")
+        raise DataError(f"{path} would need about {n_bytes / 2**30:.1f} GiB of memory to read, more than the {free / 2**30:.1f} GiB available; subsample it first")
 
 
 def read_npy(path, size):
@@ -112,7 +112,7 @@ def read_npy(path, size):
     if header_bytes + n_items * dtype.itemsize != size:
         raise DataError(f"{path} has a header for an array of shape {shape} ({dtype}) that does not match the file's {size} bytes;"
                          " the file is truncated or corrupt, so save it again with numpy.save")
-    check_memory(path, 2 * n_items * 8)  # the array, then its float64 copy
+    check_file_memory(path, 2 * n_items * 8)  # the array, then its float64 copy
     return np.load(path, allow_pickle=False)
 
 
@@ -136,7 +136,7 @@ def read_text(path, size):
     body = lines[skip:]
     values = sum(len(line.split("#")[0].split(delim)) for line in body if line.split("#")[0].strip())
     if values:  # float64 points, and as much again while numpy parses them
-        check_memory(path, 2 * 8 * values * size / max(1, sum(len(line.encode()) for line in body)))
+        check_file_memory(path, 2 * 8 * values * size / max(1, sum(len(line.encode()) for line in body)))
     with warnings.catch_warnings():  # an empty file is reported by the caller, in one sentence
         warnings.simplefilter("ignore", UserWarning)
         return np.loadtxt(path, delimiter=delim, comments="#", skiprows=skip, quotechar='"', ndmin=2, encoding="utf-8-sig")

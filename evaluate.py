@@ -209,7 +209,8 @@ def check_steps(scheduler, steps):
         raise ValueError(f"--{e}") from None
 
 
-def check_memory(flag, value, nbytes, device=None):
+def check_flag_memory(flag, value, nbytes, device=None):
+    """Refuse a flag whose value would take more than half the memory free on the device."""
     free = available_memory(device)
     if free is not None and nbytes > free / 2:
         raise ValueError(f"{flag} {value} needs about {nbytes / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; use a smaller value")
@@ -329,7 +330,7 @@ def run(args):
         ckpt = td.load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
         model, scheduler = td.model_from_checkpoint(ckpt)
         check_steps(scheduler, args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps))
-        check_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
+        check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
         dataset = args.dataset or ckpt["args"]["dataset"]
         data = datasets.load_dataset(dataset)
         if data.shape[1] != model.cfg.data_dim:

@@ -76,7 +76,7 @@ def main(argv=None):
         steps = args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps)
         evaluate.check_steps(scheduler, steps)
         frames = steps + 1 if args.gif else 1
-        evaluate.check_memory("--n", args.n, args.n * model.cfg.data_dim * 4 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
+        evaluate.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 4 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
         stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}")
         folder = os.path.dirname(os.path.abspath(stem))
         if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):

@@ -195,8 +195,8 @@ def check_settings(args):
     if not np.isfinite(X.astype(np.float32)).all():
         fail(f"{args.dataset} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
     try:  # samples: their copies in the sampler and the k-d tree
-        evaluate.check_memory("--batch_size", args.batch_size, args.batch_size * activation_bytes_per_row(td.Denoiser(cfg), sched, X.shape[1]), device)
-        evaluate.check_memory("--eval_batch_size", args.eval_batch_size, args.eval_batch_size * X.shape[1] * 64, device)
+        evaluate.check_flag_memory("--batch_size", args.batch_size, args.batch_size * activation_bytes_per_row(td.Denoiser(cfg), sched, X.shape[1]), device)
+        evaluate.check_flag_memory("--eval_batch_size", args.eval_batch_size, args.eval_batch_size * X.shape[1] * 64, device)
     except ValueError as e:
         fail(str(e))
     return X, cfg, sched_cfg

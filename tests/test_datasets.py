@@ -183,7 +183,7 @@ def test_files_too_large_to_read_are_refused_before_reading(tmp_path, monkeypatc
     np.save(tmp_path / "p.npy", P)
     monkeypatch.setattr(datasets, "available_memory", lambda: P.nbytes)  # less than the parsed points and their copy
     for f in ("p.csv", "p.npy"):
-        with pytest.raises(ValueError, match="would need about .* GB of memory"):
+        with pytest.raises(ValueError, match="would need about .* GiB of memory"):
             datasets.load_dataset(str(tmp_path / f))
     monkeypatch.setattr(datasets, "available_memory", lambda: 10 * P.nbytes)
     for f in ("p.csv", "p.npy"):
