@@ -270,7 +270,8 @@ def time_to_quality(root, args):
             f"First step (training seconds) at which the seed mean of the excess kNN KL during training ({evaluate.CURVE_N} DPM++-20",
             "samples every --eval_interval steps, less the floor at that sample size) reaches the study's MLP after 10,000 steps,",
             f"measured the same way: the paper preset's base runs in {os.path.relpath(args.reference)} (the target under each dataset).",
-            "- = not reached; a blank = no runs.", "",
+            "- = not reached; a blank = no runs. Training seconds are each run's own clock: on a shared machine, runs made on",
+            "different days differ by up to 2x, so compare steps, and bench.py's per-step costs from one sitting.", "",
             "| configuration | " + " | ".join(f"{d} ({targets[d]:.3f})" if d in targets else f"{d} (no target)" for d in DATASETS) + " |",
             "|---" * (len(DATASETS) + 1) + "|"]
     for c in CONFIGS:

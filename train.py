@@ -31,7 +31,7 @@ import tinydiff as td
 PRESETS = {
     "paper": dict(block="relu", lr=3e-4, warmup_steps=0, grad_clip=0.5, ema_decay=0.995, ema_every=10, ema_warmup=100, batches="epochs",
                   num_timesteps=100, beta_schedule="linear", coord_scale=25.0, prior="standard", low_t=0, low_frac=0.0, eval_loss="raw-train"),
-    "tinydiff": dict(block="gelu", lr=1e-3, warmup_steps=0, grad_clip=1.0, ema_decay=0.995, ema_every=1, ema_warmup=0, batches="random",
+    "tinydiff": dict(block="gelu", lr=2e-3, warmup_steps=0, grad_clip=10.0, ema_decay=0.995, ema_every=1, ema_warmup=100, batches="random",
                      num_timesteps=100, beta_schedule="linear", coord_scale=50.0, prior="data", low_t=2, low_frac=0.25, eval_loss="ema-heldout"),
 }
 # What runs from before an option existed did: they read as if run with these values.
