@@ -9,6 +9,7 @@ Each run is `python train.py ... --auto_resume` in its own folder, so rerunning 
 continues a stopped grid, and the printed commands can run anywhere, in any order, more than once.
 Any train.py flag that is not one of the grid's own (dataset, configuration, seed, folder) is passed on.
 """
+import glob
 import json
 import os
 import shlex
@@ -27,6 +28,7 @@ CONFIGS = {"base": [], "attn1x4": ["--attn_layers", "1", "--heads", "4"], "attn1
            "attn1x16": ["--attn_layers", "1", "--heads", "16"], "attn2x4": ["--attn_layers", "2", "--heads", "4"],
            "ssm1": ["--ssm_layers", "1"], "ssm2": ["--ssm_layers", "2"]}
 DATASETS = ["circle", "dino", "line", "moons"]
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paper")  # the committed paper grid
 GRID_FLAGS = ("dataset", "attn_layers", "heads", "ssm_layers", "seed", "out_dir", "resume", "auto_resume", "overwrite", "threads", "log_interval")
 
 
@@ -37,7 +39,7 @@ def get_parser():
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one CPU thread each")
     p.add_argument("--print", action="store_true", help="print the unfinished runs' commands, one per line, and exit")
     p.add_argument("--collect", action="store_true", help="write results.md and the figures from the runs found, and exit")
-    p.add_argument("--reference", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paper"),
+    p.add_argument("--reference", default=REFERENCE,
                    help="a paper-preset grid whose base runs' curves set the time-to-quality targets (default: the committed results/paper)")
     return train.get_parser(p, skip=GRID_FLAGS)
 
@@ -143,7 +145,8 @@ def run_grid(args, root):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
-    cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in [*passed_on(args), "--out_dir", root, "--seeds", str(args.seeds)])
+    extra = [] if args.reference == REFERENCE else ["--reference", args.reference]
+    cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in [*passed_on(args), "--out_dir", root, "--seeds", str(args.seeds), *extra])
     if args.collect:
         if not os.path.isdir(root):
             evaluate.fail(f"no grid at {root}; give the --out_dir and the flags the grid was run with")
@@ -247,9 +250,10 @@ def reference_targets(args):
     out = {}
     for d in DATASETS:
         last = []
-        for s in range(args.seeds):
-            m, _ = load_run(os.path.join(args.reference, f"{d}-base-s{s}"))
-            if m and m.get("curve") and m["args"].get("preset") == "paper" and m["curve"][-1]["step"] == 10_000 and m.get("curve_floor") is not None:
+        for run in sorted(glob.glob(os.path.join(args.reference, f"{d}-base-s*[0-9]"))):  # every seed there
+            m, _ = load_run(run)
+            if (m and m.get("curve") and m["args"].get("preset") == "paper" and m["curve"][-1]["step"] == 10_000
+                    and m.get("curve_floor") is not None and m.get("curve_samples") == evaluate.CURVE_N):
                 last.append(m["curve"][-1]["knn_kl_bits"] - m["curve_floor"])
         if last:
             out[d] = float(np.mean(last))
@@ -264,13 +268,16 @@ def time_to_quality(root, args):
     if not found:
         return []
     targets = reference_targets(args)
+    if not targets:
+        print(f"warning: {args.reference} holds no paper-preset base runs with KL curves; the time-to-quality table has no targets "
+              "(give --reference a grid made with --preset paper --eval_interval)", file=sys.stderr)
     plt = evaluate.pyplot()
     fig, axes = plt.subplots(2, len(DATASETS), figsize=(3.6 * len(DATASETS), 6.4), squeeze=False)
     rows = ["## Time to the study's KL", "",
             f"First step (training seconds) at which the seed mean of the excess kNN KL during training ({evaluate.CURVE_N} DPM++-20",
             "samples every --eval_interval steps, less the floor at that sample size) reaches the study's MLP after 10,000 steps,",
-            f"measured the same way: the paper preset's base runs in {os.path.relpath(args.reference)} (the target under each dataset).",
-            "- = not reached; a blank = no runs. Training seconds are each run's own clock: on a shared machine, runs made on",
+            f"measured the same way: the paper preset's base runs in {'results/paper' if args.reference == REFERENCE else args.reference} (the target under each dataset).",
+            "never = not reached by step 10,000; a blank = no runs. Training seconds are each run's own clock: on a shared machine, runs made on",
             "different days differ by up to 2x, so compare steps, and bench.py's per-step costs from one sitting.", "",
             "| configuration | " + " | ".join(f"{d} ({targets[d]:.3f})" if d in targets else f"{d} (no target)" for d in DATASETS) + " |",
             "|---" * (len(DATASETS) + 1) + "|"]
@@ -292,7 +299,7 @@ def time_to_quality(root, args):
                 cells.append("?")
                 continue
             hit = np.flatnonzero(excess <= targets[d] + 1e-9)  # the reference's own last point reaches it
-            cells.append(f"{step[hit[0]]} ({secs[hit[0]]:.0f} s)" if len(hit) else "-")
+            cells.append(f"{step[hit[0]]} ({secs[hit[0]]:.0f} s)" if len(hit) else "never")
         if any(cells):
             rows.append(f"| {c} | " + " | ".join(cells) + " |")
     for j, d in enumerate(DATASETS):

@@ -25,30 +25,19 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def refused(capsys, script, *args):
-    """Run a script's main() in this process (no interpreter start-up) and return what it said on
-    stderr, after checking that it refused: exit code 2, one line, no traceback."""
-    import importlib
-    import signal
-
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.py installs its own
-    capsys.readouterr()
-    try:
-        with pytest.raises(SystemExit) as e:
-            importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, (e.value.code, err)
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
+def refused(script, *args):
+    """What a script said on stderr when it refused its command line: exit code 2, one line, no traceback."""
+    p = run_here(script, *args)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    return p.stderr
 
 
 def run_here(script, *args):
     """A script's main(args) in this process, as subprocess.run would report it (returncode, stdout,
-    stderr), without an interpreter start-up per call. The scripts' own process behaviour (signals,
-    locks, exit codes seen by a shell) is tested with real processes elsewhere."""
+    stderr), without an interpreter start-up per call. argv, the working directory, signal handlers,
+    torch's threads and RNG are restored afterwards. The scripts' process behaviour (signals, locks,
+    the exit code a shell sees) is tested with real processes elsewhere."""
     import contextlib
     import gc
     import importlib
@@ -57,21 +46,26 @@ def run_here(script, *args):
     import traceback
     from types import SimpleNamespace
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    saved = dict(argv=sys.argv, cwd=os.getcwd(), threads=torch.get_num_threads(),
+                 handlers={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+    out, err, code = io.StringIO(), io.StringIO(), 0
     try:
         os.chdir(ROOT)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        sys.argv = [script, *map(str, args)]  # argparse names the script in its messages
+        with torch.random.fork_rng(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            err.write(f"{e.code}\n")
     except Exception:
         code = 1
         err.write(traceback.format_exc())
     finally:
         gc.collect()  # a refused run's frames hold its folder lock (an open file); a process would have closed it on exit
-        os.chdir(cwd)
-        for s, h in handlers.items():
+        os.chdir(saved["cwd"])
+        sys.argv = saved["argv"]
+        torch.set_num_threads(saved["threads"])
+        for s, h in saved["handlers"].items():
             signal.signal(s, h)
-        torch.set_num_threads(1)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

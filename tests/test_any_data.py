@@ -3,8 +3,6 @@ default flags, data that no longer fit a run, and the library example run exactl
 import json
 import os
 import runpy
-import subprocess
-import sys
 
 import numpy as np
 import pytest
