@@ -304,7 +304,7 @@ def time_to_quality(root, args):
             rows.append(f"| {c} | " + " | ".join(cells) + " |")
     for j, d in enumerate(DATASETS):
         axes[0, j].set_title(d)
-        for i, xlabel in enumerate(("step", "training seconds")):
+        for i, xlabel in enumerate(("step", "training seconds (each run's own clock)")):
             ax = axes[i, j]
             if d in targets:
                 ax.axhline(targets[d], color="gray", ls="--", lw=1)
