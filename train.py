@@ -481,7 +481,8 @@ def train(argv, sig):
     if sig["signum"] is not None:  # a signal during the last save: the run is saved; stop before evaluating
         fail(f"stopped by {signal.Signals(sig['signum']).name} after the last step; saved {ckpt_path}; evaluate it with: "
              f"python train.py --out_dir {args.out_dir} --resume", code=128 + sig["signum"])
-    if world > 1:
+    if world > 1:  # leave together: a rank that tears gloo down while the other still talks to it can abort
+        dist.barrier()
         dist.destroy_process_group()
         if rank:
             return None
