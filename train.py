@@ -402,8 +402,13 @@ def train(argv, sig):
             optimizer.load_state_dict(ckpt["optimizer"])
             lr_sched.load_state_dict(ckpt["lr_scheduler"])
             torch.set_rng_state(ckpt["rng"]["torch"])
-            gen.set_state(ckpt["rng"]["gen"].to(gen.get_state().device))
             step, losses, train_time, curve = ckpt["step"], ckpt["losses"], ckpt["train_time"], ckpt.get("curve", [])
+            if len(ckpt["rng"]["gen"]) == len(gen.get_state()):
+                gen.set_state(ckpt["rng"]["gen"])
+            else:  # saved on another kind of device, whose generator state has another form
+                gen.manual_seed(args.seed + 1_000_003 * step)
+                print(f"note: {ckpt_path} was saved on {ckpt['rng'].get('device', 'another kind of device')}; it continues on {device.type} "
+                      "with a new random stream, so it will not match a run that stayed on one device bit for bit")
         except ValueError as e:  # the data now have another number of columns
             fail(f"cannot resume {ckpt_path} with {args.dataset}: {e}")
         except (KeyError, TypeError, RuntimeError) as e:
@@ -423,7 +428,7 @@ def train(argv, sig):
             format="tinydiff-1", args={k: v for k, v in vars(args).items()}, model_config=asdict(cfg), scheduler_config=sched_cfg,
             step=step, model=model.state_dict(), ema=ema.module.state_dict(), ema_n_averaged=int(ema.n_averaged),
             optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
-            rng=dict(torch=torch.get_rng_state(), gen=gen.get_state()), losses=losses, train_time=train_time, curve=curve,
+            rng=dict(torch=torch.get_rng_state(), gen=gen.get_state(), device=device.type), losses=losses, train_time=train_time, curve=curve,
         )
         if rank == 0:
             write_or_fail(ckpt_path, lambda f: torch.save(state, f))

@@ -106,6 +106,26 @@ def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_p
     assert "already finished (40 steps)" in one_line(run("train.py", "--out_dir", out, "--resume", "--train_steps", 10))
 
 
+def test_a_run_saved_on_another_kind_of_device_continues_with_a_note(tmp_path):
+    """A CUDA generator's state (16 bytes) cannot seed a CPU generator: the run goes on with a new
+    random stream and says so, instead of calling the checkpoint incomplete."""
+    out, same = tmp_path / "cuda", tmp_path / "cpu"
+    run("train.py", "--dataset", "moons", "--train_steps", 20, *TINY, "--out_dir", out)
+    ck = td.load_checkpoint(str(out / "ckpt.pt"))
+    same.mkdir()
+    torch.save(ck, same / "ckpt.pt")
+    ck["rng"] = dict(torch=ck["rng"]["torch"], gen=torch.zeros(16, dtype=torch.uint8), device="cuda")  # as a CUDA run saves it
+    torch.save(ck, out / "ckpt.pt")
+    moved = run("train.py", "--out_dir", out, "--resume", "--train_steps", 30)
+    stayed = run("train.py", "--out_dir", same, "--resume", "--train_steps", 30)
+    assert moved.returncode == 0 and stayed.returncode == 0, moved.stderr + stayed.stderr
+    assert "was saved on cuda; it continues on cpu with a new random stream" in moved.stdout and "new random stream" not in stayed.stdout
+    a, b = td.load_checkpoint(str(out / "ckpt.pt")), td.load_checkpoint(str(same / "ckpt.pt"))
+    assert a["step"] == b["step"] == 30 and a["rng"]["device"] == "cpu"
+    n = len(ck["losses"])  # the same run up to the checkpoint, then another stream of batches and noise
+    assert a["losses"][:n] == b["losses"][:n] == ck["losses"] and a["losses"][n:] != b["losses"][n:]
+
+
 def test_two_processes_never_share_a_run_folder(tmp_path):
     out = tmp_path / "run"
     first = start("train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--out_dir", out)
