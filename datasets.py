@@ -139,7 +139,15 @@ def read_text(path, size):
         check_file_memory(path, 2 * 8 * values * size / max(1, sum(len(line.encode()) for line in body)))
     with warnings.catch_warnings():  # an empty file is reported by the caller, in one sentence
         warnings.simplefilter("ignore", UserWarning)
-        return np.loadtxt(path, delimiter=delim, comments="#", skiprows=skip, quotechar='"', ndmin=2, encoding="utf-8-sig")
+        X = np.loadtxt(path, delimiter=delim, comments="#", skiprows=skip, quotechar='"', ndmin=2, encoding="utf-8-sig")
+    if X.ndim == 2 and X.shape[0] > 2 and X.shape[1] > 1 and np.array_equal(X[:, 0], np.arange(len(X))):  # 0, 1, 2, ...: a row index
+        if skip and row.split(delim)[0].strip().strip('"') in ("", "Unnamed: 0"):  # pandas' to_csv writes its index unnamed
+            print(f"note: dropped the first column of {path}, an unnamed row index (0, 1, 2, ...); pandas writes none with to_csv(index=False)",
+                  file=sys.stderr)
+            return X[:, 1:]
+        print(f"warning: the first column of {path} counts 0, 1, 2, ... like a row index, and is used as a coordinate;"
+              " if it is an index, save the file without it", file=sys.stderr)
+    return X
 
 
 def load_points(path):
