@@ -198,15 +198,15 @@ def check_sampling_flags(args):
         raise ValueError(f"--n must be a positive integer, got {args.n}")
     if not 0 <= args.eta <= 1:  # NaN fails too
         raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: as DDPM), got {args.eta}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise ValueError(f"--sample_steps must be a positive integer, got {args.sample_steps}")
 
 
 def check_steps(scheduler, steps):
     try:
         scheduler.set_timesteps(steps)
     except ValueError as e:
-        raise ValueError(f"--{e}") from None
+        raise ValueError(f"--sample_{e}") from None
 
 
 def check_flag_memory(flag, value, nbytes, device=None):
@@ -297,7 +297,7 @@ def main(argv=None):
     p.add_argument("--dataset", help="dataset name or data file (default: the checkpoint's)")
     p.add_argument("--n", type=int, default=10_000, help="samples to draw from a checkpoint")
     p.add_argument("--sampler", choices=td.SAMPLERS, default="ddpm", help="sampler for a checkpoint")
-    p.add_argument("--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
+    p.add_argument("--sample_steps", "--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print strict JSON on stdout instead of a table")
@@ -329,7 +329,7 @@ def run(args):
             raise ValueError("give --samples X.npy, or --out_dir / --ckpt to sample from a checkpoint")
         ckpt = td.load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
         model, scheduler = td.model_from_checkpoint(ckpt)
-        check_steps(scheduler, args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps))
+        check_steps(scheduler, args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps))
         check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
         dataset = args.dataset or ckpt["args"]["dataset"]
         data = datasets.load_dataset(dataset)
@@ -338,7 +338,7 @@ def run(args):
                              " score it against the data it was trained on (leave out --dataset)")
         device = torch.device("cpu")
         model.eval()
-        samples, metrics["inference_s"] = timed_sample(model, scheduler, args.n, device, seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta)
+        samples, metrics["inference_s"] = timed_sample(model, scheduler, args.n, device, seed=args.seed, sampler=args.sampler, steps=args.sample_steps, eta=args.eta)
         metrics["eval_loss"] = eval_loss(model, scheduler, heldout_points(dataset, X=data), device)
     floor = floor_draw(dataset, len(check_samples(samples, data.shape[1])[0]))
     return {**compute_metrics(data, samples, floor), **metrics, "dataset": dataset}

@@ -1,7 +1,7 @@
 """Draw samples from a trained run, with its EMA weights.
 
     python sample.py --out_dir out/dino-base                        # 10,000 DDPM samples
-    python sample.py --out_dir out/dino-base --sampler dpm++ --steps 20
+    python sample.py --out_dir out/dino-base --sampler dpm++ --sample_steps 20
     python sample.py --out_dir out/dino-base --gif                   # animate the reverse process
 
 Writes <name>.npy and <name>.png (samples beside the data) into the run directory (or --out),
@@ -59,7 +59,7 @@ def main(argv=None):
     p.add_argument("--ckpt", help="checkpoint file (instead of --out_dir)")
     p.add_argument("--n", type=int, default=10_000, help="number of samples")
     p.add_argument("--sampler", choices=td.SAMPLERS, default="ddpm")
-    p.add_argument("--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
+    p.add_argument("--sample_steps", "--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 as DDPM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
@@ -73,7 +73,7 @@ def main(argv=None):
         ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
         ckpt = td.load_checkpoint(ckpt_path)
         model, scheduler = td.model_from_checkpoint(ckpt, key="model" if args.raw else "ema")
-        steps = args.steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps)
+        steps = args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps)
         evaluate.check_steps(scheduler, steps)
         frames = steps + 1 if args.gif else 1
         evaluate.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 4 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies

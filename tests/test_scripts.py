@@ -70,7 +70,7 @@ def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path):
     out, _ = trained
     run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, "--gif", "--out", tmp_path / "a")
     run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, "--out", tmp_path / "b")
-    run("sample.py", "--out_dir", out, "--n", 300, "--seed", 4, "--sampler", "ddim", "--steps", 10, "--out", tmp_path / "c")
+    run("sample.py", "--out_dir", out, "--n", 300, "--seed", 4, "--sampler", "ddim", "--sample_steps", 10, "--out", tmp_path / "c")
     a, b, c = (np.load(tmp_path / f"{k}.npy") for k in "abc")
     assert a.shape == (300, 2) and np.array_equal(a, b) and not np.array_equal(a, c)
     assert (tmp_path / "a.png").stat().st_size > 0
