@@ -233,12 +233,12 @@ def write_results(root, args, command="python sweep.py"):
 
 
 def curves(root, args):
-    """{(config, dataset): [curve of each seed]} from the runs' --eval_interval records."""
+    """{(config, dataset): [metrics of each seed]} of the runs with --eval_interval records ("curve")."""
     out = {}
     for c, d, s, run in run_dirs(root, args.seeds):
         m, _ = load_run(run)
         if m and m.get("curve"):
-            out.setdefault((c, d), []).append(m["curve"])
+            out.setdefault((c, d), []).append(m)
     return out
 
 
@@ -284,15 +284,15 @@ def time_to_quality(root, args):
     for c in CONFIGS:
         cells = []
         for j, d in enumerate(DATASETS):
-            runs = [r for r in found.get((c, d), []) if len(r) == len(found[c, d][0])]
+            ms = found.get((c, d), [])
+            runs = [m["curve"] for m in ms if len(m["curve"]) == len(ms[0]["curve"])]
             if not runs:
                 cells.append("")
                 continue
             step = np.array([p["step"] for p in runs[0]])
             kl = np.mean([[p["knn_kl_bits"] for p in r] for r in runs], 0)
             secs = np.mean([[p["train_time_s"] for p in r] for r in runs], 0)
-            m0 = next(m for m in (load_run(os.path.join(root, f"{d}-{c}-s{s}"))[0] for s in range(args.seeds)) if m and m.get("curve"))
-            excess = kl - (m0.get("curve_floor") or 0.0)  # against the floor at the curve's sample size
+            excess = kl - (ms[0].get("curve_floor") or 0.0)  # against the floor at the curve's sample size
             for ax, x in ((axes[0, j], step), (axes[1, j], secs)):
                 ax.plot(x, excess, label=c)
             if d not in targets:
