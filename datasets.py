@@ -118,7 +118,9 @@ def read_npy(path, size):
 
 def read_text(path, size):
     """Text as people write it: an optional UTF-8 BOM, '#' comments, and one header row (skipped, with
-    a note); columns separated by commas, semicolons, tabs or spaces."""
+    a note); columns separated by commas, semicolons, tabs or spaces. A first column of row labels
+    (distinct integers) under an unnamed header field, as pandas' to_csv and R's write.csv write
+    them, is dropped with the note; a first column that counts 0, 1, 2, ... otherwise gets a warning."""
     with open(path, encoding="utf-8-sig") as f:
         head = f.read(1 << 20)  # enough to find the header and estimate the parsed size
     lines = head.splitlines()[: -1 if len(head) == 1 << 20 else None]  # the last line may be cut
@@ -127,24 +129,28 @@ def read_text(path, size):
         return np.zeros((0, 0))
     row = lines[first].split("#")[0]
     delim = "," if "," in row else ";" if ";" in row else None
-    skip = 0
+    header = None
     try:
         [float(field.strip().strip('"')) for field in row.split(delim)]
     except ValueError:  # a header row
-        print(f"note: skipped the header row of {path}: {row.strip()[:80]}", file=sys.stderr)
-        skip = first + 1
-    body = lines[skip:]
+        header = [field.strip().strip('"') for field in row.split(delim)]
+    body = lines[first + 1 if header else 0:]
     values = sum(len(line.split("#")[0].split(delim)) for line in body if line.split("#")[0].strip())
     if values:  # float64 points, and as much again while numpy parses them
         check_file_memory(path, 2 * 8 * values * size / max(1, sum(len(line.encode()) for line in body)))
     with warnings.catch_warnings():  # an empty file is reported by the caller, in one sentence
         warnings.simplefilter("ignore", UserWarning)
-        X = np.loadtxt(path, delimiter=delim, comments="#", skiprows=skip, quotechar='"', ndmin=2, encoding="utf-8-sig")
-    if X.ndim == 2 and X.shape[0] > 2 and X.shape[1] > 1 and np.array_equal(X[:, 0], np.arange(len(X))):  # 0, 1, 2, ...: a row index
-        if skip and row.split(delim)[0].strip().strip('"') in ("", "Unnamed: 0"):  # pandas' to_csv writes its index unnamed
-            print(f"note: dropped the first column of {path}, an unnamed row index (0, 1, 2, ...); pandas writes none with to_csv(index=False)",
-                  file=sys.stderr)
+        X = np.loadtxt(path, delimiter=delim, comments="#", skiprows=first + 1 if header else 0, quotechar='"', ndmin=2, encoding="utf-8-sig")
+    col = X[:, 0] if len(X) and X.shape[1] > 1 else None
+    if header:
+        # an unnamed first field, or one field fewer than the columns (a tab- or space-separated pandas file)
+        labels = col is not None and (header[0] in ("", "Unnamed: 0") or len(header) == X.shape[1] - 1)
+        labels = labels and np.array_equal(col, np.round(col)) and len(np.unique(col)) == len(col)
+        print(f"note: skipped the header row of {path}: {row.strip()[:80]}" + (
+            "; and dropped its first column, unnamed row labels (pandas: save with to_csv(index=False))" if labels else ""), file=sys.stderr)
+        if labels:
             return X[:, 1:]
+    if col is not None and len(X) > 2 and np.array_equal(col, np.arange(len(X))):
         print(f"warning: the first column of {path} counts 0, 1, 2, ... like a row index, and is used as a coordinate;"
               " if it is an index, save the file without it", file=sys.stderr)
     return X

@@ -203,10 +203,10 @@ def check_sampling_flags(args):
 
 
 def check_steps(scheduler, steps):
-    try:
-        scheduler.set_timesteps(steps)
-    except ValueError as e:
-        raise ValueError(f"--sample_{e}") from None
+    """--sample_steps against the schedule's T, in one sentence."""
+    T = scheduler.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"--sample_steps must be in 1..{T} (the schedule's timesteps), got {steps}")
 
 
 def check_flag_memory(flag, value, nbytes, device=None):

@@ -189,9 +189,9 @@ def check_settings(args):
                                 coord_scale=args.coord_scale, data_dim=X.shape[1])
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
         sched = td.NoiseScheduler(**sched_cfg)
-        sched.set_timesteps(args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, args.num_timesteps))  # refused now, not after training
+        evaluate.check_steps(sched, args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, args.num_timesteps))  # refused now, not after training
     except ValueError as e:
-        fail(str(e).replace("steps must be", "--sample_steps must be"))
+        fail(str(e))
     if not np.isfinite(X.astype(np.float32)).all():
         fail(f"{args.dataset} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
     try:  # samples: their copies in the sampler and the k-d tree
@@ -403,12 +403,13 @@ def train(argv, sig):
             lr_sched.load_state_dict(ckpt["lr_scheduler"])
             torch.set_rng_state(ckpt["rng"]["torch"])
             step, losses, train_time, curve = ckpt["step"], ckpt["losses"], ckpt["train_time"], ckpt.get("curve", [])
-            if len(ckpt["rng"]["gen"]) == len(gen.get_state()):
-                gen.set_state(ckpt["rng"]["gen"])
-            else:  # saved on another kind of device, whose generator state has another form
-                gen.manual_seed(args.seed + 1_000_003 * step)
-                print(f"note: {ckpt_path} was saved on {ckpt['rng'].get('device', 'another kind of device')}; it continues on {device.type} "
-                      "with a new random stream, so it will not match a run that stayed on one device bit for bit")
+            saved_on = ckpt["rng"].get("device")  # absent in checkpoints from before it was recorded
+            if len(ckpt["rng"]["gen"]) == len(gen.get_state()) or saved_on == device.type:
+                gen.set_state(ckpt["rng"]["gen"])  # a wrong length on the same kind of device is a damaged file (RuntimeError)
+            else:  # another kind of device, whose generator state has another form: a stream of its own for this seed and step
+                gen.manual_seed((args.seed * 1_000_003 + step) % 2**63)
+                print(f"note: {ckpt_path} was saved on {saved_on or 'another kind of device'}, whose random-generator state {device.type} "
+                      "cannot use; the run goes on with a new random stream (from --seed and the step)")
         except ValueError as e:  # the data now have another number of columns
             fail(f"cannot resume {ckpt_path} with {args.dataset}: {e}")
         except (KeyError, TypeError, RuntimeError) as e:

@@ -129,22 +129,27 @@ def test_text_as_people_write_it_bom_comments_and_a_header(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_a_pandas_index_column_is_dropped_and_an_index_like_column_is_flagged(tmp_path, capsys):
-    """pandas' DataFrame.to_csv writes its row index as a first column with an empty name (',x,y'),
-    or 'Unnamed: 0' once such a file has been read back and written again."""
+def test_row_labels_are_dropped_and_an_index_like_column_is_flagged(tmp_path, capsys):
+    """pandas' DataFrame.to_csv writes its row index as a first column with an empty name (',x,y'; with
+    sep='\\t' the header is one field short), 'Unnamed: 0' once such a file is read back and written
+    again; R's write.csv writes quoted row names 1..N under '""'. After filtering, an index skips values."""
     P = np.random.default_rng(2).normal(size=(30, 2))
-    rows = "\n".join(f"{i},{x:.17g},{y:.17g}" for i, (x, y) in enumerate(P))
-    for header in (",x,y", '"",x,y', "Unnamed: 0,x,y"):
-        (tmp_path / "df.csv").write_text(f"{header}\n{rows}\n")
-        np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / "df.csv")), P, rtol=1e-15)
-        assert "dropped the first column" in capsys.readouterr().err
-    for text in (f"id,x,y\n{rows}\n", f"{rows}\n"):  # a named column, or no header: kept, with a warning
+    body = lambda labels, sep=",": "\n".join(f"{i}{sep}{x:.17g}{sep}{y:.17g}" for i, (x, y) in zip(labels, P))
+    files = {"df.csv": f",x,y\n{body(range(30))}", "quoted.csv": f'"",x,y\n{body(range(30))}',
+             "again.csv": f"Unnamed: 0,x,y\n{body(range(30))}", "tab.tsv": f"\tx\ty\n{body(range(30), chr(9))}",
+             "r.csv": '"","x","y"\n' + body((f'"{i + 1}"' for i in range(30))), "filtered.csv": f",x,y\n{body(range(3, 93, 3))}",
+             "two.csv": ",x,y\n" + "\n".join(body(range(30)).splitlines()[:2])}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text + "\n")
+        np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / name)), P[: 2 if name == "two.csv" else 30], rtol=1e-15)
+        assert "dropped its first column" in capsys.readouterr().err, name
+    for text in (f"id,x,y\n{body(range(30))}\n", f"{body(range(30))}\n"):  # a named column, or no header: kept, with a warning
         (tmp_path / "ix.csv").write_text(text)
         np.testing.assert_array_equal(datasets.load_dataset(str(tmp_path / "ix.csv"))[:, 0], np.arange(30))
         err = capsys.readouterr().err
-        assert "counts 0, 1, 2, ... like a row index" in err and "dropped" not in err
-    (tmp_path / "shifted.csv").write_text(",x,y\n" + "\n".join(f"{i + 1},{x},{y}" for i, (x, y) in enumerate(P)))  # not an index
-    assert datasets.load_dataset(str(tmp_path / "shifted.csv")).shape == (30, 3) and "row index" not in capsys.readouterr().err
+        assert "counts 0, 1, 2, ... like a row index" in err and "dropped its" not in err
+    (tmp_path / "floats.csv").write_text(",x,y\n" + body(P[:, 0] + 1) + "\n")  # unnamed, but not labels: data
+    assert datasets.load_dataset(str(tmp_path / "floats.csv")).shape == (30, 3) and "dropped its" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,content,match", [

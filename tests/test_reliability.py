@@ -106,23 +106,32 @@ def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_p
 
 
 def test_a_run_saved_on_another_kind_of_device_continues_with_a_note(tmp_path):
-    """A CUDA generator's state (16 bytes) cannot seed a CPU generator: the run goes on with a new
-    random stream and says so, instead of calling the checkpoint incomplete."""
-    out, same = tmp_path / "cuda", tmp_path / "cpu"
-    run("train.py", "--dataset", "moons", "--train_steps", 20, *TINY, "--out_dir", out)
-    ck = td.load_checkpoint(str(out / "ckpt.pt"))
-    same.mkdir()
-    torch.save(ck, same / "ckpt.pt")
-    ck["rng"] = dict(torch=ck["rng"]["torch"], gen=torch.zeros(16, dtype=torch.uint8), device="cuda")  # as a CUDA run saves it
-    torch.save(ck, out / "ckpt.pt")
-    moved = run("train.py", "--out_dir", out, "--resume", "--train_steps", 30)
-    stayed = run("train.py", "--out_dir", same, "--resume", "--train_steps", 30)
-    assert moved.returncode == 0 and stayed.returncode == 0, moved.stderr + stayed.stderr
-    assert "was saved on cuda; it continues on cpu with a new random stream" in moved.stdout and "new random stream" not in stayed.stdout
-    a, b = td.load_checkpoint(str(out / "ckpt.pt")), td.load_checkpoint(str(same / "ckpt.pt"))
-    assert a["step"] == b["step"] == 30 and a["rng"]["device"] == "cpu"
-    n = len(ck["losses"])  # the same run up to the checkpoint, then another stream of batches and noise
-    assert a["losses"][:n] == b["losses"][:n] == ck["losses"] and a["losses"][n:] != b["losses"][n:]
+    """A CUDA generator's state (16 bytes) cannot seed a CPU generator: the run goes on with a new,
+    reproducible random stream and says so, instead of calling the checkpoint incomplete. The same
+    wrong state from the same kind of device is a damaged file, and is refused."""
+    base = tmp_path / "base"
+    run("train.py", "--dataset", "moons", "--train_steps", 20, *TINY, "--out_dir", base)
+    ck = td.load_checkpoint(str(base / "ckpt.pt"))
+    cuda_gen = torch.zeros(16, dtype=torch.uint8)  # the form a CUDA generator's state takes
+
+    def resumed(name, rng):
+        (tmp_path / name).mkdir()
+        torch.save({**ck, "rng": rng}, tmp_path / name / "ckpt.pt")
+        return run("train.py", "--out_dir", tmp_path / name, "--resume", "--train_steps", 30)
+
+    stayed = resumed("stayed", ck["rng"])
+    moved = [resumed(f"moved{i}", dict(torch=ck["rng"]["torch"], gen=cuda_gen, device="cuda")) for i in range(2)]
+    old = resumed("old", dict(torch=ck["rng"]["torch"], gen=cuda_gen))  # saved before the device was recorded
+    for p in [stayed, *moved, old]:
+        assert p.returncode == 0, p.stderr
+    assert "was saved on cuda, whose random-generator state cpu cannot use" in moved[0].stdout
+    assert "was saved on another kind of device" in old.stdout and "random-generator" not in stayed.stdout
+    losses = {name: td.load_checkpoint(str(tmp_path / name / "ckpt.pt"))["losses"] for name in ("stayed", "moved0", "moved1", "old")}
+    n = len(ck["losses"])  # the same run up to the checkpoint, then another stream of batches and noise, the same each time
+    assert all(v[:n] == ck["losses"] and len(v) == 30 for v in losses.values())
+    assert losses["moved0"] == losses["moved1"] == losses["old"] and losses["moved0"][n:] != losses["stayed"][n:]
+    damaged = resumed("damaged", dict(torch=ck["rng"]["torch"], gen=cuda_gen, device="cpu"))
+    assert "does not hold a complete training state" in one_line(damaged)
 
 
 def test_two_processes_never_share_a_run_folder(tmp_path):
