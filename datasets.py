@@ -161,7 +161,7 @@ def load_points(path):
     Refused in one sentence: a missing or larger than 1 GB file, one that would not fit in memory,
     text that is not a table of numbers, complex, non-numeric or non-finite values."""
     if not os.path.isfile(path):
-        raise ValueError(f"no data file at {path}; give a dataset name ({', '.join(DATASETS)}) or a path to an (N, D) .csv, .txt or .npy file")
+        raise ValueError(f"no data file at {path}; give a dataset name ({', '.join(DATASETS)}) or a path to an (N, D) .csv, .tsv, .txt or .npy file")
     size = os.path.getsize(path)
     if size > MAX_FILE_BYTES:
         raise ValueError(f"{path} is {size / 1e9:.1f} GB, larger than the {MAX_FILE_BYTES / 1e9:.0f} GB tinydiff reads; subsample it first")
@@ -174,13 +174,16 @@ def load_points(path):
         raise ValueError(f"{path} is not a table of numbers ({reason}); give numeric columns, one point per row") from None
     except (OSError, EOFError) as e:
         raise ValueError(f"{path} could not be read as points ({e}); give an (N, D) .npy or a text file with numeric columns") from None
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+    if X.ndim == 2 and X.shape[0] == 0:
+        raise ValueError(f"{path} holds no points (no rows of numbers); give one point per row, its coordinates as columns")
+    if X.ndim != 2 or X.shape[1] == 0:
         raise ValueError(f"{path} holds an array of shape {X.shape}; it must be (N, D) with N >= 1 rows (points) and D >= 1 columns"
                          " (coordinates); save 1-D points as one column, x.reshape(-1, 1)")
     if np.iscomplexobj(X) or not np.issubdtype(X.dtype, np.number):
         raise ValueError(f"{path} holds {X.dtype} values; it must hold real numbers")
-    if not np.isfinite(X).all():
-        raise ValueError(f"{path} contains NaN or infinite values; remove those rows")
+    bad = np.flatnonzero(~np.isfinite(X).all(1))
+    if len(bad):
+        raise ValueError(f"{path} has NaN or infinite values in {len(bad)} of its {len(X)} points (the first is point {bad[0] + 1}); remove those rows")
     return X.astype(np.float64)
 
 
@@ -190,4 +193,4 @@ def load_dataset(name, n=100_000, seed=42):
         return DATASETS[name](n, np.random.default_rng(seed))
     if os.path.splitext(name)[1].lower() in (".csv", ".txt", ".tsv", ".npy") or os.path.sep in name:
         return load_points(name)
-    raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a path to a .csv, .txt or .npy file")
+    raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a path to a .csv, .tsv, .txt or .npy file")

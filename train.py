@@ -9,6 +9,7 @@
 Under torchrun every process draws the same global batch (--batch_size) and takes its own share of
 the rows; rank 0 alone logs, writes checkpoints and evaluates.
 """
+import glob
 import math
 import os
 import signal
@@ -335,7 +336,8 @@ def train(argv, sig):
     # -------------------------------------------------------------------------
     # settings: checks first, so that a bad command line costs nothing
     stem, ext = os.path.splitext(os.path.basename(args.dataset))
-    args.out_dir = args.out_dir or os.path.join("out", f"{stem}{'-' + ext[1:].lower() if ext else ''}-{config_name(args)}")
+    args.out_dir = args.out_dir or os.path.join("out", f"{stem}{'-' + ext[1:].lower() if ext else ''}-{config_name(args)}"
+                                                       + ("-paper" if args.preset == "paper" else ""))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if (args.resume or args.auto_resume) and args.overwrite:
         fail("--resume continues the run in --out_dir and --overwrite replaces it; give one of them")
@@ -358,12 +360,18 @@ def train(argv, sig):
         if finished and ("train_steps" not in given or args.train_steps <= ckpt["step"]):
             fail(f"{args.out_dir} is already finished ({ckpt['step']} steps); pass a larger --train_steps to train it further")
         take_settings_from(ckpt, args, given, ckpt_path)
+    if "heads" in given and not args.attn_layers:
+        print("warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr)
     X, cfg, sched_cfg = check_settings(args)
     rank, world, device = init_ddp(args, pick_device(args.device))
     lock = lock or claim_run_dir(args.out_dir) if rank == 0 else None
     if args.resume and rank == 0 and args.train_steps > ckpt["args"]["train_steps"]:  # an extension: the old results no longer describe the run
         if os.path.isfile(os.path.join(args.out_dir, "metrics.json")):
             os.remove(os.path.join(args.out_dir, "metrics.json"))
+        drawn = sorted(glob.glob(os.path.join(glob.escape(args.out_dir), "samples-*")))  # sample.py's files, from the shorter run
+        if drawn:
+            print(f"note: {', '.join(map(os.path.basename, drawn))} in {args.out_dir} were drawn at step {ckpt['step']}; "
+                  "rerun sample.py once the extended run is done")
     if not args.resume and rank == 0:
         old = [f for f in RUN_FILES if os.path.isfile(os.path.join(args.out_dir, f))]
         if old and not args.overwrite:
@@ -506,14 +514,15 @@ def train(argv, sig):
     metrics.update(dataset=args.dataset, config=config_name(args), params=n_params, alpha_bar_T=scheduler.alpha_bar_T,
                    device=str(device), threads=args.threads, args=vars(args))
     out = lambda name: os.path.join(args.out_dir, name)
+    title = f"{args.dataset} · {config_name(args)} · {args.preset} preset"
     if curve:
         metrics.update(curve=curve, curve_floor=curve_eval.floor, curve_samples=evaluate.CURVE_N)
-        write_or_fail(out("kl.png"), lambda f: plot_curve(curve, curve_eval.floor, f, f"{args.dataset} · {config_name(args)}"))
+        write_or_fail(out("kl.png"), lambda f: plot_curve(curve, curve_eval.floor, f, title))
     write_or_fail(out("samples.npy"), lambda f: np.save(f, samples))
-    write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(X, samples, f, evaluate.sample_title(f"{args.dataset} · {config_name(args)}", metrics)))
+    write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(X, samples, f, evaluate.sample_title(title, metrics)))
     write_or_fail(out("loss.png"), lambda f: plot_loss(losses, f))
     write_or_fail(out("metrics.json"), lambda f: f.write(evaluate.to_json(metrics).encode()))  # last: it marks the run finished
-    print(f"\n{args.dataset} · {config_name(args)} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")
+    print(f"\n{title} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")
     print(f"training time   {train_time:8.1f} s   ({metrics['ms_per_step']:.2f} ms/step)")
     print(f"inference time  {metrics['inference_s']:8.2f} s   ({args.eval_batch_size} samples, {args.sampler})")
     print(evaluate.format_table({k: v for k, v in metrics.items() if k not in ("inference_s",)}))

@@ -154,10 +154,10 @@ def test_row_labels_are_dropped_and_an_index_like_column_is_flagged(tmp_path, ca
 
 @pytest.mark.parametrize("name,content,match", [
     ("ragged.csv", "1,2\n3,4,5\n", "not a table of numbers"),
-    ("nan.csv", "1,2\nnan,5\n", "NaN or infinite"),
-    ("inf.txt", "1 2\ninf 5\n", "NaN or infinite"),
-    ("empty.csv", "", "N >= 1 rows"),
-    ("header-only.csv", "# comment\nx,y\n", "N >= 1 rows"),
+    ("nan.csv", "1,2\nnan,5\n", r"NaN or infinite values in 1 of its 2 points \(the first is point 2\)"),
+    ("inf.txt", "1 2\n3 4\ninf 5\n-inf 6\n", r"in 2 of its 4 points \(the first is point 3\)"),
+    ("empty.csv", "", "holds no points"),
+    ("header-only.csv", "# comment\nx,y\n", "holds no points"),
     ("words.csv", "x,y\na,b\n", "not a table of numbers"),
     ("complex.txt", "1+2j 3\n4-1j 5\n", "not a table of numbers"),
 ])

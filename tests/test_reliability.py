@@ -74,7 +74,7 @@ def test_a_rerun_never_overwrites_a_finished_run(tmp_path):
     assert p.returncode == 0 and td.load_checkpoint(str(out / "ckpt.pt"))["step"] == 6
 
 
-def test_a_users_file_and_a_named_dataset_get_different_default_folders(tmp_path):
+def test_a_users_file_a_named_dataset_and_the_paper_preset_get_different_default_folders(tmp_path):
     import train
 
     named = train.get_parser().parse_args(["--dataset", "dino"])
@@ -86,6 +86,18 @@ def test_a_users_file_and_a_named_dataset_get_different_default_folders(tmp_path
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "out" / "dino-csv-base" / "metrics.json").exists() and not (tmp_path / "out" / "dino-base").exists()
+    for preset, folder in (("tinydiff", "moons-base"), ("paper", "moons-base-paper")):  # one after the other, neither refused
+        p = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--dataset", "moons", "--preset", preset, "--train_steps", "2", *TINY],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert json.loads((tmp_path / "out" / folder / "metrics.json").read_text())["args"]["preset"] == preset
+
+
+def test_a_flag_without_effect_gets_a_warning(tmp_path):
+    p = run("train.py", "--dataset", "moons", "--train_steps", 2, "--heads", 3, *TINY, "--out_dir", tmp_path / "a")
+    assert p.returncode == 0 and "--heads has no effect without --attn_layers" in p.stderr
+    p = run("train.py", "--dataset", "moons", "--train_steps", 2, "--heads", 8, "--attn_layers", 1, *TINY, "--out_dir", tmp_path / "b")
+    assert p.returncode == 0 and "no effect" not in p.stderr
 
 
 def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_path):
@@ -93,8 +105,11 @@ def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_p
     run("train.py", "--dataset", "line", "--preset", "paper", "--lr", "5e-4", "--train_steps", 30, *TINY, "--out_dir", out)
     msg = one_line(run("train.py", "--out_dir", out, "--resume", "--train_steps", 40, "--lr", "1e-3"))
     assert "--lr 0.001 differs from this run's 0.0005" in msg
+    (out / "samples-ddpm100.npy").write_bytes(b"drawn by sample.py from the 30-step model")
     p = run("train.py", "--out_dir", out, "--resume", "--train_steps", 40, "--eval_batch_size", 200)
     assert p.returncode == 0, p.stderr
+    assert "samples-ddpm100.npy in" in p.stdout and "were drawn at step 30; rerun sample.py" in p.stdout
+    assert (out / "samples-ddpm100.npy").exists()  # kept: only the user knows whether it is still wanted
     assert "from the checkpoint: dataset line, preset paper" in p.stdout and "lr 0.0005" in p.stdout and "extending the run from 30 to 40" in p.stdout
     ck = td.load_checkpoint(str(out / "ckpt.pt"))
     assert ck["step"] == 40 and ck["args"]["lr"] == 5e-4 and ck["args"]["dataset"] == "line"
