@@ -259,6 +259,10 @@ def plot_samples(data, samples, path, title=""):
                 ax.set_ylabel(f"x{j + 1}")
             if k < per_row:
                 ax.set_title(name)
+    if D == 1:  # one density scale for data and samples
+        top = max(ax.get_ylim()[1] for ax in axes[0, :2])
+        for ax in axes[0, :2]:
+            ax.set_ylim(0, top)
     for ax in axes.flat[2 * len(pairs):]:
         ax.set_visible(False)
     fig.suptitle(title)
