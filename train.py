@@ -536,8 +536,8 @@ def plot_loss(losses, path):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.3, alpha=0.4, label="per step")
     w = max(1, len(losses) // 100)
-    if len(losses) >= w:
-        ax.plot(np.arange(w - 1, len(losses)), np.convolve(losses, np.ones(w) / w, mode="valid"), label=f"mean of {w}")
+    if w > 1:
+        ax.plot(np.arange(w - 1, len(losses)), np.convolve(losses, np.ones(w) / w, mode="valid"), label=f"running mean of {w} steps")
     ax.set_xlabel("step")
     ax.set_ylabel("noise MSE")
     ax.set_yscale("log")
