@@ -125,6 +125,11 @@ def ema_update(decay, every, warmup):
     return update
 
 
+def sub_seed(seed, k):
+    """A seed of its own for the k-th stream of a run (an epoch's order, a resume on another device)."""
+    return (seed * 1_000_003 + k) % 2**63
+
+
 class EpochBatches:
     """The study's batches: shuffled passes over the data without replacement (a DataLoader with
     shuffle=True), the last batch of each pass short. A function of the step alone, so resuming
@@ -137,7 +142,7 @@ class EpochBatches:
         epoch, j = divmod(step, -(-self.n // self.batch_size))  # ceil(n / batch) batches per pass
         if epoch != self.epoch:
             self.epoch = epoch
-            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63))
+            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(sub_seed(self.seed, epoch)))
         return self.perm[j * self.batch_size : (j + 1) * self.batch_size]
 
 
@@ -415,7 +420,7 @@ def train(argv, sig):
             if len(ckpt["rng"]["gen"]) == len(gen.get_state()) or saved_on == device.type:
                 gen.set_state(ckpt["rng"]["gen"])  # a wrong length on the same kind of device is a damaged file (RuntimeError)
             else:  # another kind of device, whose generator state has another form: a stream of its own for this seed and step
-                gen.manual_seed((args.seed * 1_000_003 + step) % 2**63)
+                gen.manual_seed(sub_seed(args.seed, step))
                 print(f"note: {ckpt_path} was saved on {saved_on or 'another kind of device'}, whose random-generator state {device.type} "
                       "cannot use; the run goes on with a new random stream (from --seed and the step)")
         except ValueError as e:  # the data now have another number of columns
