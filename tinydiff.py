@@ -1,15 +1,13 @@
 """tinydiff: denoising diffusion on low-dimensional points (2-D, 3-D, ... D-D), in one file.
 
 Read top to bottom, in the order of the math:
-  1. NoiseScheduler      DDPM forward process, posterior step, DDIM step
-                         (Ho et al. 2020, arXiv:2006.11239; Song et al. 2021, arXiv:2010.02502;
-                          cosine schedule: Nichol & Dhariwal 2021, arXiv:2102.09672)
+  1. NoiseScheduler      DDPM forward process, posterior step, DDIM step (Ho et al. 2020, arXiv:2006.11239;
+                         Song et al. 2021, arXiv:2010.02502; cosine: Nichol & Dhariwal 2021, arXiv:2102.09672)
   2. SinusoidalEmbedding (Vaswani et al. 2017), as the 2-D MLP denoiser of tiny-diffusion uses it
   3. SelfAttention       multi-head, pre-norm, over the tokens [x1, ..., xD, t]
   4. ResidualBlock       x + GELU(Linear(x)) (tiny-diffusion), or the study's x + Linear(ReLU(x))
-  5. BiMambaBlock        bidirectional selective state space (Mamba: Gu & Dao 2023, arXiv:2312.00752;
-                         Vision Mamba: Zhu et al. 2024, arXiv:2401.09417; DiS: Fei et al. 2024,
-                         arXiv:2402.05608), with an exact product-only scan
+  5. BiMambaBlock        bidirectional selective state space with an exact product-only scan (Mamba: Gu & Dao
+                         2023, arXiv:2312.00752; Vim: Zhu et al. 2024, 2401.09417; DiS: Fei et al. 2024, 2402.05608)
   6. Denoiser            embeddings -> optional attention / SSM token mixers -> residual MLP;
                          keeps the data's affine map (any offset and scale) and moments
   7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), low-t oversampling
@@ -32,11 +30,9 @@ import torch.nn.functional as F
 class NoiseScheduler(nn.Module):
     """Forward process q(x_t | x_0) and the reverse steps. Names follow diffusers.
 
-    Schedules are computed in float64 and kept as float32 buffers, so `.to(device)` moves them.
-    They are derived from the four arguments, so they are not saved in a state_dict.
-    Note: at T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T still holds
-    sqrt(0.36) = 60% of the data's signal, so starting the sampler at N(0, I) is wrong. `prior`
-    draws x_T from the Gaussian with the same moments as q(x_T) instead, given the data's moments.
+    Schedules are computed in float64 and kept as non-persistent float32 buffers (`.to(device)` moves them).
+    At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T still holds 60% of the data's
+    signal, so `prior` draws x_T from the Gaussian with q(x_T)'s moments rather than from N(0, I).
     """
 
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
@@ -108,11 +104,8 @@ class NoiseScheduler(nn.Module):
         return mean + self.posterior_variance[t].sqrt() * noise
 
     def set_timesteps(self, num_inference_steps, spacing="linear"):
-        """num_inference_steps distinct timesteps from T-1 down to 0 (both ends always included).
-
-        spacing="linear": evenly spaced in t. "logsnr": evenly spaced in log-SNR lambda_t (the
-        nearest t to each), which puts more steps at low noise, where the fine detail forms.
-        """
+        """num_inference_steps distinct timesteps from T-1 down to 0 (both ends included), evenly spaced
+        in t (spacing="linear") or in log-SNR lambda_t ("logsnr": more steps at low noise, where detail forms)."""
         T = self.num_train_timesteps
         if not 1 <= num_inference_steps <= T:
             raise ValueError(f"steps must be in 1..{T}, got {num_inference_steps}")
@@ -209,8 +202,7 @@ class SelfAttention(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """x + GELU(Linear(x)) (form="gelu", tiny-diffusion's), or x + Linear(ReLU(x)) (form="relu",
-    the study's template code)."""
+    """x + GELU(Linear(x)) (form="gelu", tiny-diffusion's) or x + Linear(ReLU(x)) (form="relu", the study's)."""
 
     def __init__(self, dim, form="gelu"):
         super().__init__()
@@ -346,12 +338,11 @@ class DenoiserConfig:
 class Denoiser(nn.Module):
     """eps_theta(z_t, t): (B, D), (B,) -> (B, D), in the model's space z (see set_data_stats).
 
-    Each coordinate and t is embedded into a token of width emb_dim. Optional attention and SSM
-    blocks mix the D + 1 tokens; the tokens are then flattened ((D + 1) * emb_dim, in the order
-    [x1, ..., xD, t]) into the residual MLP. At D = 2 with no mixers and block="relu" this is the
-    study's MLPDenoiser exactly; block="gelu" (the default) is tiny-diffusion's form, same parameter
-    count. The SSM stack follows DiS: time is a token, and the first half of the blocks is joined to
-    the second half by long skips (concat + Linear), as in U-ViT.
+    Each coordinate and t is embedded into a token of width emb_dim; optional attention and SSM blocks
+    mix the D + 1 tokens, which are then flattened ([x1, ..., xD, t]) into the residual MLP. At D = 2 with
+    no mixers and block="relu" this is the study's MLPDenoiser exactly (block="gelu": tiny-diffusion's).
+    The SSM stack follows DiS: time is a token, and long skips (concat + Linear, as in U-ViT) join the
+    first half of the blocks to the second.
     """
 
     def __init__(self, cfg: DenoiserConfig):
@@ -394,10 +385,9 @@ class Denoiser(nn.Module):
     def set_data_stats(self, x, standardize=True, moments=True):
         """Keep what the loss and the samplers need to know about the training points x (N, D), in data units.
 
-        standardize=True: the model works on z = (x - data_shift) / data_scale, each coordinate at mean 0
-        and sd MODEL_SD, so points at any offset and scale meet the settings tuned on the study's data;
-        ddpm_loss maps its input to z and sample maps its output back. False keeps raw coordinates.
-        moments=True: data_mean and data_cov of z for NoiseScheduler.prior; False keeps 0 and I (N(0, I)).
+        standardize=True: the model works on z = (x - data_shift) / data_scale, each coordinate at mean 0 and
+        sd MODEL_SD, so points at any offset and scale meet the settings tuned on the study's data (False: raw).
+        moments=True: data_mean and data_cov of z for NoiseScheduler.prior (False: 0 and I, i.e. N(0, I)).
         Call it before AveragedModel copies the model.
         """
         x = torch.as_tensor(x).detach().cpu().double()  # statistics in float64 on the CPU (MPS has no float64)
@@ -463,11 +453,9 @@ def ddpm_loss(model, scheduler, x0, generator=None, low_t=2, low_frac=0.25, rows
 
     x0: (B, D) points in data units; a Denoiser first maps them to its own space (set_data_stats).
     low_frac > 0 redraws that share of the batch from t ~ U{0..low_t-1}: more signal for the last
-    denoising steps, where sharp detail is decided (docs/tuning.md: "low-t oversampling").
-    The defaults are train.py's (a quarter of each batch at t < 2); low_frac=0 is the plain L_simple.
-    rows (a slice): draw t and noise for the whole batch, then return only those rows' share of its
-    mean. Data-parallel processes each take their rows of the same draw; their shares sum to the loss
-    one process would see.
+    denoising steps, where sharp detail is decided (docs/tuning.md). The defaults are train.py's;
+    low_frac=0 is the plain L_simple. rows (a slice): draw t and noise for the whole batch, return
+    those rows' share of its mean (data-parallel ranks' shares sum to the one-process loss).
     """
     net = unwrap(model)
     if isinstance(net, Denoiser):
@@ -501,14 +489,11 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
     sampler="ddim": strided DDIM over `steps` timesteps with the given eta (0: deterministic).
     sampler="dpm++": DPM-Solver++(2M) SDE over `steps` (default 20) timesteps spaced evenly in log-SNR.
-    Each timestep is one network evaluation; the last one (t = 0) returns its predicted x_0.
-    Returns (n, D), or the trajectory (steps + 1, n, D) on the CPU with return_trajectory=True.
-    model: a Denoiser, also inside AveragedModel or torch.compile (unwrap). Any other module starts
-    from its data_mean / data_cov if it has them, else from N(0, I) in dim dimensions.
-
-    The network sees at most batch_size rows at a time (default: 1024 on CPU, where they stay in
-    cache, else all n); rows do not interact, so this changes the speed, not the samples.
-    callback(i, steps), if given, is called after each step (for progress bars).
+    Each timestep is one network evaluation. Returns (n, D), or with return_trajectory=True the
+    trajectory (steps + 1, n, D) on the CPU. model: a Denoiser, also wrapped (unwrap); any other
+    module starts from its data_mean / data_cov if it has them, else from N(0, I) in dim dimensions.
+    batch_size: rows per network call (default 1024 on CPU, where they stay in cache, else all n);
+    it changes the speed, not the samples. callback(i, steps) is called after each step.
     """
     T = scheduler.num_train_timesteps
     if sampler not in SAMPLERS:
@@ -548,7 +533,7 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
 
 
 class CheckpointError(ValueError):
-    pass
+    """A file that is not a usable tinydiff checkpoint; the message says what to do."""
 
 
 def atomic_write(path, write):
