@@ -116,6 +116,35 @@ def read_npy(path, size):
     return np.load(path, allow_pickle=False)
 
 
+def first_row(lines):
+    """(index, text, delimiter, header fields or None) of the first line that is not blank or a comment."""
+    first = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
+    if first is None:
+        return None, "", None, None
+    row = lines[first].split("#")[0]
+    delim = "," if "," in row else ";" if ";" in row else None
+    try:
+        [float(field.strip().strip('"')) for field in row.split(delim)]
+        return first, row, delim, None
+    except ValueError:  # a header row
+        return first, row, delim, [field.strip().strip('"') for field in row.split(delim)]
+
+
+def column_names(name, D):
+    """The names a text file's header gives its D coordinates (for plot axes), or None: no header, a named
+    dataset, an .npy. A dropped row-label column is the header's first field, so the names are its last D."""
+    if name in DATASETS or name.lower().endswith(".npy") or not os.path.isfile(name):
+        return None
+    try:
+        with open(name, encoding="utf-8-sig") as f:
+            header = first_row(f.read(1 << 16).splitlines())[3]
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not header or len(header) < D:
+        return None
+    return [field or f"x{i + 1}" for i, field in enumerate(header[-D:])]
+
+
 def read_text(path, size):
     """Text as people write it: an optional UTF-8 BOM, '#' comments, and one header row (skipped, with
     a note); columns separated by commas, semicolons, tabs or spaces. A first column of row labels
@@ -124,16 +153,9 @@ def read_text(path, size):
     with open(path, encoding="utf-8-sig") as f:
         head = f.read(1 << 20)  # enough to find the header and estimate the parsed size
     lines = head.splitlines()[: -1 if len(head) == 1 << 20 else None]  # the last line may be cut
-    first = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
+    first, row, delim, header = first_row(lines)
     if first is None:
         return np.zeros((0, 0))
-    row = lines[first].split("#")[0]
-    delim = "," if "," in row else ";" if ";" in row else None
-    header = None
-    try:
-        [float(field.strip().strip('"')) for field in row.split(delim)]
-    except ValueError:  # a header row
-        header = [field.strip().strip('"') for field in row.split(delim)]
     body = lines[first + 1 if header else 0:]
     values = sum(len(line.split("#")[0].split(delim)) for line in body if line.split("#")[0].strip())
     if values:  # float64 points, and as much again while numpy parses them

@@ -231,12 +231,14 @@ def plot_pairs(D):
     return list(itertools.combinations(range(D), 2)) if D <= 5 else [(i, i + 1) for i in range(min(D - 1, 12))]
 
 
-def plot_samples(data, samples, path, title=""):
+def plot_samples(data, samples, path, title="", names=None):
     """Data (left) and samples (right) on the same axes (grid_box of the data). D > 2: one such pair of
-    panels per coordinate pair (plot_pairs), two pairs to a row from four pairs on; D = 1: histograms."""
+    panels per coordinate pair (plot_pairs), two pairs to a row from four pairs on; D = 1: histograms.
+    names: the coordinates' axis labels (datasets.column_names); without them x1, x2, ... from D = 3 on."""
     plt = pyplot()
 
     D = data.shape[1]
+    labels = names or [f"x{i + 1}" for i in range(D)]
     lo, hi = grid_box(data)
     pairs = plot_pairs(D) if D > 1 else [(0, 0)]
     per_row = 1 if len(pairs) <= 3 else 2
@@ -254,9 +256,11 @@ def plot_samples(data, samples, path, title=""):
                 ax.set_ylim(lo[j], hi[j])
                 wi, wj = hi[i] - lo[i], hi[j] - lo[j]
                 ax.set_aspect("equal" if max(wi, wj) < 4 * min(wi, wj) else "auto")  # coordinates in other units: fill the panel
-            if D > 2:
-                ax.set_xlabel(f"x{i + 1}")
-                ax.set_ylabel(f"x{j + 1}")
+            if D == 1 and names:
+                ax.set_xlabel(labels[0])
+            elif D > 2 or (D == 2 and names):
+                ax.set_xlabel(labels[i])
+                ax.set_ylabel(labels[j])
             if k < per_row:
                 ax.set_title(name)
     if D == 1:  # one density scale for data and samples

@@ -104,9 +104,10 @@ def main(argv=None):
     if data.shape[1] != samples.shape[1]:
         print(f"note: {dataset} now holds {data.shape[1]}-D points, not the model's {samples.shape[1]}-D ones; plotting the samples alone")
         data = samples
+    names = datasets.column_names(dataset, samples.shape[1]) if data is not samples else None
     write = lambda path, fn: train.write_or_fail(path, fn, "free some space, then rerun")
     write(stem + ".npy", lambda f: np.save(f, samples))
-    write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}"))
+    write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}", names))
     wrote = [stem + ".npy", stem + ".png"]
     if args.gif:
         write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(data)))

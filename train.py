@@ -524,7 +524,8 @@ def train(argv, sig):
         metrics.update(curve=curve, curve_floor=curve_eval.floor, curve_samples=evaluate.CURVE_N)
         write_or_fail(out("kl.png"), lambda f: plot_curve(curve, curve_eval.floor, f, title))
     write_or_fail(out("samples.npy"), lambda f: np.save(f, samples))
-    write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(X, samples, f, evaluate.sample_title(title, metrics)))
+    names = datasets.column_names(args.dataset, X.shape[1])  # a text file's header, for the plot's axes
+    write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(X, samples, f, evaluate.sample_title(title, metrics), names))
     write_or_fail(out("loss.png"), lambda f: plot_loss(losses, f))
     write_or_fail(out("metrics.json"), lambda f: f.write(evaluate.to_json(metrics).encode()))  # last: it marks the run finished
     print(f"\n{title} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")

@@ -152,6 +152,20 @@ def test_row_labels_are_dropped_and_an_index_like_column_is_flagged(tmp_path, ca
     assert datasets.load_dataset(str(tmp_path / "floats.csv")).shape == (30, 3) and "dropped its" not in capsys.readouterr().err
 
 
+def test_column_names_come_from_the_header_without_its_row_label_field(tmp_path):
+    """The plot's axis names: the header's fields for the coordinates that load_dataset returns."""
+    files = {"xyz.csv": ("# units: m\nx,y,z\n1,2,3\n", ["x", "y", "z"]), "df.csv": (",lon,lat\n0,1,2\n", ["lon", "lat"]),
+             "r.csv": ('"","a","b"\n"1",1,2\n', ["a", "b"]), "tab.tsv": ("\tu\tv\n0\t1\t2\n", ["u", "v"]),
+             "blank.csv": ("a,,c\n1,2,3\n", ["a", "x2", "c"]), "plain.csv": ("1,2,3\n", None)}
+    for name, (text, names) in files.items():
+        (tmp_path / name).write_text(text)
+        D = datasets.load_dataset(str(tmp_path / name)).shape[1]
+        assert datasets.column_names(str(tmp_path / name), D) == names, name
+    np.save(tmp_path / "p.npy", np.zeros((3, 2)))
+    for name in ("dino", str(tmp_path / "p.npy"), str(tmp_path / "gone.csv")):
+        assert datasets.column_names(name, 2) is None
+
+
 @pytest.mark.parametrize("name,content,match", [
     ("ragged.csv", "1,2\n3,4,5\n", "not a table of numbers"),
     ("nan.csv", "1,2\nnan,5\n", r"NaN or infinite values in 1 of its 2 points \(the first is point 2\)"),

@@ -125,6 +125,21 @@ def test_plots_in_any_dimension(tmp_path, D):
     assert pairs == (list(itertools.combinations(range(D), 2)) if D <= 5 else [(i, i + 1) for i in range(D - 1)])
 
 
+def test_plot_axes_are_named_by_the_columns(tmp_path, monkeypatch):
+    import matplotlib.axes
+    seen = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda ax, s, *a, **k: seen.append(s))
+    data = np.random.default_rng(0).normal(size=(500, 3))
+    evaluate.plot_samples(data, data, str(tmp_path / "s.png"), "title", names=["lon", "lat", "depth"])
+    assert seen == [name for i, _ in evaluate.plot_pairs(3) for name in [["lon", "lat", "depth"][i]] * 2]
+    seen.clear()
+    evaluate.plot_samples(data, data, str(tmp_path / "s.png"), "title")
+    assert seen == [f"x{i + 1}" for i, _ in evaluate.plot_pairs(3) for _ in range(2)]
+    seen.clear()
+    evaluate.plot_samples(data[:, :2], data[:, :2], str(tmp_path / "s.png"), "title")  # 2-D without names: unlabelled
+    assert seen == []
+
+
 def test_floor_is_none_for_a_users_file_and_a_fresh_draw_otherwise():
     f = evaluate.floor_draw("dino", 1000)
     assert f.shape == (1000, 2) and not np.array_equal(f, datasets.load_dataset("dino", n=1000))
