@@ -4,6 +4,7 @@ Each named dataset has n = 100,000 points by default, drawn with np.random.defau
 The named datasets lie inside [-5, 5]^D; a user's points may have any offset and scale (the
 model standardizes them: tinydiff.Denoiser.set_data_stats).
 """
+import csv
 import math
 import os
 import sys
@@ -116,6 +117,16 @@ def read_npy(path, size):
     return np.load(path, allow_pickle=False)
 
 
+ROW_LABEL_FIELDS = ("", "Unnamed: 0")  # the header field above a first column of row labels: pandas, R (""), pandas read back
+
+
+def head_lines(path):
+    """The complete lines in the first MiB of a text file (enough to find its header), without a BOM."""
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(1 << 20)
+    return head.splitlines()[: -1 if len(head) == 1 << 20 else None]  # the last line may be cut
+
+
 def first_row(lines):
     """(index, text, delimiter, header fields or None) of the first line that is not blank or a comment."""
     first = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
@@ -123,26 +134,28 @@ def first_row(lines):
         return None, "", None, None
     row = lines[first].split("#")[0]
     delim = "," if "," in row else ";" if ";" in row else None
+    fields = [field.strip() for field in (next(csv.reader([row], delimiter=delim)) if delim else row.split())]
     try:
-        [float(field.strip().strip('"')) for field in row.split(delim)]
+        [float(field) for field in fields]
         return first, row, delim, None
     except ValueError:  # a header row
-        return first, row, delim, [field.strip().strip('"') for field in row.split(delim)]
+        return first, row, delim, fields
 
 
 def column_names(name, D):
     """The names a text file's header gives its D coordinates (for plot axes), or None: no header, a named
-    dataset, an .npy. A dropped row-label column is the header's first field, so the names are its last D."""
+    dataset, an .npy, or a header that does not match D columns by read_text's rule for row labels."""
     if name in DATASETS or name.lower().endswith(".npy") or not os.path.isfile(name):
         return None
     try:
-        with open(name, encoding="utf-8-sig") as f:
-            header = first_row(f.read(1 << 16).splitlines())[3]
+        header = first_row(head_lines(name))[3]
     except (OSError, UnicodeDecodeError):
         return None
-    if not header or len(header) < D:
+    if header and len(header) == D + 1 and header[0] in ROW_LABEL_FIELDS:  # the dropped row labels' field
+        header = header[1:]
+    if not header or len(header) != D:
         return None
-    return [field or f"x{i + 1}" for i, field in enumerate(header[-D:])]
+    return [field or f"x{i + 1}" for i, field in enumerate(header)]
 
 
 def read_text(path, size):
@@ -150,9 +163,7 @@ def read_text(path, size):
     a note); columns separated by commas, semicolons, tabs or spaces. A first column of row labels
     (distinct integers) under an unnamed header field, as pandas' to_csv and R's write.csv write
     them, is dropped with the note; a first column that counts 0, 1, 2, ... otherwise gets a warning."""
-    with open(path, encoding="utf-8-sig") as f:
-        head = f.read(1 << 20)  # enough to find the header and estimate the parsed size
-    lines = head.splitlines()[: -1 if len(head) == 1 << 20 else None]  # the last line may be cut
+    lines = head_lines(path)  # enough to find the header and estimate the parsed size
     first, row, delim, header = first_row(lines)
     if first is None:
         return np.zeros((0, 0))
@@ -166,7 +177,7 @@ def read_text(path, size):
     col = X[:, 0] if len(X) and X.shape[1] > 1 else None
     if header:
         # an unnamed first field, or one field fewer than the columns (a tab- or space-separated pandas file)
-        labels = col is not None and (header[0] in ("", "Unnamed: 0") or len(header) == X.shape[1] - 1)
+        labels = col is not None and (header[0] in ROW_LABEL_FIELDS or len(header) == X.shape[1] - 1)
         labels = labels and np.array_equal(col, np.round(col)) and len(np.unique(col)) == len(col)
         print(f"note: skipped the header row of {path}: {row.strip()[:80]}" + (
             "; and dropped its first column, unnamed row labels (pandas: save with to_csv(index=False))" if labels else ""), file=sys.stderr)

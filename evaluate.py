@@ -238,6 +238,8 @@ def plot_samples(data, samples, path, title="", names=None):
     plt = pyplot()
 
     D = data.shape[1]
+    if names is not None and len(names) != D:
+        raise ValueError(f"names has {len(names)} entries for {D}-D points; give one name per coordinate")
     labels = names or [f"x{i + 1}" for i in range(D)]
     lo, hi = grid_box(data)
     pairs = plot_pairs(D) if D > 1 else [(0, 0)]
@@ -256,11 +258,10 @@ def plot_samples(data, samples, path, title="", names=None):
                 ax.set_ylim(lo[j], hi[j])
                 wi, wj = hi[i] - lo[i], hi[j] - lo[j]
                 ax.set_aspect("equal" if max(wi, wj) < 4 * min(wi, wj) else "auto")  # coordinates in other units: fill the panel
-            if D == 1 and names:
-                ax.set_xlabel(labels[0])
-            elif D > 2 or (D == 2 and names):
-                ax.set_xlabel(labels[i])
-                ax.set_ylabel(labels[j])
+            if names or D > 2:  # parse_math=False: a header field such as "$x_1" is a name, not TeX
+                ax.set_xlabel(labels[i], parse_math=False)
+                if D > 1:
+                    ax.set_ylabel(labels[j], parse_math=False)
             if k < per_row:
                 ax.set_title(name)
     if D == 1:  # one density scale for data and samples

@@ -6,8 +6,8 @@ Read top to bottom, in the order of the math:
   2. SinusoidalEmbedding (Vaswani et al. 2017), as the 2-D MLP denoiser of tiny-diffusion uses it
   3. SelfAttention       multi-head, pre-norm, over the tokens [x1, ..., xD, t]
   4. ResidualBlock       x + GELU(Linear(x)) (tiny-diffusion), or the study's x + Linear(ReLU(x))
-  5. BiMambaBlock        bidirectional selective state space with an exact product-only scan (Mamba: Gu & Dao
-                         2023, arXiv:2312.00752; Vim: Zhu et al. 2024, 2401.09417; DiS: Fei et al. 2024, 2402.05608)
+  5. BiMambaBlock        bidirectional selective state space, exact product-only scan (Mamba: Gu & Dao 2023,
+                         arXiv:2312.00752; Vision Mamba: arXiv:2401.09417; DiS: Fei et al. 2024, arXiv:2402.05608)
   6. Denoiser            embeddings -> optional attention / SSM token mixers -> residual MLP;
                          keeps the data's affine map (any offset and scale) and moments
   7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), low-t oversampling
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 class NoiseScheduler(nn.Module):
     """Forward process q(x_t | x_0) and the reverse steps. Names follow diffusers.
 
-    Schedules are computed in float64 and kept as non-persistent float32 buffers (`.to(device)` moves them).
-    At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T still holds 60% of the data's
-    signal, so `prior` draws x_T from the Gaussian with q(x_T)'s moments rather than from N(0, I).
+    Schedules are computed in float64, kept as float32 buffers (`.to(device)` moves them), and derived from the
+    arguments, so not saved in a state_dict. At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0:
+    x_T still holds sqrt(0.36) = 60% of the data's signal, so `prior` draws x_T from q(x_T)'s moments, not N(0, I).
     """
 
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
@@ -453,7 +453,7 @@ def ddpm_loss(model, scheduler, x0, generator=None, low_t=2, low_frac=0.25, rows
 
     x0: (B, D) points in data units; a Denoiser first maps them to its own space (set_data_stats).
     low_frac > 0 redraws that share of the batch from t ~ U{0..low_t-1}: more signal for the last
-    denoising steps, where sharp detail is decided (docs/tuning.md). The defaults are train.py's;
+    denoising steps, where sharp detail is decided (docs/tuning.md, "Circle"). The defaults are train.py's;
     low_frac=0 is the plain L_simple. rows (a slice): draw t and noise for the whole batch, return
     those rows' share of its mean (data-parallel ranks' shares sum to the one-process loss).
     """
@@ -489,9 +489,9 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
     sampler="ddim": strided DDIM over `steps` timesteps with the given eta (0: deterministic).
     sampler="dpm++": DPM-Solver++(2M) SDE over `steps` (default 20) timesteps spaced evenly in log-SNR.
-    Each timestep is one network evaluation. Returns (n, D), or with return_trajectory=True the
-    trajectory (steps + 1, n, D) on the CPU. model: a Denoiser, also wrapped (unwrap); any other
-    module starts from its data_mean / data_cov if it has them, else from N(0, I) in dim dimensions.
+    Each timestep is one network evaluation; the last (t = 0) returns its predicted x_0. Returns (n, D),
+    or the trajectory (steps + 1, n, D) on the CPU with return_trajectory=True. model: a Denoiser, also
+    wrapped (unwrap); any other module starts from its data_mean / data_cov if any, else N(0, I) with `dim` coordinates.
     batch_size: rows per network call (default 1024 on CPU, where they stay in cache, else all n);
     it changes the speed, not the samples. callback(i, steps) is called after each step.
     """

@@ -368,6 +368,7 @@ def train(argv, sig):
     if "heads" in given and not args.attn_layers:
         print("warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr)
     X, cfg, sched_cfg = check_settings(args)
+    names = datasets.column_names(args.dataset, X.shape[1])  # a text file's header, for the plot's axes: read with X
     rank, world, device = init_ddp(args, pick_device(args.device))
     lock = lock or claim_run_dir(args.out_dir) if rank == 0 else None
     if args.resume and rank == 0 and args.train_steps > ckpt["args"]["train_steps"]:  # an extension: the old results no longer describe the run
@@ -524,7 +525,6 @@ def train(argv, sig):
         metrics.update(curve=curve, curve_floor=curve_eval.floor, curve_samples=evaluate.CURVE_N)
         write_or_fail(out("kl.png"), lambda f: plot_curve(curve, curve_eval.floor, f, title))
     write_or_fail(out("samples.npy"), lambda f: np.save(f, samples))
-    names = datasets.column_names(args.dataset, X.shape[1])  # a text file's header, for the plot's axes
     write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(X, samples, f, evaluate.sample_title(title, metrics), names))
     write_or_fail(out("loss.png"), lambda f: plot_loss(losses, f))
     write_or_fail(out("metrics.json"), lambda f: f.write(evaluate.to_json(metrics).encode()))  # last: it marks the run finished

@@ -156,7 +156,10 @@ def test_column_names_come_from_the_header_without_its_row_label_field(tmp_path)
     """The plot's axis names: the header's fields for the coordinates that load_dataset returns."""
     files = {"xyz.csv": ("# units: m\nx,y,z\n1,2,3\n", ["x", "y", "z"]), "df.csv": (",lon,lat\n0,1,2\n", ["lon", "lat"]),
              "r.csv": ('"","a","b"\n"1",1,2\n', ["a", "b"]), "tab.tsv": ("\tu\tv\n0\t1\t2\n", ["u", "v"]),
-             "blank.csv": ("a,,c\n1,2,3\n", ["a", "x2", "c"]), "plain.csv": ("1,2,3\n", None)}
+             "blank.csv": ("a,,c\n1,2,3\n", ["a", "x2", "c"]), "plain.csv": ("1,2,3\n", None),
+             "quoted.csv": ('"lon, deg",lat\n1,2\n', ["lon, deg", "lat"]), "one.csv": ("x\n1\n2\n", ["x"]),
+             "semi.csv": ("\ufeffx;y\n1;2\n", ["x", "y"]), "space.txt": ("x y\n1 2\n", ["x", "y"]),
+             "trailing.csv": ("x,y,\n1,2\n", None), "named-extra.csv": ("id,x,y,z\n1,2,3\n", None)}
     for name, (text, names) in files.items():
         (tmp_path / name).write_text(text)
         D = datasets.load_dataset(str(tmp_path / name)).shape[1]

@@ -128,16 +128,23 @@ def test_plots_in_any_dimension(tmp_path, D):
 def test_plot_axes_are_named_by_the_columns(tmp_path, monkeypatch):
     import matplotlib.axes
     seen = []
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda ax, s, *a, **k: seen.append(s))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda ax, s, *a, **k: seen.append(("x", s)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, s, *a, **k: seen.append(("y", s)))
     data = np.random.default_rng(0).normal(size=(500, 3))
-    evaluate.plot_samples(data, data, str(tmp_path / "s.png"), "title", names=["lon", "lat", "depth"])
-    assert seen == [name for i, _ in evaluate.plot_pairs(3) for name in [["lon", "lat", "depth"][i]] * 2]
-    seen.clear()
-    evaluate.plot_samples(data, data, str(tmp_path / "s.png"), "title")
-    assert seen == [f"x{i + 1}" for i, _ in evaluate.plot_pairs(3) for _ in range(2)]
-    seen.clear()
-    evaluate.plot_samples(data[:, :2], data[:, :2], str(tmp_path / "s.png"), "title")  # 2-D without names: unlabelled
-    assert seen == []
+    path = str(tmp_path / "s.png")
+    for D, names in ((3, ["lon", "lat", "depth"]), (3, None), (2, ["u", "v"]), (2, None), (1, ["h"]), (1, None)):
+        seen.clear()
+        evaluate.plot_samples(data[:, :D], data[:, :D], path, "title", names=names)
+        labels = names or [f"x{i + 1}" for i in range(D)]
+        if D == 1:
+            want = [("x", labels[0])] * 2 if names else []
+        else:
+            want = [(axis, labels[k]) for i, j in evaluate.plot_pairs(D) for _ in range(2) for axis, k in (("x", i), ("y", j))]
+        assert seen == (want if names or D > 2 else []), (D, names)
+    with pytest.raises(ValueError, match="one name per coordinate"):
+        evaluate.plot_samples(data, data, path, "title", names=["a", "b"])
+    monkeypatch.undo()  # the real labels: a field that would be broken TeX is drawn as text
+    evaluate.plot_samples(data, data, path, "title", names=["$a_b_c$", "lat", "$\\frac{1}$"])
 
 
 def test_floor_is_none_for_a_users_file_and_a_fresh_draw_otherwise():
