@@ -4,13 +4,17 @@
     python bench.py --quick    # under a minute: fewer blocks, sampling timed per network evaluation
     python bench.py --threads 2 --dtype bf16
     python bench.py --quick --compile   # torch.compile the training step's model, as train.py --compile does
+    python bench.py --quick --json results/bench.json   # ms/step per sweep configuration, for sweep.py --costs
 
 The matmul bound is timed in the same run: every nn.Linear call of one training step is recorded,
 and the three matmuls it costs (forward, grad of input, grad of weight) are timed alone with
 torch.mm. ratio = ms/step / bound. Compare numbers within one run: this box is shared and noisy.
 """
+import json
+import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -21,6 +25,11 @@ import train
 BACKBONES = {"baseline": {}, "attn 1x4": dict(attn_layers=1, heads=4), "attn 1x8": dict(attn_layers=1, heads=8),
              "attn 1x16": dict(attn_layers=1, heads=16), "attn 2x4": dict(attn_layers=2, heads=4),
              "ssm 1": dict(ssm_layers=1), "ssm 2": dict(ssm_layers=2)}
+
+
+def config_name(kw):
+    """A backbone's name in sweep.py and train.py ("base", "attn1x4", "ssm1", ...), from its DenoiserConfig settings."""
+    return train.config_name(SimpleNamespace(**{"attn_layers": 0, "heads": 4, "ssm_layers": 0, **kw}))
 
 
 def sync(device):
@@ -74,6 +83,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=10_000, help="samples to draw")
     p.add_argument("--fast_steps", type=int, default=20, help="network evaluations of the few-step sampler (DPM-Solver++)")
     p.add_argument("--only", nargs="*", default=None, help="backbones to run (default all)")
+    p.add_argument("--block", choices=["gelu", "relu"], default="gelu", help="residual block form (relu: --preset paper's); same matrix work")
+    p.add_argument("--json", default=None, help="also write each backbone's ms/step, by sweep configuration name, to this file")
     args = p.parse_args(argv)
     for name in ("threads", "batch_size", "n"):
         if getattr(args, name) < 1:
@@ -83,6 +94,8 @@ def main(argv=None):
     unknown = [b for b in args.only or [] if b not in BACKBONES]
     if unknown:
         evaluate.fail(f"unknown backbone {unknown[0]!r}; use some of: {', '.join(repr(b) for b in BACKBONES)}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        evaluate.fail(f"--json {args.json}: its folder does not exist; create it or give another path")
     device = train.pick_device(args.device)
     torch.set_num_threads(args.threads)
     bf16 = args.dtype == "bf16"
@@ -97,7 +110,7 @@ def main(argv=None):
         if args.only and label not in args.only:
             continue
         torch.manual_seed(0)
-        model = td.Denoiser(td.DenoiserConfig(**kw)).to(device)
+        model = td.Denoiser(td.DenoiserConfig(block=args.block, **kw)).to(device)
         scheduler = td.NoiseScheduler().to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         x = torch.randn(args.batch_size, 2, device=device)
@@ -125,6 +138,12 @@ def main(argv=None):
         rows[label] = ms
         n_params = sum(q.numel() for q in model.parameters())
         print(f"{label:<10}{n_params:>9,}{ms:>9.2f}{bound:>9.2f}{ms / bound:>7.2f}{ms / rows.get('baseline', ms):>8.2f}{ddpm_s:>12.2f}{fast_s:>12.2f}", flush=True)
+    if args.json:  # keyed as sweep.py and train.py name the configurations ("base", "attn1x4", "ssm1", ...)
+        record = dict(device=name, threads=torch.get_num_threads(), torch=torch.__version__, dtype=args.dtype, compile=args.compile,
+                      batch_size=args.batch_size, block=args.block, mode="quick" if args.quick else "full",
+                      ms_per_step={config_name(BACKBONES[label]): round(ms, 4) for label, ms in rows.items()})
+        train.write_or_fail(args.json, lambda f: f.write(json.dumps(record, indent=1).encode()), "give --json a writable path")
+        print(f"wrote {args.json}")
     if "baseline" in rows:
         base = rows["baseline"]
         print("summary: " + ", ".join(f"{k} {v / base:.2f}x baseline" for k, v in rows.items() if k != "baseline")

@@ -39,6 +39,8 @@ def get_parser():
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one CPU thread each")
     p.add_argument("--print", action="store_true", help="print the unfinished runs' commands, one per line, and exit")
     p.add_argument("--collect", action="store_true", help="write results.md and the figures from the runs found, and exit")
+    p.add_argument("--costs", default=None, help="a `bench.py --json` file: curves.png and the time-to-quality table count training seconds"
+                   " as steps x its ms/step, one sitting for every configuration (default: each run's own clock)")
     p.add_argument("--reference", default=REFERENCE,
                    help="a paper-preset grid whose base runs' curves set the time-to-quality targets (default: the committed results/paper)")
     return train.get_parser(p, skip=GRID_FLAGS)
@@ -46,7 +48,7 @@ def get_parser():
 
 def passed_on(args):
     """The train.py flags given to the sweep, as arguments for each run."""
-    own = {"out_dir", "seeds", "jobs", "print", "collect", "reference"}
+    own = {"out_dir", "seeds", "jobs", "print", "collect", "reference", "costs"}
     defaults = vars(train.get_parser().parse_args([]))
     out = []
     for k, v in vars(args).items():
@@ -145,7 +147,9 @@ def run_grid(args, root):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
-    extra = [] if args.reference == REFERENCE else ["--reference", args.reference]
+    extra = ([] if args.reference == REFERENCE else ["--reference", args.reference]) + (["--costs", args.costs] if args.costs else [])
+    if args.costs:
+        read_costs(args.costs)  # refused now, not after the grid
     cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in [*passed_on(args), "--out_dir", root, "--seeds", str(args.seeds), *extra])
     if args.collect:
         if not os.path.isdir(root):
@@ -260,6 +264,19 @@ def reference_targets(args):
     return out
 
 
+def read_costs(path):
+    """{configuration: ms per training step} and a label for the seconds axis, from a `bench.py --json` file."""
+    try:
+        with open(path) as f:
+            bench = json.load(f)
+        ms = {c: float(bench["ms_per_step"][c]) for c in CONFIGS}
+        label = f"{bench['device']}, {bench['threads']} thread{'s' if bench['threads'] > 1 else ''}{', compiled' if bench.get('compile') else ''}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        evaluate.fail(f"--costs {path} is not a complete `bench.py --json` file ({type(e).__name__}: {str(e)[:80]});"
+                      " write one with `python bench.py --quick --json PATH` (every backbone)")
+    return ms, label
+
+
 def time_to_quality(root, args):
     """curves.png (excess KL against step and against training seconds, a curve per configuration, a
     panel per dataset) and the markdown lines of a table: the first step, and its training seconds,
@@ -268,6 +285,7 @@ def time_to_quality(root, args):
     if not found:
         return []
     targets = reference_targets(args)
+    costs, clock = read_costs(args.costs) if args.costs else (None, "each run's own clock")
     if not targets:
         print(f"warning: {args.reference} holds no paper-preset base runs with KL curves; the time-to-quality table has no targets "
               "(give --reference a grid made with --preset paper --eval_interval)", file=sys.stderr)
@@ -277,8 +295,10 @@ def time_to_quality(root, args):
             f"First step (training seconds) at which the seed mean of the excess kNN KL during training ({evaluate.CURVE_N} DPM++-20",
             "samples every --eval_interval steps, less the floor at that sample size) reaches the study's MLP after 10,000 steps,",
             f"measured the same way: the paper preset's base runs in {'results/paper' if args.reference == REFERENCE else args.reference} (the target under each dataset).",
-            "never = not reached by step 10,000; a blank = no runs. Training seconds are each run's own clock: on a shared machine, runs made on",
-            "different days differ by up to 2x, so compare steps, and bench.py's per-step costs from one sitting.", "",
+            "never = not reached by step 10,000; a blank = no runs. " + (
+                f"Training seconds are steps x bench.py's ms/step from one sitting ({clock}; `--costs {args.costs}`)." if costs else
+                "Training seconds are each run's own clock: on a shared machine, runs made on different days differ by up to 2x,"
+                " so compare steps, or give --costs (bench.py's per-step costs from one sitting)."), "",
             "| configuration | " + " | ".join(f"{d} ({targets[d]:.3f})" if d in targets else f"{d} (no target)" for d in DATASETS) + " |",
             "|---" * (len(DATASETS) + 1) + "|"]
     for c in CONFIGS:
@@ -291,7 +311,7 @@ def time_to_quality(root, args):
                 continue
             step = np.array([p["step"] for p in runs[0]])
             kl = np.mean([[p["knn_kl_bits"] for p in r] for r in runs], 0)
-            secs = np.mean([[p["train_time_s"] for p in r] for r in runs], 0)
+            secs = step * costs[c] / 1e3 if costs else np.mean([[p["train_time_s"] for p in r] for r in runs], 0)
             excess = kl - (ms[0].get("curve_floor") or 0.0)  # against the floor at the curve's sample size
             for ax, x in ((axes[0, j], step), (axes[1, j], secs)):
                 ax.plot(x, excess, label=c)
@@ -304,7 +324,7 @@ def time_to_quality(root, args):
             rows.append(f"| {c} | " + " | ".join(cells) + " |")
     for j, d in enumerate(DATASETS):
         axes[0, j].set_title(d)
-        for i, xlabel in enumerate(("step", "training seconds (each run's own clock)")):
+        for i, xlabel in enumerate(("step", f"training seconds ({'bench ms/step' if costs else clock})")):
             ax = axes[i, j]
             if d in targets:
                 ax.axhline(targets[d], color="gray", ls="--", lw=1)
@@ -317,7 +337,8 @@ def time_to_quality(root, args):
             ax.set_xlabel(xlabel)
         axes[0, j].set_ylabel("excess kNN KL (bits)" if j == 0 else "")
     next(ax for ax in axes[0] if ax.get_legend_handles_labels()[0]).legend(fontsize=7)  # on the first panel with curves
-    fig.suptitle(f"{args.preset} preset: excess kNN KL during training (dashed: the study's MLP after 10,000 steps)")
+    fig.suptitle(f"{args.preset} preset: excess kNN KL during training (dashed: the study's MLP after 10,000 steps)"
+                 + (f"\nseconds = steps x bench.py's ms/step ({clock})" if costs else ""))
     fig.tight_layout()
     train.write_or_fail(os.path.join(root, "curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
     plt.close(fig)

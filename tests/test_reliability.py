@@ -309,6 +309,8 @@ BAD_FLAGS = [
     ("bench.py", ["--batch_size", "-1"], "--batch_size must be a positive integer"),
     ("bench.py", ["--only", "transformer"], "unknown backbone"),
     ("bench.py", ["--device", "cuda:7"], "CUDA device"),
+    ("bench.py", ["--json", "/no/such/folder/bench.json"], "its folder does not exist"),
+    ("sweep.py", ["--collect", "--costs", "/no/such/bench.json"], "is not a complete `bench.py --json` file"),
 ]
 
 

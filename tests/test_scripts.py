@@ -326,7 +326,7 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
     curves = [np.geomspace(4.0, 0.3, len(steps)) + rng.normal(0, 0.05, len(steps)) for s in range(2)]  # a faster grid run, 2 seeds
     for s, kl in enumerate(curves):
         make(grid, "tinydiff", "attn1x4", "dino", s, kl)
-    args = SimpleNamespace(preset="tinydiff", train_steps=10_000, batch_size=256, seeds=3, reference=str(ref))
+    args = SimpleNamespace(preset="tinydiff", train_steps=10_000, batch_size=256, seeds=3, reference=str(ref), costs=None)
     assert sweep.reference_targets(args) == {"dino": pytest.approx(sum(last) / 3)}
     target = sum(last) / 3
     first = None
@@ -340,6 +340,34 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
     assert f"dino ({target:.3f})" in text and "circle (no target)" in text
     assert f"| attn1x4 |  | {first[0]} ({first[1]:.0f} s) |  |  |" in text
     assert (grid / "curves.png").stat().st_size > 0
+    # --costs: seconds are steps x bench.py's ms/step for the configuration, one sitting for all
+    ms = {c: 5.0 + i for i, c in enumerate(sweep.CONFIGS)}
+    (tmp_path / "bench.json").write_text(json.dumps(dict(device="cpu", threads=1, compile=False, ms_per_step=ms)))
+    sweep.write_results(str(grid), SimpleNamespace(**{**vars(args), "costs": str(tmp_path / "bench.json")}))
+    text = (grid / "results.md").read_text()
+    assert f"| attn1x4 |  | {first[0]} ({first[0] * ms['attn1x4'] / 1000:.0f} s) |  |  |" in text and "(cpu, 1 thread;" in text
+    (tmp_path / "partial.json").write_text(json.dumps(dict(device="cpu", threads=1, ms_per_step={"base": 5.0})))
+    with pytest.raises(SystemExit) as e:  # a bench of some backbones only: refused, naming the one missing
+        sweep.read_costs(str(tmp_path / "partial.json"))
+    assert e.value.code == 2
+
+
+def test_bench_json_names_every_backbone_as_the_sweep_does_with_the_printed_cost(tmp_path):
+    import bench
+    import sweep
+    import train
+
+    for label, kw in bench.BACKBONES.items():  # the sweep's flags for that name give the same model
+        flags = vars(train.get_parser().parse_args(sweep.CONFIGS[bench.config_name(kw)]))
+        assert {k: flags[k] for k in kw} == kw and all(flags[k] == 0 for k in ("attn_layers", "ssm_layers") if k not in kw), label
+    assert sorted(bench.config_name(kw) for kw in bench.BACKBONES.values()) == sorted(sweep.CONFIGS)
+    out = run("bench.py", "--quick", "--only", "baseline", "ssm 1", "--n", 200, "--json", tmp_path / "b.json").stdout
+    printed = {line.split()[0] + (line.split()[1] if line.startswith("ssm") else ""): float(line.split()[-6]) for line in out.splitlines()
+               if line.startswith(("baseline", "ssm 1"))}
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["ms_per_step"].keys() == {"base", "ssm1"} and record["threads"] == 1
+    assert record["ms_per_step"]["base"] == pytest.approx(printed["baseline"], abs=0.006)
+    assert record["ms_per_step"]["ssm1"] == pytest.approx(printed["ssm1"], abs=0.006)
 
 
 def test_every_flag_the_readme_names_exists_in_its_script():
