@@ -231,25 +231,37 @@ def plot_pairs(D):
     return list(itertools.combinations(range(D), 2)) if D <= 5 else [(i, i + 1) for i in range(min(D - 1, 12))]
 
 
+def run_dataset(ckpt):
+    """The data a checkpoint was trained on: its --dataset as given, or, for a file not found from
+    here (a relative path, another working folder), the absolute path train.py recorded."""
+    name, path = ckpt["args"]["dataset"], ckpt.get("data_path")
+    if name in datasets.DATASETS or os.path.isfile(name) or not path or not os.path.isfile(path):
+        return name
+    return path
+
+
 def plot_samples(data, samples, path, title="", names=None):
     """Data (left) and samples (right) on the same axes (grid_box of the data). D > 2: one such pair of
     panels per coordinate pair (plot_pairs), two pairs to a row from four pairs on; D = 1: histograms.
-    names: the coordinates' axis labels (datasets.column_names); without them x1, x2, ... from D = 3 on."""
+    data=None: the samples alone. names: the coordinates' axis labels (datasets.column_names); without
+    them x1, x2, ... from D = 3 on."""
     plt = pyplot()
 
-    D = data.shape[1]
+    D = samples.shape[1]
     if names is not None and len(names) != D:
         raise ValueError(f"names has {len(names)} entries for {D}-D points; give one name per coordinate")
     labels = names or [f"x{i + 1}" for i in range(D)]
-    lo, hi = grid_box(data)
+    lo, hi = grid_box(samples if data is None else data)
     pairs = plot_pairs(D) if D > 1 else [(0, 0)]
     per_row = 1 if len(pairs) <= 3 else 2
     rows = -(-len(pairs) // per_row)
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(8 * per_row, 4.2 * rows if D <= 2 else 3.8 * rows + 0.4), squeeze=False)
-    show = data[np.random.default_rng(0).permutation(len(data))[: len(samples)]]
+    panels = [] if data is None else [(data[np.random.default_rng(0).permutation(len(data))[: len(samples)]], "data")]
+    panels.append((samples, "samples"))
+    n = len(panels)
+    fig, axes = plt.subplots(rows, n * per_row, figsize=(4 * n * per_row, 4.2 * rows if D <= 2 else 3.8 * rows + 0.4), squeeze=False)
     for k, (i, j) in enumerate(pairs):
-        for m, (pts, name) in enumerate([(show, f"data ({len(show)} shown)"), (samples, f"samples ({len(samples)})")]):
-            ax = axes[k // per_row, 2 * (k % per_row) + m]
+        for m, (pts, name) in enumerate(panels):
+            ax = axes[k // per_row, n * (k % per_row) + m]
             if D == 1:
                 ax.hist(pts[:, 0], bins=HIST_BINS, range=(lo[0], hi[0]), density=True)
             else:
@@ -263,12 +275,12 @@ def plot_samples(data, samples, path, title="", names=None):
                 if D > 1:
                     ax.set_ylabel(labels[j], parse_math=False)
             if k < per_row:
-                ax.set_title(name)
+                ax.set_title(f"{name} ({len(pts)}{' shown' if name == 'data' else ''})")
     if D == 1:  # one density scale for data and samples
-        top = max(ax.get_ylim()[1] for ax in axes[0, :2])
-        for ax in axes[0, :2]:
+        top = max(ax.get_ylim()[1] for ax in axes[0, :n])
+        for ax in axes[0, :n]:
             ax.set_ylim(0, top)
-    for ax in axes.flat[2 * len(pairs):]:
+    for ax in axes.flat[n * len(pairs):]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if D > 2 else None)  # room for the title above the panels' titles
@@ -340,7 +352,9 @@ def run(args):
         model, scheduler = td.model_from_checkpoint(ckpt)
         check_steps(scheduler, args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps))
         check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
-        dataset = args.dataset or ckpt["args"]["dataset"]
+        dataset = args.dataset or run_dataset(ckpt)
+        if dataset not in datasets.DATASETS and not os.path.isfile(dataset):
+            raise ValueError(f"the run's data file {dataset} is not found from {os.getcwd()}; give its path with --dataset")
         data = datasets.load_dataset(dataset)
         if data.shape[1] != model.cfg.data_dim:
             raise ValueError(f"{dataset} holds {data.shape[1]}-D points but the checkpoint's model makes {model.cfg.data_dim}-D ones;"

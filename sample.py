@@ -96,21 +96,22 @@ def main(argv=None):
     bad = (~np.isfinite(samples).all(1)).sum()
     if bad:  # never a silent wrong result
         evaluate.fail(f"{bad} of {len(samples)} samples are NaN or infinite: the model or the sampler diverged; nothing was written", code=1)
-    dataset = ckpt["args"]["dataset"]
+    dataset = evaluate.run_dataset(ckpt)
     try:
         data = datasets.load_dataset(dataset)
-    except ValueError:  # the run's data file has moved: plot the samples alone
-        data = samples
-    if data.shape[1] != samples.shape[1]:
+    except ValueError as e:  # the run's data file has moved or changed: plot the samples alone
+        print(f"note: could not read the run's data ({e}); plotting the samples alone")
+        data = None
+    if data is not None and data.shape[1] != samples.shape[1]:
         print(f"note: {dataset} now holds {data.shape[1]}-D points, not the model's {samples.shape[1]}-D ones; plotting the samples alone")
-        data = samples
-    names = datasets.column_names(dataset, samples.shape[1]) if data is not samples else None
+        data = None
+    names = datasets.column_names(dataset, samples.shape[1]) if data is not None else None
     write = lambda path, fn: train.write_or_fail(path, fn, "free some space, then rerun")
     write(stem + ".npy", lambda f: np.save(f, samples))
     write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}", names))
     wrote = [stem + ".npy", stem + ".png"]
     if args.gif:
-        write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(data)))
+        write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(samples if data is None else data)))
         wrote.append(stem + ".gif")
     print(f"wrote {' '.join(wrote)} ({time.perf_counter() - t0:.1f} s)")
 

@@ -332,7 +332,7 @@ def main(argv=None):
     try:
         return train(sys.argv[1:] if argv is None else [str(a) for a in argv], sig)
     except KeyboardInterrupt:
-        fail("interrupted; every file already written is intact (continue a run from its last checkpoint with --resume)", code=130)
+        fail("interrupted; every file already written is intact: rerun the same command (add --resume if the run folder holds a ckpt.pt)", code=130)
 
 
 def train(argv, sig):
@@ -365,10 +365,13 @@ def train(argv, sig):
         if finished and ("train_steps" not in given or args.train_steps <= ckpt["step"]):
             fail(f"{args.out_dir} is already finished ({ckpt['step']} steps); pass a larger --train_steps to train it further")
         take_settings_from(ckpt, args, given, ckpt_path)
+        if args.dataset == ckpt["args"]["dataset"]:  # a data file given relative to another folder: the path recorded
+            args.dataset = evaluate.run_dataset(ckpt)
     if "heads" in given and not args.attn_layers:
         print("warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr)
     X, cfg, sched_cfg = check_settings(args)
     names = datasets.column_names(args.dataset, X.shape[1])  # a text file's header, for the plot's axes: read with X
+    data_path = None if args.dataset in datasets.DATASETS else os.path.abspath(args.dataset)  # for sample.py run from elsewhere
     rank, world, device = init_ddp(args, pick_device(args.device))
     lock = lock or claim_run_dir(args.out_dir) if rank == 0 else None
     if args.resume and rank == 0 and args.train_steps > ckpt["args"]["train_steps"]:  # an extension: the old results no longer describe the run
@@ -440,7 +443,7 @@ def train(argv, sig):
 
     def save():
         state = dict(
-            format="tinydiff-1", args={k: v for k, v in vars(args).items()}, model_config=asdict(cfg), scheduler_config=sched_cfg,
+            format="tinydiff-1", args={k: v for k, v in vars(args).items()}, model_config=asdict(cfg), scheduler_config=sched_cfg, data_path=data_path,
             step=step, model=model.state_dict(), ema=ema.module.state_dict(), ema_n_averaged=int(ema.n_averaged),
             optimizer=optimizer.state_dict(), lr_scheduler=lr_sched.state_dict(),
             rng=dict(torch=torch.get_rng_state(), gen=gen.get_state(), device=device.type), losses=losses, train_time=train_time, curve=curve,

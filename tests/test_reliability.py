@@ -62,6 +62,28 @@ def processes_mentioning(text):
     return pids
 
 
+def test_a_run_on_a_relative_data_path_is_found_from_any_folder_and_a_missing_file_is_said(tmp_path):
+    """train.py records the data file's absolute path; sample.py, evaluate.py and --resume use it when
+    the path as given does not exist from where they run. A file gone: sample.py plots the samples
+    alone, with a note (never the samples in the data's panel); evaluate.py refuses in one line."""
+    work = tmp_path / "work"
+    work.mkdir()
+    np.savetxt(work / "pts.csv", np.random.default_rng(0).normal(size=(300, 2)) * [3, 1] + [50, -20], delimiter=",", header="a,b", comments="")
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "pts.csv", "--train_steps", "5", *TINY, "--out_dir", out],
+                       cwd=work, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert not os.path.exists(os.path.join(ROOT, "pts.csv"))  # the tests' scripts run from ROOT, where the relative path is not
+    s = run("sample.py", "--out_dir", out, "--n", 100)
+    assert s.returncode == 0 and "plotting the samples alone" not in s.stdout and (out / "samples-ddpm100.png").is_file()
+    assert run("evaluate.py", "--out_dir", out, "--n", 100, "--json").returncode == 0
+    assert run("train.py", "--out_dir", out, "--resume", "--train_steps", 8).returncode == 0
+    (work / "pts.csv").unlink()
+    s = run("sample.py", "--out_dir", out, "--n", 100, "--out", tmp_path / "alone")
+    assert s.returncode == 0 and "could not read the run's data" in s.stdout and (tmp_path / "alone.png").is_file()
+    assert "not found from" in refused("evaluate.py", "--out_dir", out, "--n", 100)
+
+
 def test_a_rerun_never_overwrites_a_finished_run(tmp_path):
     out = tmp_path / "run"
     assert run("train.py", "--dataset", "moons", "--train_steps", 20, *TINY, "--out_dir", out).returncode == 0
