@@ -7,6 +7,7 @@ model standardizes them: tinydiff.Denoiser.set_data_stats).
 import csv
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -133,13 +134,14 @@ def first_row(lines):
     if first is None:
         return None, "", None, None
     row = lines[first].split("#")[0]
-    delim = "," if "," in row else ";" if ";" in row else None
-    fields = [field.strip() for field in (next(csv.reader([row], delimiter=delim)) if delim else row.split())]
+    bare = "".join(row.split('"')[::2])  # the row outside quoted fields
+    delim = ";" if ";" in bare else "," if "," in bare else None  # ';' first: with it, a ',' is a decimal comma
+    split = lambda sep, **kw: [field.strip() for field in next(csv.reader([row.strip()], delimiter=sep, **kw))]
     try:
-        [float(field) for field in fields]
+        [float(field.strip('"')) for field in (split(delim) if delim else row.split())]
         return first, row, delim, None
-    except ValueError:  # a header row
-        return first, row, delim, fields
+    except ValueError:  # a header row; names with spaces survive in a tab-separated one
+        return first, row, delim, split(delim) if delim else split("\t") if "\t" in row else split(" ", skipinitialspace=True)
 
 
 def column_names(name, D):
@@ -173,7 +175,13 @@ def read_text(path, size):
         check_file_memory(path, 2 * 8 * values * size / max(1, sum(len(line.encode()) for line in body)))
     with warnings.catch_warnings():  # an empty file is reported by the caller, in one sentence
         warnings.simplefilter("ignore", UserWarning)
-        X = np.loadtxt(path, delimiter=delim, comments="#", skiprows=first + 1 if header else 0, quotechar='"', ndmin=2, encoding="utf-8-sig")
+        try:
+            X = np.loadtxt(path, delimiter=delim, comments="#", skiprows=first + 1 if header else 0, quotechar='"', ndmin=2, encoding="utf-8-sig")
+        except ValueError as e:
+            if delim == ";" and re.search(r"string '[^']*\d,\d", str(e)):  # the value numpy could not read has a decimal comma
+                raise DataError(f"{path} separates columns with ';' and writes decimal commas (1,5); write the numbers with '.' as the"
+                                " decimal point (a spreadsheet: export CSV with '.' as the decimal separator)") from None
+            raise
     col = X[:, 0] if len(X) and X.shape[1] > 1 else None
     if header:
         # an unnamed first field, or one field fewer than the columns (a tab- or space-separated pandas file)
@@ -202,8 +210,8 @@ def load_points(path):
         X = read_npy(path, size) if path.lower().endswith(".npy") else read_text(path, size)
     except DataError:
         raise
-    except ValueError as e:  # numpy's reason, up to its first ';'
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(";")[0][:100]
+    except ValueError as e:  # numpy's reason, up to its first '; '
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0].split("; ")[0][:100]
         raise ValueError(f"{path} is not a table of numbers ({reason}); give numeric columns, one point per row") from None
     except (OSError, EOFError) as e:
         raise ValueError(f"{path} could not be read as points ({e}); give an (N, D) .npy or a text file with numeric columns") from None

@@ -99,6 +99,11 @@ def hist_kl(data, samples, box=None, bins=HIST_BINS, eps=HIST_EPS):
 def compute_metrics(data, samples, floor_samples=None):
     """The KL metrics (and their floors, if floor_samples is given) for one set of samples."""
     samples, bad = check_samples(samples, data.shape[1])
+    if len(data) <= KNN_K:
+        raise ValueError(f"{len(data)} data points are too few to score (the kNN KL uses {KNN_K} nearest neighbours); give more than {KNN_K}")
+    if len(samples) < KNN_K:
+        raise ValueError(f"only {len(samples)} samples are finite, too few to score; the model diverged, so retrain it (a lower --lr helps)"
+                         if bad else f"{len(samples)} samples are too few to score (the kNN KL uses {KNN_K} nearest neighbours); draw at least {KNN_K}")
     rho = cKDTree(data).query(data, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
     out = dict(knn_kl_bits=float(knn_kl(data, samples, rho=rho)), hist_kl_nats=hist_kl(data, samples), nonfinite_frac=float(bad), n_samples=len(samples))
     if floor_samples is not None:
@@ -232,12 +237,10 @@ def plot_pairs(D):
 
 
 def run_dataset(ckpt):
-    """The data a checkpoint was trained on: its --dataset as given, or, for a file not found from
-    here (a relative path, another working folder), the absolute path train.py recorded."""
+    """The data a checkpoint was trained on: the file at the absolute path train.py recorded, from any
+    folder; else (a named dataset, a checkpoint from before the record, a moved file) its --dataset."""
     name, path = ckpt["args"]["dataset"], ckpt.get("data_path")
-    if name in datasets.DATASETS or os.path.isfile(name) or not path or not os.path.isfile(path):
-        return name
-    return path
+    return path if path and os.path.isfile(path) else name
 
 
 def plot_samples(data, samples, path, title="", names=None):
@@ -353,8 +356,9 @@ def run(args):
         check_steps(scheduler, args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps))
         check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
         dataset = args.dataset or run_dataset(ckpt)
-        if dataset not in datasets.DATASETS and not os.path.isfile(dataset):
-            raise ValueError(f"the run's data file {dataset} is not found from {os.getcwd()}; give its path with --dataset")
+        if args.dataset is None and dataset not in datasets.DATASETS and not os.path.isfile(dataset):
+            raise ValueError(f"the run's data file {dataset} (recorded as {ckpt.get('data_path') or dataset}) is not found from here;"
+                             " give its path with --dataset")
         data = datasets.load_dataset(dataset)
         if data.shape[1] != model.cfg.data_dim:
             raise ValueError(f"{dataset} holds {data.shape[1]}-D points but the checkpoint's model makes {model.cfg.data_dim}-D ones;"

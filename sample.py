@@ -100,7 +100,8 @@ def main(argv=None):
     try:
         data = datasets.load_dataset(dataset)
     except ValueError as e:  # the run's data file has moved or changed: plot the samples alone
-        print(f"note: could not read the run's data ({e}); plotting the samples alone")
+        where = f"{dataset} (recorded as {ckpt['data_path']})" if ckpt.get("data_path") else dataset
+        print(f"note: could not read the run's data, {where}: {str(e).split(';')[0]}; plotting the samples alone")
         data = None
     if data is not None and data.shape[1] != samples.shape[1]:
         print(f"note: {dataset} now holds {data.shape[1]}-D points, not the model's {samples.shape[1]}-D ones; plotting the samples alone")

@@ -4,11 +4,13 @@
     python sweep.py --preset paper --eval_interval 500 --out_dir results/paper
     python sweep.py --print > runs.txt           # one train.py command per line, for a cluster
     python sweep.py --collect                    # results.md and the figures from the runs found
+    python sweep.py --collect --costs results/bench-cpu.json   # seconds as steps x bench.py --json's ms/step
 
 Each run is `python train.py ... --auto_resume` in its own folder, so rerunning the same command
 continues a stopped grid, and the printed commands can run anywhere, in any order, more than once.
 Any train.py flag that is not one of the grid's own (dataset, configuration, seed, folder) is passed on.
 """
+import argparse
 import glob
 import json
 import os
@@ -149,7 +151,7 @@ def main(argv=None):
     root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
     extra = ([] if args.reference == REFERENCE else ["--reference", args.reference]) + (["--costs", args.costs] if args.costs else [])
     if args.costs:
-        read_costs(args.costs)  # refused now, not after the grid
+        read_costs(args.costs, args)  # refused now, not after the grid
     cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in [*passed_on(args), "--out_dir", root, "--seeds", str(args.seeds), *extra])
     if args.collect:
         if not os.path.isdir(root):
@@ -157,9 +159,12 @@ def main(argv=None):
         return write_results(root, args, cmd)
     check(args, root)
     if args.print:
-        for c, d, s, out in run_dirs(root, args.seeds):
-            if not os.path.isfile(os.path.join(out, "metrics.json")):
-                print(shlex.join(["python", "train.py", *command(args, c, d, s, out)[2:]]))
+        try:
+            for c, d, s, out in run_dirs(root, args.seeds):
+                if not os.path.isfile(os.path.join(out, "metrics.json")):
+                    print(shlex.join(["python", "train.py", *command(args, c, d, s, out)[2:]]), flush=True)
+        except BrokenPipeError:  # the reader stopped early (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     lock = train.claim_run_dir(root)  # one sweep per folder
     failed = run_grid(args, root)
@@ -264,16 +269,24 @@ def reference_targets(args):
     return out
 
 
-def read_costs(path):
-    """{configuration: ms per training step} and a label for the seconds axis, from a `bench.py --json` file."""
+def read_costs(path, args):
+    """{configuration: ms per training step} and a label for the seconds axis, from a `bench.py --json` file
+    timed with the grid's block form, batch size and dtype."""
     try:
         with open(path) as f:
             bench = json.load(f)
-        ms = {c: float(bench["ms_per_step"][c]) for c in CONFIGS}
+        missing = [c for c in CONFIGS if c not in bench["ms_per_step"]]
+        ms = {c: float(bench["ms_per_step"][c]) for c in CONFIGS if c not in missing}
         label = f"{bench['device']}, {bench['threads']} thread{'s' if bench['threads'] > 1 else ''}{', compiled' if bench.get('compile') else ''}"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        evaluate.fail(f"--costs {path} is not a complete `bench.py --json` file ({type(e).__name__}: {str(e)[:80]});"
-                      " write one with `python bench.py --quick --json PATH` (every backbone)")
+        evaluate.fail(f"--costs {path} is not a `bench.py --json` file ({type(e).__name__}: {str(e)[:80]}); write one with `python bench.py --json PATH`")
+    if missing:
+        evaluate.fail(f"--costs {path} lacks {', '.join(missing)} (a bench run with --only?); write one with every backbone: `python bench.py --json PATH`")
+    grid = vars(train.fill_preset(argparse.Namespace(**vars(args))))
+    wrong = [f"--{k} {bench.get(k)} (this grid: {grid[k]})" for k in ("block", "batch_size", "dtype") if bench.get(k) != grid[k]]
+    if wrong:
+        evaluate.fail(f"--costs {path} was timed with {', '.join(wrong)}; time this grid's model: `python bench.py --block {grid['block']}"
+                      f" --batch_size {grid['batch_size']} --dtype {grid['dtype']} --json PATH`")
     return ms, label
 
 
@@ -285,7 +298,7 @@ def time_to_quality(root, args):
     if not found:
         return []
     targets = reference_targets(args)
-    costs, clock = read_costs(args.costs) if args.costs else (None, "each run's own clock")
+    costs, clock = read_costs(args.costs, args) if args.costs else (None, "each run's own clock")
     if not targets:
         print(f"warning: {args.reference} holds no paper-preset base runs with KL curves; the time-to-quality table has no targets "
               "(give --reference a grid made with --preset paper --eval_interval)", file=sys.stderr)

@@ -79,11 +79,11 @@ def get_parser(p=None, skip=()):
       help=pre("0 = constant decay; N > 0 = the study's EMA: copy the weights for N steps, then decay min(ema_decay, 1 - (1 + s - N)^(-2/3))", "ema_warmup"))
     a("--grad_clip", type=float, default=None, help=pre("gradient-norm clip", "grad_clip"))
     a("--eval_loss", choices=["ema-heldout", "raw-train"], default=None,
-      help=pre("eval loss: EMA model on 10,000 held-out points, or the study's raw model over one pass of the training points", "eval_loss"))
+      help=pre("eval loss: EMA model on 10,000 held-out points (a file: 10,000 of its own points), or the study's raw model over one pass of the training points", "eval_loss"))
     a("--eval_interval", type=int, default=0, help="every this many steps, record the EMA model's kNN KL (2,000 DPM++-20 samples) and draw kl.png (0 = off)")
     a("--seed", type=int, default=0, help="seeds model init, batches, timesteps and noise")
     a("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
-    a("--threads", type=int, default=None, help="CPU threads (default 1: fastest for this model size; see README)")
+    a("--threads", type=int, default=None, help="CPU threads (default 1: fastest for this model size; docs/performance.md)")
     a("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocasts the forward pass")
     a("--compile", action="store_true", help="torch.compile the model (off by default)")
     a("--out_dir", default=None, help="run directory (default out/<dataset>-<config>)")
@@ -161,10 +161,11 @@ def fill_preset(args):
     return args
 
 
-def check_settings(args):
+def check_settings(args, data_file=None):
     """Fill in the preset and check every flag before any work; fail with one line on a bad value.
-    Returns the data, the DenoiserConfig and the NoiseScheduler's keyword arguments."""
+    Returns the data (read from data_file, default --dataset), the DenoiserConfig and the NoiseScheduler's keyword arguments."""
     fill_preset(args)
+    data_file = data_file or args.dataset
     for name in ("train_steps", "batch_size", "eval_batch_size", "log_interval", "ckpt_interval", "heads", "hidden", "ema_every", "num_timesteps"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -190,7 +191,7 @@ def check_settings(args):
         fail(f"--heads {args.heads} must divide the token width 128; use 1, 2, 4, 8, 16, 32, 64 or 128")
     device = pick_device(args.device)
     try:
-        X = datasets.load_dataset(args.dataset)
+        X = datasets.load_dataset(data_file)
         cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
                                 coord_scale=args.coord_scale, data_dim=X.shape[1])
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
@@ -198,8 +199,11 @@ def check_settings(args):
         evaluate.check_steps(sched, args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, args.num_timesteps))  # refused now, not after training
     except ValueError as e:
         fail(str(e))
+    if len(X) <= evaluate.KNN_K:
+        fail(f"{data_file} holds {len(X)} point{'s' * (len(X) != 1)}; scoring a model needs more than {evaluate.KNN_K}"
+             f" (the kNN KL compares each point with its {evaluate.KNN_K} nearest neighbours); give more points")
     if not np.isfinite(X.astype(np.float32)).all():
-        fail(f"{args.dataset} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
+        fail(f"{data_file} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
     try:  # samples: their copies in the sampler and the k-d tree
         evaluate.check_flag_memory("--batch_size", args.batch_size, args.batch_size * activation_bytes_per_row(td.Denoiser(cfg), sched, X.shape[1]), device)
         evaluate.check_flag_memory("--eval_batch_size", args.eval_batch_size, args.eval_batch_size * X.shape[1] * 64, device)
@@ -254,6 +258,8 @@ def take_settings_from(ckpt, args, given, ckpt_path):
             continue
         if k not in given:
             setattr(args, k, v)
+        elif k == "dataset" and ckpt.get("data_path") and os.path.abspath(args.dataset) == ckpt["data_path"]:
+            args.dataset = v  # the same file, named from another folder
         elif k in RUN_KEYS and k not in RESUME_FREE and getattr(args, k) != v:
             fail(f"--{k} {getattr(args, k)} differs from this run's {v} (in {ckpt_path}); a resumed run keeps its settings: "
                  f"drop the flag, or start a new run with --overwrite or another --out_dir")
@@ -365,13 +371,12 @@ def train(argv, sig):
         if finished and ("train_steps" not in given or args.train_steps <= ckpt["step"]):
             fail(f"{args.out_dir} is already finished ({ckpt['step']} steps); pass a larger --train_steps to train it further")
         take_settings_from(ckpt, args, given, ckpt_path)
-        if args.dataset == ckpt["args"]["dataset"]:  # a data file given relative to another folder: the path recorded
-            args.dataset = evaluate.run_dataset(ckpt)
     if "heads" in given and not args.attn_layers:
         print("warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr)
-    X, cfg, sched_cfg = check_settings(args)
-    names = datasets.column_names(args.dataset, X.shape[1])  # a text file's header, for the plot's axes: read with X
-    data_path = None if args.dataset in datasets.DATASETS else os.path.abspath(args.dataset)  # for sample.py run from elsewhere
+    data_file = evaluate.run_dataset(ckpt) if ckpt else args.dataset  # a resumed run's file where it was trained, from any folder
+    X, cfg, sched_cfg = check_settings(args, data_file)
+    names = datasets.column_names(data_file, X.shape[1])  # a text file's header, for the plot's axes: read with X
+    data_path = None if data_file in datasets.DATASETS else os.path.abspath(data_file)  # for sample.py and --resume run from elsewhere
     rank, world, device = init_ddp(args, pick_device(args.device))
     lock = lock or claim_run_dir(args.out_dir) if rank == 0 else None
     if args.resume and rank == 0 and args.train_steps > ckpt["args"]["train_steps"]:  # an extension: the old results no longer describe the run

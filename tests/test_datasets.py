@@ -159,11 +159,14 @@ def test_column_names_come_from_the_header_without_its_row_label_field(tmp_path)
              "blank.csv": ("a,,c\n1,2,3\n", ["a", "x2", "c"]), "plain.csv": ("1,2,3\n", None),
              "quoted.csv": ('"lon, deg",lat\n1,2\n', ["lon, deg", "lat"]), "one.csv": ("x\n1\n2\n", ["x"]),
              "semi.csv": ("\ufeffx;y\n1;2\n", ["x", "y"]), "space.txt": ("x y\n1 2\n", ["x", "y"]),
-             "trailing.csv": ("x,y,\n1,2\n", None), "named-extra.csv": ("id,x,y,z\n1,2,3\n", None)}
+             "trailing.csv": ("x,y,\n1,2\n", None), "named-extra.csv": ("id,x,y,z\n1,2,3\n", None),
+             "spaced.tsv": ("east coord\tnorth coord\n1\t2\n", ["east coord", "north coord"]),
+             "quoted-semi.csv": ('"lon;deg",lat\n1,2\n', ["lon;deg", "lat"]), "trailing-tab.tsv": ("1\t2\t\n3\t4\t\n", None)}
     for name, (text, names) in files.items():
         (tmp_path / name).write_text(text)
         D = datasets.load_dataset(str(tmp_path / name)).shape[1]
         assert datasets.column_names(str(tmp_path / name), D) == names, name
+    assert datasets.load_dataset(str(tmp_path / "trailing-tab.tsv")).shape == (2, 2)  # no header: both rows are points
     np.save(tmp_path / "p.npy", np.zeros((3, 2)))
     for name in ("dino", str(tmp_path / "p.npy"), str(tmp_path / "gone.csv")):
         assert datasets.column_names(name, 2) is None
@@ -174,6 +177,10 @@ def test_column_names_come_from_the_header_without_its_row_label_field(tmp_path)
     ("nan.csv", "1,2\nnan,5\n", r"NaN or infinite values in 1 of its 2 points \(the first is point 2\)"),
     ("inf.txt", "1 2\n3 4\ninf 5\n-inf 6\n", r"in 2 of its 4 points \(the first is point 3\)"),
     ("empty.csv", "", "holds no points"),
+    ("euro.csv", "x;y\n2,5;1,0\n3,5;2,0\n", "decimal commas"),
+    ("euro-no-header.csv", "2,5;1,0\n3,5;2,0\n", "decimal commas"),
+    ("semi-text.csv", '# a, b\n1;2\n3;"n/a, missing"\n', "not a table of numbers"),
+    ("quoted-cell.csv", "1,2\n\"7886;5\",3\n", "could not convert string '7886;5'"),
     ("header-only.csv", "# comment\nx,y\n", "holds no points"),
     ("words.csv", "x,y\na,b\n", "not a table of numbers"),
     ("complex.txt", "1+2j 3\n4-1j 5\n", "not a table of numbers"),

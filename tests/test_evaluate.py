@@ -141,6 +141,9 @@ def test_plot_axes_are_named_by_the_columns(tmp_path, monkeypatch):
         else:
             want = [(axis, labels[k]) for i, j in evaluate.plot_pairs(D) for _ in range(2) for axis, k in (("x", i), ("y", j))]
         assert seen == (want if names or D > 2 else []), (D, names)
+    seen.clear()  # the samples alone (the data file is gone): one panel per pair
+    evaluate.plot_samples(None, data, path, "title", names=["lon", "lat", "depth"])
+    assert seen == [(axis, ["lon", "lat", "depth"][k]) for i, j in evaluate.plot_pairs(3) for axis, k in (("x", i), ("y", j))]
     with pytest.raises(ValueError, match="one name per coordinate"):
         evaluate.plot_samples(data, data, path, "title", names=["a", "b"])
     monkeypatch.undo()  # the real labels: a field that would be broken TeX is drawn as text

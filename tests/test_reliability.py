@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import tinydiff as td
 from conftest import ROOT, refused, run_here
 
@@ -78,10 +79,38 @@ def test_a_run_on_a_relative_data_path_is_found_from_any_folder_and_a_missing_fi
     assert s.returncode == 0 and "plotting the samples alone" not in s.stdout and (out / "samples-ddpm100.png").is_file()
     assert run("evaluate.py", "--out_dir", out, "--n", 100, "--json").returncode == 0
     assert run("train.py", "--out_dir", out, "--resume", "--train_steps", 8).returncode == 0
+    assert run("train.py", "--out_dir", out, "--resume", "--dataset", work / "pts.csv", "--train_steps", 9).returncode == 0  # the same file
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "pts.csv", "--out_dir", out, "--resume", "--train_steps", "10"],
+                       cwd=work, capture_output=True, text=True, timeout=300)  # and again from where it began, as it began
+    assert p.returncode == 0, p.stderr
+    assert json.loads((out / "metrics.json").read_text())["dataset"] == "pts.csv"  # the name as given, in every record
     (work / "pts.csv").unlink()
     s = run("sample.py", "--out_dir", out, "--n", 100, "--out", tmp_path / "alone")
     assert s.returncode == 0 and "could not read the run's data" in s.stdout and (tmp_path / "alone.png").is_file()
     assert "not found from" in refused("evaluate.py", "--out_dir", out, "--n", 100)
+
+
+def test_too_few_points_to_score_are_refused_before_training(tmp_path):
+    """The kNN KL needs k + 1 data points (each point's k-th nearest other point) and k samples; with
+    fewer it is -inf or NaN. Refused in one line; k + 1 points train and score to a finite number."""
+    k = evaluate.KNN_K
+    pts = np.random.default_rng(0).normal(size=(k + 1, 2))
+    np.savetxt(tmp_path / "few.csv", pts[:k], delimiter=",")
+    assert f"holds {k} points; scoring a model needs more than {k}" in refused("train.py", "--dataset", tmp_path / "few.csv", "--out_dir", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    np.savetxt(tmp_path / "enough.csv", pts, delimiter=",")
+    assert run("train.py", "--dataset", tmp_path / "enough.csv", "--train_steps", 2, *TINY, "--out_dir", tmp_path / "b").returncode == 0
+    assert np.isfinite(json.loads((tmp_path / "b" / "metrics.json").read_text())["knn_kl_bits"])
+    with pytest.raises(ValueError, match="too few to score"):
+        evaluate.compute_metrics(pts[:k], pts)
+    with pytest.raises(ValueError, match="too few to score"):
+        evaluate.compute_metrics(pts, pts[: k - 1])
+
+
+def test_the_sweeps_printed_runs_can_be_cut_short_by_a_pipe(tmp_path):
+    # 2,800 lines (about 0.5 MB), more than a pipe holds: the writer meets the closed pipe
+    p = subprocess.run(f"{PY} sweep.py --print --seeds 100 --out_dir {tmp_path / 'grid'} | head -n 1", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.stdout.startswith("python train.py") and len(p.stdout.splitlines()) == 1 and p.stderr == "", p.stderr
 
 
 def test_a_rerun_never_overwrites_a_finished_run(tmp_path):
@@ -332,7 +361,7 @@ BAD_FLAGS = [
     ("bench.py", ["--only", "transformer"], "unknown backbone"),
     ("bench.py", ["--device", "cuda:7"], "CUDA device"),
     ("bench.py", ["--json", "/no/such/folder/bench.json"], "its folder does not exist"),
-    ("sweep.py", ["--collect", "--costs", "/no/such/bench.json"], "is not a complete `bench.py --json` file"),
+    ("sweep.py", ["--collect", "--costs", "/no/such/bench.json"], "is not a `bench.py --json` file"),
 ]
 
 

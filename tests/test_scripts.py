@@ -298,11 +298,9 @@ def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
     assert (tmp_path / "samples.png").stat().st_size > 0
 
 
-def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the_paper_base(tmp_path):
+def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the_paper_base(tmp_path, capsys):
     """Targets: the seed mean of the paper base runs' last curve points; the table's cell: the first
     curve step at or below it, found here by a plain loop over hand-made curves."""
-    from types import SimpleNamespace
-
     import sweep
 
     rng = np.random.default_rng(0)
@@ -326,7 +324,7 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
     curves = [np.geomspace(4.0, 0.3, len(steps)) + rng.normal(0, 0.05, len(steps)) for s in range(2)]  # a faster grid run, 2 seeds
     for s, kl in enumerate(curves):
         make(grid, "tinydiff", "attn1x4", "dino", s, kl)
-    args = SimpleNamespace(preset="tinydiff", train_steps=10_000, batch_size=256, seeds=3, reference=str(ref), costs=None)
+    args = sweep.get_parser().parse_args(["--reference", str(ref)])  # the tinydiff preset, 10,000 steps, 3 seeds
     assert sweep.reference_targets(args) == {"dino": pytest.approx(sum(last) / 3)}
     target = sum(last) / 3
     first = None
@@ -342,14 +340,16 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
     assert (grid / "curves.png").stat().st_size > 0
     # --costs: seconds are steps x bench.py's ms/step for the configuration, one sitting for all
     ms = {c: 5.0 + i for i, c in enumerate(sweep.CONFIGS)}
-    (tmp_path / "bench.json").write_text(json.dumps(dict(device="cpu", threads=1, compile=False, ms_per_step=ms)))
-    sweep.write_results(str(grid), SimpleNamespace(**{**vars(args), "costs": str(tmp_path / "bench.json")}))
+    bench = dict(device="cpu", threads=1, compile=False, block="gelu", batch_size=256, dtype="fp32", ms_per_step=ms)
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    sweep.write_results(str(grid), sweep.get_parser().parse_args(["--reference", str(ref), "--costs", str(tmp_path / "bench.json")]))
     text = (grid / "results.md").read_text()
     assert f"| attn1x4 |  | {first[0]} ({first[0] * ms['attn1x4'] / 1000:.0f} s) |  |  |" in text and "(cpu, 1 thread;" in text
-    (tmp_path / "partial.json").write_text(json.dumps(dict(device="cpu", threads=1, ms_per_step={"base": 5.0})))
-    with pytest.raises(SystemExit) as e:  # a bench of some backbones only: refused, naming the one missing
-        sweep.read_costs(str(tmp_path / "partial.json"))
-    assert e.value.code == 2
+    for name, changed, message in (("partial", dict(ms_per_step={"base": 5.0}), "lacks attn1x4"), ("relu", dict(block="relu"), "--block relu (this grid: gelu)")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({**bench, **changed}))
+        with pytest.raises(SystemExit) as e:  # refused in one line, naming what does not fit
+            sweep.read_costs(str(tmp_path / f"{name}.json"), args)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bench_json_names_every_backbone_as_the_sweep_does_with_the_printed_cost(tmp_path):
