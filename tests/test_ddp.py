@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import tinydiff as td
@@ -58,6 +59,7 @@ def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_pa
     assert sorted(f.name for f in (tmp_path / "ddp").iterdir()) == sorted(f.name for f in (tmp_path / "one").iterdir())
 
 
+@pytest.mark.slow  # 30 s; kill-and-resume is tested by default for one process (test_scripts), DDP training above
 def test_stop_and_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path):
     torchrun(*ARGS, "--train_steps", 400, "--out_dir", tmp_path / "whole")
     p = torchrun(*ARGS, "--train_steps", 400, "--ckpt_interval", 1000, "--out_dir", tmp_path / "cut", wait=False)
