@@ -258,8 +258,8 @@ def plot_samples(data, samples, path, title="", names=None):
     pairs = plot_pairs(D) if D > 1 else [(0, 0)]
     per_row = 1 if len(pairs) <= 3 else 2
     rows = -(-len(pairs) // per_row)
-    panels = [] if data is None else [(data[np.random.default_rng(0).permutation(len(data))[: len(samples)]], "data")]
-    panels.append((samples, "samples"))
+    shown = None if data is None else data[np.random.default_rng(0).permutation(len(data))[: len(samples)]]
+    panels = ([] if data is None else [(shown, f"data ({len(shown)} shown)")]) + [(samples, f"samples ({len(samples)})")]
     n = len(panels)
     fig, axes = plt.subplots(rows, n * per_row, figsize=(4 * n * per_row, 4.2 * rows if D <= 2 else 3.8 * rows + 0.4), squeeze=False)
     for k, (i, j) in enumerate(pairs):
@@ -278,7 +278,7 @@ def plot_samples(data, samples, path, title="", names=None):
                 if D > 1:
                     ax.set_ylabel(labels[j], parse_math=False)
             if k < per_row:
-                ax.set_title(f"{name} ({len(pts)}{' shown' if name == 'data' else ''})")
+                ax.set_title(name)
     if D == 1:  # one density scale for data and samples
         top = max(ax.get_ylim()[1] for ax in axes[0, :n])
         for ax in axes[0, :n]:
