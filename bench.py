@@ -14,22 +14,11 @@ import json
 import os
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 
-import evaluate
+import runs
 import tinydiff as td
-import train
-
-BACKBONES = {"baseline": {}, "attn 1x4": dict(attn_layers=1, heads=4), "attn 1x8": dict(attn_layers=1, heads=8),
-             "attn 1x16": dict(attn_layers=1, heads=16), "attn 2x4": dict(attn_layers=2, heads=4),
-             "ssm 1": dict(ssm_layers=1), "ssm 2": dict(ssm_layers=2)}
-
-
-def config_name(kw):
-    """A backbone's name in sweep.py and train.py ("base", "attn1x4", "ssm1", ...), from its DenoiserConfig settings."""
-    return train.config_name(SimpleNamespace(**{"attn_layers": 0, "heads": 4, "ssm_layers": 0, **kw}))
 
 
 def sync(device):
@@ -72,8 +61,9 @@ def matmul_bound_ms(shapes, device, dtype, blocks, per_block):
     return median_ms(lambda: [torch.mm(a, b) for a, b in mats], device, blocks, per_block, warmup=3)
 
 
+@runs.script
 def main(argv=None):
-    p = evaluate.ArgumentParser(description=__doc__.splitlines()[0])
+    p = runs.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="finish in under a minute")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
@@ -82,21 +72,21 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--n", type=int, default=10_000, help="samples to draw")
     p.add_argument("--fast_steps", type=int, default=20, help="network evaluations of the few-step sampler (DPM-Solver++)")
-    p.add_argument("--only", nargs="*", default=None, help="backbones to run (default all)")
+    p.add_argument("--only", nargs="*", default=None, help=f"backbones to run (default all: {', '.join(runs.CONFIGS)})")
     p.add_argument("--block", choices=["gelu", "relu"], default="gelu", help="residual block form (relu: --preset paper's); same matrix work")
     p.add_argument("--json", default=None, help="also write each backbone's ms/step, by sweep configuration name, to this file")
     args = p.parse_args(argv)
     for name in ("threads", "batch_size", "n"):
         if getattr(args, name) < 1:
-            evaluate.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+            runs.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if not 1 <= args.fast_steps <= 100:
-        evaluate.fail(f"--fast_steps must be in 1..100 (T = 100), got {args.fast_steps}")
-    unknown = [b for b in args.only or [] if b not in BACKBONES]
+        runs.fail(f"--fast_steps must be in 1..100 (T = 100), got {args.fast_steps}")
+    unknown = [b for b in args.only or [] if b not in runs.CONFIGS]
     if unknown:
-        evaluate.fail(f"unknown backbone {unknown[0]!r}; use some of: {', '.join(repr(b) for b in BACKBONES)}")
+        runs.fail(f"unknown backbone {unknown[0]!r}; use some of: {', '.join(runs.CONFIGS)}")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        evaluate.fail(f"--json {args.json}: its folder does not exist; create it or give another path")
-    device = train.pick_device(args.device)
+        runs.fail(f"--json {args.json}: its folder does not exist; create it or give another path")
+    device = runs.pick_device(args.device)
     torch.set_num_threads(args.threads)
     bf16 = args.dtype == "bf16"
     blocks, per_block, warmup = (3, 10, 10) if args.quick else (7, 25, 30)
@@ -106,14 +96,21 @@ def main(argv=None):
     print(f"{'backbone':<10}{'params':>9}{'ms/step':>9}{'bound ms':>9}{'ratio':>7}{'x base':>8}"
           f"{'DDPM-100 s':>12}{f'DPM++-{args.fast_steps} s':>12}")
     rows = {}
-    for label, kw in BACKBONES.items():
+    for label, kw in runs.CONFIGS.items():
         if args.only and label not in args.only:
             continue
         torch.manual_seed(0)
-        model = td.Denoiser(td.DenoiserConfig(block=args.block, **kw)).to(device)
+        cfg = td.DenoiserConfig(block=args.block, **kw)
+        try:
+            runs.check_flag_memory("--batch_size", args.batch_size, args.batch_size * runs.activation_bytes_per_row(td.Denoiser(cfg), td.NoiseScheduler(), torch.randn(64, 2)), device)
+            runs.check_flag_memory("--n", args.n, args.n * 2 * 4 * 8, device)
+        except ValueError as e:
+            runs.fail(str(e))
+        model = td.Denoiser(cfg).to(device)
         scheduler = td.NoiseScheduler().to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         x = torch.randn(args.batch_size, 2, device=device)
+        model.set_data_stats(x, standardize=False, moments=False)  # raw coordinates and the N(0, I) start
         fwd = torch.compile(model) if args.compile else model
 
         def train_step():
@@ -137,16 +134,16 @@ def main(argv=None):
                 fast_s = median_ms(lambda: td.sample(model, scheduler, args.n, sampler="dpm++", steps=args.fast_steps, generator=g.manual_seed(0), device=device), device, 3, 1, 1) / 1e3
         rows[label] = ms
         n_params = sum(q.numel() for q in model.parameters())
-        print(f"{label:<10}{n_params:>9,}{ms:>9.2f}{bound:>9.2f}{ms / bound:>7.2f}{ms / rows.get('baseline', ms):>8.2f}{ddpm_s:>12.2f}{fast_s:>12.2f}", flush=True)
+        print(f"{label:<10}{n_params:>9,}{ms:>9.2f}{bound:>9.2f}{ms / bound:>7.2f}{ms / rows.get('base', ms):>8.2f}{ddpm_s:>12.2f}{fast_s:>12.2f}", flush=True)
     if args.json:  # keyed as sweep.py and train.py name the configurations ("base", "attn1x4", "ssm1", ...)
         record = dict(device=name, threads=torch.get_num_threads(), torch=torch.__version__, dtype=args.dtype, compile=args.compile,
                       batch_size=args.batch_size, block=args.block, mode="quick" if args.quick else "full",
-                      ms_per_step={config_name(BACKBONES[label]): round(ms, 4) for label, ms in rows.items()})
-        train.write_or_fail(args.json, lambda f: f.write(json.dumps(record, indent=1).encode()), "give --json a writable path")
+                      ms_per_step={label: round(ms, 4) for label, ms in rows.items()})
+        runs.write_or_fail(args.json, lambda f: f.write(json.dumps(record, indent=1).encode()), "give --json a writable path")
         print(f"wrote {args.json}")
-    if "baseline" in rows:
-        base = rows["baseline"]
-        print("summary: " + ", ".join(f"{k} {v / base:.2f}x baseline" for k, v in rows.items() if k != "baseline")
+    if "base" in rows:
+        base = rows["base"]
+        print("summary: " + ", ".join(f"{k} {v / base:.2f}x base" for k, v in rows.items() if k != "base")
               + f" | sampling: {'per-NFE estimate' if args.quick else 'measured'}")
 
 

@@ -128,19 +128,27 @@ def head_lines(path):
     return head.splitlines()[: -1 if len(head) == 1 << 20 else None]  # the last line may be cut
 
 
+def delimiter(row):
+    """The column separator of one row, decided outside quoted fields: ';' first (with it, a ',' is a
+    decimal comma), then ','; None for tabs or spaces."""
+    bare = "".join(row.split('"')[::2])
+    return ";" if ";" in bare else "," if "," in bare else None
+
+
 def first_row(lines):
-    """(index, text, delimiter, header fields or None) of the first line that is not blank or a comment."""
-    first = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
-    if first is None:
+    """(index, text, delimiter, header fields or None) of the first line that is not blank or a comment.
+    The delimiter is the data's: with a header, the next row's (a header may hold ';' or ',' in a name)."""
+    rows = [i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
+    if not rows:
         return None, "", None, None
-    row = lines[first].split("#")[0]
-    bare = "".join(row.split('"')[::2])  # the row outside quoted fields
-    delim = ";" if ";" in bare else "," if "," in bare else None  # ';' first: with it, a ',' is a decimal comma
+    first, row = rows[0], lines[rows[0]].split("#")[0]
     split = lambda sep, **kw: [field.strip() for field in next(csv.reader([row.strip()], delimiter=sep, **kw))]
     try:
+        delim = delimiter(row)
         [float(field.strip('"')) for field in (split(delim) if delim else row.split())]
         return first, row, delim, None
     except ValueError:  # a header row; names with spaces survive in a tab-separated one
+        delim = delimiter(lines[rows[1]].split("#")[0]) if len(rows) > 1 else delimiter(row)
         return first, row, delim, split(delim) if delim else split("\t") if "\t" in row else split(" ", skipinitialspace=True)
 
 
@@ -201,6 +209,10 @@ def load_points(path):
     """A user's points (N, D), D >= 1 columns, as float64: .npy, or text (.csv, .tsv, .txt; any case).
     Refused in one sentence: a missing or larger than 1 GB file, one that would not fit in memory,
     text that is not a table of numbers, complex, non-numeric or non-finite values."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a data file; give the path of an (N, D) .csv, .tsv, .txt or .npy file")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path} is not a regular file (a pipe or a device?); save the points to a .csv, .tsv, .txt or .npy file first")
     if not os.path.isfile(path):
         raise ValueError(f"no data file at {path}; give a dataset name ({', '.join(DATASETS)}) or a path to an (N, D) .csv, .tsv, .txt or .npy file")
     size = os.path.getsize(path)

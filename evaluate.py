@@ -19,9 +19,7 @@ Metrics (train.py writes the same ones into metrics.json; this file is their one
            points with fixed seeds (in the model's standardized space for a user's file), and the
            time to draw the samples.
 """
-import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -32,6 +30,7 @@ from scipy.spatial import cKDTree
 from scipy.stats import entropy
 
 import datasets
+import runs
 import tinydiff as td
 
 KNN_K = 5
@@ -58,7 +57,9 @@ def knn_kl(data, samples, k=KNN_K, data_tree=None, rho=None):
     """KL(data || samples) in bits: [ln m - ln(n-1) + d (mean ln nu_k - mean ln rho_k)] / ln 2.
 
     rho_k: max-norm distance from each data point to its k-th nearest other data point;
-    nu_k: to its k-th nearest sample. Pass data_tree / rho to reuse them across calls.
+    nu_k: to its k-th nearest sample. Pass data_tree / rho to reuse them across calls. NaN where a
+    distance is 0 (k exact duplicates: rounded data, or samples that copy a point): the estimator is
+    undefined there, and any floor put under log(0) would only pick the answer (knn_kl_warning says why).
     """
     n, d = data.shape
     m = len(samples)
@@ -66,8 +67,20 @@ def knn_kl(data, samples, k=KNN_K, data_tree=None, rho=None):
         data_tree = data_tree or cKDTree(data)
         rho = data_tree.query(data, k=k + 1, p=np.inf)[0][:, k]  # k+1: the nearest is the point itself
     nu = cKDTree(samples).query(data, k=k, p=np.inf)[0][:, k - 1]
-    tiny = 1e-300  # duplicate points in a user's file would give log(0)
-    return (np.log(m) - np.log(n - 1) + d * (np.log(np.maximum(nu, tiny)).mean() - np.log(np.maximum(rho, tiny)).mean())) / np.log(2)
+    if not (rho > 0).all() or not (nu > 0).all():
+        return float("nan")
+    return (np.log(m) - np.log(n - 1) + d * (np.log(nu).mean() - np.log(rho).mean())) / np.log(2)
+
+
+def knn_kl_warning(data, samples, rho, k=KNN_K):
+    """Why the kNN KL is undefined for these points, in one sentence (None when it is defined)."""
+    dup = int((rho == 0).sum())
+    if dup:
+        return (f"{dup} of {len(data)} data points have {k} or more exact duplicates (rounded or discrete data), where the kNN KL divides by a"
+                " zero distance; it is left out (null): compare hist KL, or add noise below the data's resolution")
+    on = int((cKDTree(samples).query(data, k=k, p=np.inf)[0][:, k - 1] == 0).sum())
+    return (f"{k} or more samples fall exactly on {on} of the data points (a model that copies its training points?), where the kNN KL"
+            " divides by a zero distance; it is left out (null)") if on else None
 
 
 def grid_box(data):
@@ -106,6 +119,9 @@ def compute_metrics(data, samples, floor_samples=None):
                          if bad else f"{len(samples)} samples are too few to score (the kNN KL uses {KNN_K} nearest neighbours); draw at least {KNN_K}")
     rho = cKDTree(data).query(data, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
     out = dict(knn_kl_bits=float(knn_kl(data, samples, rho=rho)), hist_kl_nats=hist_kl(data, samples), nonfinite_frac=float(bad), n_samples=len(samples))
+    warning = knn_kl_warning(data, samples, rho)
+    if warning:
+        out["warnings"] = [warning]
     if floor_samples is not None:
         out["knn_kl_floor"] = float(knn_kl(data, floor_samples, rho=rho))
         out["hist_kl_floor"] = hist_kl(data, floor_samples)
@@ -130,11 +146,14 @@ def heldout_points(dataset, n=10_000, X=None):
 
 @torch.no_grad()
 def eval_loss(model, scheduler, points, device, seed=0, batch_size=None):
-    """Noise-prediction MSE on the given points, with timesteps and noise from a fixed seed. With a
+    """Noise-prediction MSE on the given points, t ~ U{0..T-1} and noise from a fixed seed. With a
     batch_size: the mean of the per-batch losses over one pass, as the study reports it."""
     g = torch.Generator(device=device).manual_seed(seed)
-    x0 = torch.as_tensor(points, dtype=torch.float32, device=device)
-    return float(torch.stack([td.ddpm_loss(model, scheduler, b, generator=g, low_frac=0) for b in x0.split(batch_size or len(x0))]).mean())
+    x0 = torch.as_tensor(points, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    T, losses = scheduler.num_train_timesteps, []
+    for b in x0.split(batch_size or len(x0)):
+        losses.append(td.ddpm_loss(model, scheduler, b, td.sample_timesteps(len(b), T, low_frac=0.0, generator=g, device=device), generator=g))
+    return float(torch.stack(losses).mean())
 
 
 class CurveEval:
@@ -167,60 +186,6 @@ def timed_sample(model, scheduler, n, device, seed=0, **kw):
     return x.cpu().numpy(), time.perf_counter() - t0
 
 
-def fail(msg, code=2):
-    """A user's error: one line on stderr, then exit (2 unless told)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """The scripts' parser: no abbreviations (--swe is not --sweep), and a bad command line costs one line."""
-
-    def __init__(self, **kw):
-        super().__init__(allow_abbrev=False, **kw)
-
-    def error(self, message):
-        fail(f"{message} (see python {self.prog} --help)")
-
-
-def to_json(obj):
-    """Strict JSON: NaN and infinities become null, which every JSON reader accepts."""
-    clean = lambda v: {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else [clean(x) for x in v] if isinstance(v, (list, tuple)) \
-        else None if isinstance(v, float) and not np.isfinite(v) else v
-    return json.dumps(clean(obj), indent=2, allow_nan=False)
-
-
-def available_memory(device=None):
-    """Bytes free for new allocations on the device (CUDA: the driver's count; else datasets.available_memory), or None."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return datasets.available_memory()
-
-
-def check_sampling_flags(args):
-    """sample.py's and evaluate.py's shared flags; ValueError names the flag and what is valid."""
-    if args.n < 1:
-        raise ValueError(f"--n must be a positive integer, got {args.n}")
-    if not 0 <= args.eta <= 1:  # NaN fails too
-        raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: as DDPM), got {args.eta}")
-    if args.sample_steps is not None and args.sample_steps < 1:
-        raise ValueError(f"--sample_steps must be a positive integer, got {args.sample_steps}")
-
-
-def check_steps(scheduler, steps):
-    """--sample_steps against the schedule's T, in one sentence."""
-    T = scheduler.num_train_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"--sample_steps must be in 1..{T} (the schedule's timesteps), got {steps}")
-
-
-def check_flag_memory(flag, value, nbytes, device=None):
-    """Refuse a flag whose value would take more than half the memory free on the device."""
-    free = available_memory(device)
-    if free is not None and nbytes > free / 2:
-        raise ValueError(f"{flag} {value} needs about {nbytes / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; use a smaller value")
-
-
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
@@ -234,13 +199,6 @@ def pyplot():
 def plot_pairs(D):
     """The coordinate pairs plot_samples shows: all of them up to D = 5, else (x1, x2), (x2, x3), ... (at most 12)."""
     return list(itertools.combinations(range(D), 2)) if D <= 5 else [(i, i + 1) for i in range(min(D - 1, 12))]
-
-
-def run_dataset(ckpt):
-    """The data a checkpoint was trained on: the file at the absolute path train.py recorded, from any
-    folder; else (a named dataset, a checkpoint from before the record, a moved file) its --dataset."""
-    name, path = ckpt["args"]["dataset"], ckpt.get("data_path")
-    return path if path and os.path.isfile(path) else name
 
 
 def plot_samples(data, samples, path, title="", names=None):
@@ -291,9 +249,44 @@ def plot_samples(data, samples, path, title="", names=None):
     plt.close(fig)
 
 
+def plot_loss(losses, path):
+    """The training loss per step (log scale), with a running mean over 1% of the run."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.3, alpha=0.4, label="per step")
+    w = max(1, len(losses) // 100)
+    if w > 1:
+        ax.plot(np.arange(w - 1, len(losses)), np.convolve(losses, np.ones(w) / w, mode="valid"), label=f"running mean of {w} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_curve(curve, floor, path, title):
+    """kNN KL of the EMA model against training step (--eval_interval), with the floor if known."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([c["step"] for c in curve], [c["knn_kl_bits"] for c in curve], marker="o", ms=3, label=f"EMA model, {CURVE_N} DPM++-20 samples")
+    if floor is not None:
+        ax.axhline(floor, color="gray", ls="--", lw=1, label=f"floor {floor:.3f} (a perfect model)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("kNN KL (bits)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
 def sample_title(prefix, metrics):
     """What a reader needs to judge the picture: the kNN KL, its floor, and the excess (0 = perfect)."""
     kl, floor = metrics["knn_kl_bits"], metrics.get("knn_kl_floor")
+    if kl is None or not np.isfinite(kl):
+        return f"{prefix} · kNN KL undefined (exact duplicates)"
     if floor is None:
         return f"{prefix} · kNN KL {kl:.3f} bits (lower is better)"
     return f"{prefix} · kNN KL {kl:.3f} bits, excess over floor {kl - floor:.3f} (0 = perfect)"
@@ -304,8 +297,8 @@ def format_table(metrics):
     rows = [("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"), (hist, "hist_kl_nats", "hist_kl_floor")]
     lines = [f"{'metric':<20}{'value':>10}{'floor':>10}"]
     for name, key, floor in rows:
-        fl = metrics.get(floor)
-        lines.append(f"{name:<20}{metrics[key]:>10.4f}{(f'{fl:.4f}' if fl is not None else 'n/a'):>10}")
+        value = lambda v: f"{v:.4f}" if v is not None and np.isfinite(v) else "n/a"
+        lines.append(f"{name:<20}{value(metrics[key]):>10}{value(metrics.get(floor)):>10}")
     for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples", "hist_kl_pairs"):
         if key in metrics:
             v = metrics[key]
@@ -313,8 +306,9 @@ def format_table(metrics):
     return "\n".join(lines)
 
 
+@runs.script
 def main(argv=None):
-    p = ArgumentParser(description="Score samples against a dataset (KL metrics with floors, eval loss).")
+    p = runs.ArgumentParser(description="Score samples against a dataset (KL metrics with floors, eval loss).")
     p.add_argument("--samples", help="an (N, D) .npy of samples to score")
     p.add_argument("--out_dir", help="a run directory: sample from its ckpt.pt (EMA weights)")
     p.add_argument("--ckpt", help="a checkpoint file to sample from (instead of --out_dir)")
@@ -327,11 +321,13 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print strict JSON on stdout instead of a table")
     args = p.parse_args(argv)
     try:
-        check_sampling_flags(args)
+        runs.check_sampling_flags(args)
         metrics = run(args)
     except (ValueError, OSError) as e:
-        fail(str(e))
-    print(to_json(metrics) if args.json else format_table(metrics))
+        runs.fail(str(e))
+    for w in metrics.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    print(runs.to_json(metrics) if args.json else format_table(metrics))
 
 
 def run(args):
@@ -339,7 +335,7 @@ def run(args):
     metrics = {}
     if args.samples:
         if not os.path.isfile(args.samples):
-            raise ValueError(f"no samples file at {args.samples}; write one with `python sample.py --out_dir out/<run>`")
+            raise ValueError(f"no samples file at {runs.quote(args.samples)}; write one with `python sample.py --out_dir out/<run>`")
         try:
             samples = np.load(args.samples, allow_pickle=False)
         except ValueError as e:
@@ -351,21 +347,24 @@ def run(args):
     else:
         if not (args.ckpt or args.out_dir):
             raise ValueError("give --samples X.npy, or --out_dir / --ckpt to sample from a checkpoint")
-        ckpt = td.load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
-        model, scheduler = td.model_from_checkpoint(ckpt)
-        check_steps(scheduler, args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps))
-        check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
-        dataset = args.dataset or run_dataset(ckpt)
+        ckpt = runs.load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
+        model, scheduler = runs.model_from_checkpoint(ckpt)
+        steps = runs.sampler_steps(args.sampler, args.sample_steps, scheduler.num_train_timesteps)
+        runs.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
+        dataset = args.dataset or runs.run_dataset(ckpt)
         if args.dataset is None and dataset not in datasets.DATASETS and not os.path.isfile(dataset):
-            raise ValueError(f"the run's data file {dataset} (recorded as {ckpt.get('data_path') or dataset}) is not found from here;"
+            raise ValueError(f"the run's data file {runs.quote(dataset)} (recorded as {ckpt['data'].get('path') or dataset}) is not found from here;"
                              " give its path with --dataset")
         data = datasets.load_dataset(dataset)
         if data.shape[1] != model.cfg.data_dim:
             raise ValueError(f"{dataset} holds {data.shape[1]}-D points but the checkpoint's model makes {model.cfg.data_dim}-D ones;"
                              " score it against the data it was trained on (leave out --dataset)")
+        if ckpt["step"] < ckpt["args"]["train_steps"]:  # a stopped run: its numbers describe a model in training
+            metrics["unfinished"] = f"step {ckpt['step']} of {ckpt['args']['train_steps']}"
+            print(f"note: this run stopped at step {ckpt['step']} of {ckpt['args']['train_steps']}; it scores the model as it was then", file=sys.stderr)
         device = torch.device("cpu")
         model.eval()
-        samples, metrics["inference_s"] = timed_sample(model, scheduler, args.n, device, seed=args.seed, sampler=args.sampler, steps=args.sample_steps, eta=args.eta)
+        samples, metrics["inference_s"] = timed_sample(model, scheduler, args.n, device, seed=args.seed, sampler=args.sampler, steps=steps, eta=args.eta)
         metrics["eval_loss"] = eval_loss(model, scheduler, heldout_points(dataset, X=data), device)
     floor = floor_draw(dataset, len(check_samples(samples, data.shape[1])[0]))
     return {**compute_metrics(data, samples, floor), **metrics, "dataset": dataset}

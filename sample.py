@@ -17,8 +17,8 @@ import torch
 
 import datasets
 import evaluate
+import runs
 import tinydiff as td
-import train
 
 
 def save_gif(trajectory, f, box, fps=12, max_points=3000):
@@ -53,8 +53,9 @@ def save_gif(trajectory, f, box, fps=12, max_points=3000):
     return len(frames)
 
 
+@runs.script
 def main(argv=None):
-    p = evaluate.ArgumentParser(description="Sample from a trained tinydiff run (EMA weights).")
+    p = runs.ArgumentParser(description="Sample from a trained tinydiff run (EMA weights).")
     p.add_argument("--out_dir", help="run directory holding ckpt.pt")
     p.add_argument("--ckpt", help="checkpoint file (instead of --out_dir)")
     p.add_argument("--n", type=int, default=10_000, help="number of samples")
@@ -69,23 +70,21 @@ def main(argv=None):
     try:
         if not (args.ckpt or args.out_dir):
             raise ValueError("give --out_dir of a run (or --ckpt) to sample from")
-        evaluate.check_sampling_flags(args)
+        runs.check_sampling_flags(args)
         ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-        ckpt = td.load_checkpoint(ckpt_path)
-        model, scheduler = td.model_from_checkpoint(ckpt, key="model" if args.raw else "ema")
-        steps = args.sample_steps or td.DEFAULT_STEPS.get(args.sampler, scheduler.num_train_timesteps)
-        evaluate.check_steps(scheduler, steps)
+        ckpt = runs.load_checkpoint(ckpt_path)
+        model, scheduler = runs.model_from_checkpoint(ckpt, key="model" if args.raw else "ema")
+        steps = runs.sampler_steps(args.sampler, args.sample_steps, scheduler.num_train_timesteps)
         frames = steps + 1 if args.gif else 1
-        evaluate.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 4 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
+        runs.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 8 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
         stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}")
-        folder = os.path.dirname(os.path.abspath(stem))
-        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-            raise ValueError(f"cannot write to {folder} (--out {stem}); choose a writable folder that exists")
+        check_out(stem, args.gif)
     except ValueError as e:
-        evaluate.fail(str(e))
+        runs.fail(str(e))
     torch.set_num_threads(1)  # fastest for this model size on small CPUs; see README
     model.eval()
     g = torch.Generator().manual_seed(args.seed)
+    print(f"sampling {args.n:,} points with {args.sampler} ({steps} steps)", flush=True)
     t0 = time.perf_counter()
     show = lambda i, n: print(f"\rsampling {args.n:,} points: step {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)", end="", file=sys.stderr, flush=True)
     out = td.sample(model, scheduler, args.n, sampler=args.sampler, steps=steps, eta=args.eta, generator=g, return_trajectory=args.gif,
@@ -95,19 +94,10 @@ def main(argv=None):
     samples = (out[-1] if args.gif else out).numpy()
     bad = (~np.isfinite(samples).all(1)).sum()
     if bad:  # never a silent wrong result
-        evaluate.fail(f"{bad} of {len(samples)} samples are NaN or infinite: the model or the sampler diverged; nothing was written", code=1)
-    dataset = evaluate.run_dataset(ckpt)
-    try:
-        data = datasets.load_dataset(dataset)
-    except ValueError as e:  # the run's data file has moved or changed: plot the samples alone
-        where = f"{dataset} (recorded as {ckpt['data_path']})" if ckpt.get("data_path") else dataset
-        print(f"note: could not read the run's data, {where}: {str(e).split(';')[0]}; plotting the samples alone")
-        data = None
-    if data is not None and data.shape[1] != samples.shape[1]:
-        print(f"note: {dataset} now holds {data.shape[1]}-D points, not the model's {samples.shape[1]}-D ones; plotting the samples alone")
-        data = None
-    names = datasets.column_names(dataset, samples.shape[1]) if data is not None else None
-    write = lambda path, fn: train.write_or_fail(path, fn, "free some space, then rerun")
+        runs.fail(f"{bad} of {len(samples)} samples are NaN or infinite: the model or the sampler diverged; nothing was written", code=1)
+    dataset = runs.run_dataset(ckpt)
+    data, names = run_data(ckpt, dataset, samples.shape[1])
+    write = lambda path, fn: runs.write_or_fail(path, fn)
     write(stem + ".npy", lambda f: np.save(f, samples))
     write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}", names))
     wrote = [stem + ".npy", stem + ".png"]
@@ -115,6 +105,33 @@ def main(argv=None):
         write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(samples if data is None else data)))
         wrote.append(stem + ".gif")
     print(f"wrote {' '.join(wrote)} ({time.perf_counter() - t0:.1f} s)")
+
+
+def check_out(stem, gif):
+    """--out must be writable, and never one of train.py's own files in a run folder (samples.npy there
+    is what metrics.json describes)."""
+    folder = os.path.dirname(os.path.abspath(stem))
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise ValueError(f"cannot write to {runs.quote(folder)} (--out {runs.quote(stem)}); choose a writable folder that exists")
+    is_run = any(os.path.isfile(os.path.join(folder, f)) for f in ("ckpt.pt", "metrics.json"))
+    for ext in (".npy", ".png") + ((".gif",) if gif else ()):
+        if is_run and os.path.basename(stem) + ext in runs.RUN_FILES:
+            raise ValueError(f"--out {runs.quote(stem)} would write over train.py's {os.path.basename(stem) + ext} in that run folder;"
+                             " choose another name, such as the default samples-<sampler><steps>")
+
+
+def run_data(ckpt, dataset, D):
+    """The run's points and their column names, for the plot; (None, None), with a note, when they cannot be read."""
+    try:
+        data = datasets.load_dataset(dataset)
+    except ValueError as e:  # the run's data file has moved or changed: plot the samples alone
+        where = f"{dataset} (recorded as {ckpt['data']['path']})" if ckpt["data"].get("path") else dataset
+        print(f"note: could not read the run's data, {where}: {str(e).split(';')[0]}; plotting the samples alone")
+        return None, None
+    if data.shape[1] != D:
+        print(f"note: {dataset} now holds {data.shape[1]}-D points, not the model's {D}-D ones; plotting the samples alone")
+        return None, None
+    return data, datasets.column_names(dataset, D)
 
 
 if __name__ == "__main__":

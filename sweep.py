@@ -13,6 +13,7 @@ Any train.py flag that is not one of the grid's own (dataset, configuration, see
 import argparse
 import glob
 import json
+import math
 import os
 import shlex
 import signal
@@ -24,18 +25,17 @@ import time
 import numpy as np
 
 import evaluate
-import train
+import runs
+import train  # its flag table: the parser, the presets and the run keys
 
-CONFIGS = {"base": [], "attn1x4": ["--attn_layers", "1", "--heads", "4"], "attn1x8": ["--attn_layers", "1", "--heads", "8"],
-           "attn1x16": ["--attn_layers", "1", "--heads", "16"], "attn2x4": ["--attn_layers", "2", "--heads", "4"],
-           "ssm1": ["--ssm_layers", "1"], "ssm2": ["--ssm_layers", "2"]}
+CONFIGS = {name: [a for k, v in kw.items() for a in (f"--{k}", str(v))] for name, kw in runs.CONFIGS.items()}  # as train.py flags
 DATASETS = ["circle", "dino", "line", "moons"]
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paper")  # the committed paper grid
 GRID_FLAGS = ("dataset", "attn_layers", "heads", "ssm_layers", "seed", "out_dir", "resume", "auto_resume", "overwrite", "threads", "log_interval")
 
 
 def get_parser():
-    p = evaluate.ArgumentParser(description="Train and evaluate the study's grid, or print it for a cluster.")
+    p = runs.ArgumentParser(description="Train and evaluate the study's grid, or print it for a cluster.")
     p.add_argument("--out_dir", default=None, help="the grid's folder (default out/sweep-<preset>-<train_steps>)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration and dataset")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one CPU thread each")
@@ -73,26 +73,37 @@ def check(args, root):
     """Every setting, once, before any folder or run exists; and no earlier run made with other settings."""
     for name in ("seeds", "jobs"):
         if getattr(args, name) < 1:
-            evaluate.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+            runs.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     for c in CONFIGS:
-        for d in DATASETS:
-            train.check_settings(train.get_parser().parse_args(command(args, c, d, 0, root)[2:-1]))
+        train.check_flags(run_args(args, c, "moons", 0, root))
     for c, d, s, out in run_dirs(root, args.seeds):
-        want = json.loads(evaluate.to_json(vars(train.fill_preset(train.get_parser().parse_args(command(args, c, d, s, out)[2:-1])))))  # as metrics.json holds it
         try:
             if os.path.isfile(os.path.join(out, "metrics.json")):
                 with open(os.path.join(out, "metrics.json")) as f:
                     have = json.load(f)["args"]
             elif os.path.isfile(os.path.join(out, "ckpt.pt")):
-                have = train.td.load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]
+                have = runs.load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]
             else:
                 continue
-        except (OSError, ValueError, KeyError) as e:
-            evaluate.fail(f"cannot read the earlier run in {out} ({str(e)[:80]}); delete that folder and rerun the sweep")
-        differ = [k for k in train.RUN_KEYS if have.get(k, train.LEGACY_ARGS.get(k)) != want[k]]
+            differ = settings_differ(have, args, c, d, s, out)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            runs.fail(f"cannot read the earlier run in {runs.quote(out)} ({' '.join(str(e).split())[:80]}); delete that folder and rerun the sweep")
         if differ:
-            evaluate.fail(f"{root} holds runs made with other settings ({', '.join(differ)} differ in {out}); "
-                          f"pass --out_dir for a new sweep, or delete the old one")
+            runs.fail(f"{runs.quote(root)} holds runs made with other settings ({', '.join(differ)} differ in {runs.quote(out)}); "
+                      f"pass --out_dir for a new sweep, or delete the old one")
+
+
+def run_args(args, c, d, s, out):
+    """The settings train.py gives the grid's run (config c, dataset d, seed s), after its preset."""
+    return train.fill_preset(train.get_parser().parse_args(command(args, c, d, s, out)[2:-1]))
+
+
+def settings_differ(have, args, c, d, s, out):
+    """The run keys in which a run's recorded settings (have: its metrics.json's or checkpoint's args) differ from the grid's."""
+    if not isinstance(have, dict):
+        raise TypeError("its settings are not a JSON object")
+    want = json.loads(runs.to_json(vars(run_args(args, c, d, s, out))))  # as metrics.json holds it
+    return [k for k in train.RUN_KEYS if have.get(k) != want[k]]
 
 
 def run_grid(args, root):
@@ -107,8 +118,8 @@ def run_grid(args, root):
             for p in children:
                 p.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for s in runs.STOP_SIGNALS:  # SIGHUP too: a closed terminal must not leave the runs training on their own
+        signal.signal(s, on_signal)
     queue = list(todo)
 
     def worker():
@@ -140,12 +151,13 @@ def run_grid(args, root):
         for t in threads:
             t.join(0.2)
     if stopped:
-        evaluate.fail(f"sweep stopped by {signal.Signals(stopped[0]).name}; stopped runs kept their checkpoints; rerun the same command to continue",
+        runs.fail(f"sweep stopped by {signal.Signals(stopped[0]).name}; stopped runs kept their checkpoints; rerun the same command to continue",
                       code=128 + stopped[0])
     print(f"sweep finished in {time.time() - t0:.0f}s" + (f"; {len(failed)} runs FAILED (see their logs)" if failed else ""))
     return len(failed)
 
 
+@runs.script
 def main(argv=None):
     args = get_parser().parse_args(argv)
     root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
@@ -155,7 +167,7 @@ def main(argv=None):
     cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in [*passed_on(args), "--out_dir", root, "--seeds", str(args.seeds), *extra])
     if args.collect:
         if not os.path.isdir(root):
-            evaluate.fail(f"no grid at {root}; give the --out_dir and the flags the grid was run with")
+            runs.fail(f"no grid at {root}; give the --out_dir and the flags the grid was run with")
         return write_results(root, args, cmd)
     check(args, root)
     if args.print:
@@ -166,7 +178,7 @@ def main(argv=None):
         except BrokenPipeError:  # the reader stopped early (`| head`): stop quietly, as Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
-    lock = train.claim_run_dir(root)  # one sweep per folder
+    lock = runs.claim_run_dir(root)  # one sweep per folder
     failed = run_grid(args, root)
     write_results(root, args, cmd)
     lock.close()
@@ -174,17 +186,52 @@ def main(argv=None):
         sys.exit(1)
 
 
+TABLED = ("train_time_s", "eval_loss", "inference_s", "knn_kl_bits", "hist_kl_nats", "knn_kl_floor", "hist_kl_floor")  # what results.md reads
+
+
 def load_run(out):
-    """A finished run's metrics and samples; None for either that is missing or unreadable (with a warning)."""
-    metrics = samples = None
+    """A finished run's metrics and samples: (None, None) for a folder without a finished run, and, with a
+    warning, for one whose metrics.json is not a finished run's (any content: a list, nulls, missing keys)."""
     try:
         with open(os.path.join(out, "metrics.json")) as f:
             metrics = json.load(f)
-        samples = np.load(os.path.join(out, "samples.npy"), allow_pickle=False)
     except FileNotFoundError:
-        pass
+        return None, None
+    except (OSError, ValueError) as e:
+        return skipped(out, f"{type(e).__name__}: {' '.join(str(e).split())[:80]}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("args"), dict):
+        return skipped(out, "its metrics.json is not a tinydiff run's")
+    missing = [k for k in TABLED if not number(metrics.get(k))]
+    if missing:
+        return skipped(out, f"its metrics.json has no number for {', '.join(missing)}")
+    curve = metrics.get("curve")
+    if curve is not None and not (isinstance(curve, list) and curve and all(
+            isinstance(p, dict) and all(number(p.get(k)) for k in ("step", "train_time_s", "knn_kl_bits")) for p in curve)):
+        print(f"warning: leaving out the KL curve of {out} (not a list of steps with numbers)", file=sys.stderr)
+        metrics["curve"] = None
+    try:
+        samples = np.load(os.path.join(out, "samples.npy"), allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        print(f"warning: skipping part of {out} ({type(e).__name__}: {str(e)[:80]})", file=sys.stderr)
+        print(f"warning: leaving out the samples of {out} ({type(e).__name__})", file=sys.stderr)
+        samples = None
+    return metrics, samples
+
+
+def skipped(out, why):
+    print(f"warning: skipping {out} ({why})", file=sys.stderr)
+    return None, None
+
+
+def grid_run(root, args, c, d, s):
+    """load_run for the grid's run (config c, dataset d, seed s), skipped with a warning if it was made with other settings."""
+    out = os.path.join(root, f"{d}-{c}-s{s}")
+    metrics, samples = load_run(out)
+    if metrics is not None:
+        differ = settings_differ(metrics["args"], args, c, d, s, out)
+        if differ:
+            made = ", ".join(f"{k} {metrics['args'].get(k)}" for k in differ)
+            return skipped(out, f"made with other settings than this grid's: {made}")
     return metrics, samples
 
 
@@ -198,6 +245,7 @@ def write_results(root, args, command="python sweep.py"):
              "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
              f"Excess = kNN KL - its floor. Written by `{command}`.", ""]
     cell, found = {}, 0  # (config, dataset) -> excess kNN KL, for the summary table; runs found
+    loaded = {(c, d, s): grid_run(root, args, c, d, s) for c, d, s, _ in run_dirs(root, args.seeds)}
     # mean +- sample sd over seeds (just the value for a single seed)
     mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
     fig, axes = plt.subplots(len(DATASETS), len(CONFIGS), figsize=(2.2 * len(CONFIGS), 2.2 * len(DATASETS)), squeeze=False)
@@ -205,8 +253,8 @@ def write_results(root, args, command="python sweep.py"):
         lines += [f"## {c}", "", "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
                   "|---" * (len(cols) + 5) + "|"]
         for i, d in enumerate(DATASETS):
-            runs = [load_run(os.path.join(root, f"{d}-{c}-s{s}")) for s in range(args.seeds)]
-            ms = [m for m, _ in runs if m is not None]
+            found_runs = [loaded[c, d, s] for s in range(args.seeds)]
+            ms = [m for m, _ in found_runs if m is not None]
             ax = axes[i, j]
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_xlim(-5, 5), ax.set_ylim(-5, 5)
@@ -223,7 +271,7 @@ def write_results(root, args, command="python sweep.py"):
             lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
                          + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {mean_sd(excess, 3)}"
                          + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
-            shown = [pts for m, pts in runs if m is not None and pts is not None]
+            shown = [pts for m, pts in found_runs if m is not None and pts is not None and pts.ndim == 2 and pts.shape[1] >= 2]
             if shown:  # the lowest seed that finished
                 ax.scatter(shown[0][:, 0], shown[0][:, 1], s=0.3, alpha=0.3, linewidths=0)
                 ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
@@ -233,19 +281,18 @@ def write_results(root, args, command="python sweep.py"):
                "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)", "",
                "| configuration | " + " | ".join(DATASETS) + " |", "|---" * (len(DATASETS) + 1) + "|"]
     summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in DATASETS) + " |" for c in CONFIGS]
-    lines[5:5] = summary + [""] + time_to_quality(root, args)
+    lines[5:5] = summary + [""] + time_to_quality(root, args, loaded)
     fig.tight_layout()
-    train.write_or_fail(os.path.join(root, "samples.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
+    runs.write_or_fail(os.path.join(root, "samples.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
     plt.close(fig)
-    train.write_or_fail(os.path.join(root, "results.md"), lambda f: f.write("\n".join(lines).encode()), "free some space, then rerun")
+    runs.write_or_fail(os.path.join(root, "results.md"), lambda f: f.write("\n".join(lines).encode()), "free some space, then rerun")
     print(f"wrote {root}/results.md and {root}/samples.png" + (" and curves.png" if os.path.isfile(os.path.join(root, "curves.png")) else ""))
 
 
-def curves(root, args):
+def curves(loaded):
     """{(config, dataset): [metrics of each seed]} of the runs with --eval_interval records ("curve")."""
     out = {}
-    for c, d, s, run in run_dirs(root, args.seeds):
-        m, _ = load_run(run)
+    for (c, d, s), (m, _) in loaded.items():
         if m and m.get("curve"):
             out.setdefault((c, d), []).append(m)
     return out
@@ -279,22 +326,22 @@ def read_costs(path, args):
         ms = {c: float(bench["ms_per_step"][c]) for c in CONFIGS if c not in missing}
         label = f"{bench['device']}, {bench['threads']} thread{'s' if bench['threads'] > 1 else ''}{', compiled' if bench.get('compile') else ''}"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        evaluate.fail(f"--costs {path} is not a `bench.py --json` file ({type(e).__name__}: {str(e)[:80]}); write one with `python bench.py --json PATH`")
+        runs.fail(f"--costs {path} is not a `bench.py --json` file ({type(e).__name__}: {str(e)[:80]}); write one with `python bench.py --json PATH`")
     if missing:
-        evaluate.fail(f"--costs {path} lacks {', '.join(missing)} (a bench run with --only?); write one with every backbone: `python bench.py --json PATH`")
+        runs.fail(f"--costs {path} lacks {', '.join(missing)} (a bench run with --only?); write one with every backbone: `python bench.py --json PATH`")
     grid = vars(train.fill_preset(argparse.Namespace(**vars(args))))
     wrong = [f"--{k} {bench.get(k)} (this grid: {grid[k]})" for k in ("block", "batch_size", "dtype") if bench.get(k) != grid[k]]
     if wrong:
-        evaluate.fail(f"--costs {path} was timed with {', '.join(wrong)}; time this grid's model: `python bench.py --block {grid['block']}"
+        runs.fail(f"--costs {path} was timed with {', '.join(wrong)}; time this grid's model: `python bench.py --block {grid['block']}"
                       f" --batch_size {grid['batch_size']} --dtype {grid['dtype']} --json PATH`")
     return ms, label
 
 
-def time_to_quality(root, args):
+def time_to_quality(root, args, loaded):
     """curves.png (excess KL against step and against training seconds, a curve per configuration, a
     panel per dataset) and the markdown lines of a table: the first step, and its training seconds,
     at which the seed-mean curve reaches the study's final KL. Empty without --eval_interval runs."""
-    found = curves(root, args)
+    found = curves(loaded)
     if not found:
         return []
     targets = reference_targets(args)
@@ -318,13 +365,13 @@ def time_to_quality(root, args):
         cells = []
         for j, d in enumerate(DATASETS):
             ms = found.get((c, d), [])
-            runs = [m["curve"] for m in ms if len(m["curve"]) == len(ms[0]["curve"])]
-            if not runs:
+            same = [m["curve"] for m in ms if len(m["curve"]) == len(ms[0]["curve"])]
+            if not same:
                 cells.append("")
                 continue
-            step = np.array([p["step"] for p in runs[0]])
-            kl = np.mean([[p["knn_kl_bits"] for p in r] for r in runs], 0)
-            secs = step * costs[c] / 1e3 if costs else np.mean([[p["train_time_s"] for p in r] for r in runs], 0)
+            step = np.array([p["step"] for p in same[0]])
+            kl = np.mean([[p["knn_kl_bits"] for p in r] for r in same], 0)
+            secs = step * costs[c] / 1e3 if costs else np.mean([[p["train_time_s"] for p in r] for r in same], 0)
             excess = kl - (ms[0].get("curve_floor") or 0.0)  # against the floor at the curve's sample size
             for ax, x in ((axes[0, j], step), (axes[1, j], secs)):
                 ax.plot(x, excess, label=c)
@@ -353,7 +400,7 @@ def time_to_quality(root, args):
     fig.suptitle(f"{args.preset} preset: excess kNN KL during training (dashed: the study's MLP after 10,000 steps)"
                  + (f"\nseconds = steps x bench.py's ms/step ({clock})" if costs else ""))
     fig.tight_layout()
-    train.write_or_fail(os.path.join(root, "curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
+    runs.write_or_fail(os.path.join(root, "curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
     plt.close(fig)
     return rows + [""]
 

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import runs
 import tinydiff as td
 from conftest import ROOT
 
@@ -39,7 +40,7 @@ def workers(out):
 
 
 def weights(out, key="model"):
-    return td.load_checkpoint(str(out / "ckpt.pt"))[key]
+    return runs.load_checkpoint(str(out / "ckpt.pt"))[key]
 
 
 def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_path):
@@ -73,7 +74,7 @@ def test_stop_and_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path):
     _, err = p.communicate(timeout=120)
     assert err.count("stopped by SIGTERM at step") == 2, err[-2000:]  # both ranks, at the same step, one line each
     assert len(set(line.split("at step ")[1].split(";")[0] for line in err.splitlines() if "stopped by SIGTERM" in line)) == 1
-    step = td.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"]
+    step = runs.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"]
     assert 20 <= step < 400
     torchrun("--out_dir", tmp_path / "cut", "--resume", "--eval_batch_size", 200)
     for key in ("model", "ema"):

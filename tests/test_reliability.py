@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate
+import runs
 import tinydiff as td
 from conftest import ROOT, refused, run_here
 
@@ -122,7 +123,7 @@ def test_a_rerun_never_overwrites_a_finished_run(tmp_path):
     assert all((out / f).read_bytes() == b for f, b in before.items())  # untouched
     assert "already finished" in one_line(run("train.py", "--out_dir", out, "--resume"))
     p = run("train.py", "--dataset", "moons", "--train_steps", 6, *TINY, "--out_dir", out, "--overwrite")
-    assert p.returncode == 0 and td.load_checkpoint(str(out / "ckpt.pt"))["step"] == 6
+    assert p.returncode == 0 and runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 6
 
 
 def test_a_users_file_a_named_dataset_and_the_paper_preset_get_different_default_folders(tmp_path):
@@ -162,7 +163,7 @@ def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_p
     assert "samples-ddpm100.npy in" in p.stdout and "were drawn at step 30; rerun sample.py" in p.stdout
     assert (out / "samples-ddpm100.npy").exists()  # kept: only the user knows whether it is still wanted
     assert "from the checkpoint: dataset line, preset paper" in p.stdout and "lr 0.0005" in p.stdout and "extending the run from 30 to 40" in p.stdout
-    ck = td.load_checkpoint(str(out / "ckpt.pt"))
+    ck = runs.load_checkpoint(str(out / "ckpt.pt"))
     assert ck["step"] == 40 and ck["args"]["lr"] == 5e-4 and ck["args"]["dataset"] == "line"
     # the cosine schedule stretched to the new end: the last step's lr is lr * lambda(39) of a 40-step schedule
     import train
@@ -177,7 +178,7 @@ def test_a_run_saved_on_another_kind_of_device_continues_with_a_note(tmp_path):
     wrong state from the same kind of device is a damaged file, and is refused."""
     base = tmp_path / "base"
     run("train.py", "--dataset", "moons", "--train_steps", 20, *TINY, "--out_dir", base)
-    ck = td.load_checkpoint(str(base / "ckpt.pt"))
+    ck = runs.load_checkpoint(str(base / "ckpt.pt"))
     cuda_gen = torch.zeros(16, dtype=torch.uint8)  # the form a CUDA generator's state takes
 
     def resumed(name, rng):
@@ -192,7 +193,7 @@ def test_a_run_saved_on_another_kind_of_device_continues_with_a_note(tmp_path):
         assert p.returncode == 0, p.stderr
     assert "was saved on cuda, whose random-generator state cpu cannot use" in moved[0].stdout
     assert "was saved on another kind of device" in old.stdout and "random-generator" not in stayed.stdout
-    losses = {name: td.load_checkpoint(str(tmp_path / name / "ckpt.pt"))["losses"] for name in ("stayed", "moved0", "moved1", "old")}
+    losses = {name: runs.load_checkpoint(str(tmp_path / name / "ckpt.pt"))["losses"] for name in ("stayed", "moved0", "moved1", "old")}
     n = len(ck["losses"])  # the same run up to the checkpoint, then another stream of batches and noise, the same each time
     assert all(v[:n] == ck["losses"] and len(v) == 30 for v in losses.values())
     assert losses["moved0"] == losses["moved1"] == losses["old"] and losses["moved0"][n:] != losses["stayed"][n:]
@@ -233,9 +234,9 @@ def test_a_full_disk_costs_one_line_and_keeps_the_last_checkpoint(tmp_path, monk
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "ckpt.pt" in err[0]
-    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt"]  # no temporary file left behind
+    assert sorted(os.listdir(out)) == ["ckpt.pt"]  # no temporary file left behind
     monkeypatch.setattr(torch, "save", real_save)
-    assert td.load_checkpoint(str(out / "ckpt.pt"))["step"] == 20  # the previous one, intact
+    assert runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 20  # the previous one, intact
 
 
 def test_atomic_write_removes_its_temporary_file_when_the_write_fails(tmp_path):
@@ -247,7 +248,7 @@ def test_atomic_write_removes_its_temporary_file_when_the_write_fails(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError):
-        td.atomic_write(str(path), write)
+        runs.atomic_write(str(path), write)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
@@ -259,7 +260,7 @@ def test_a_signal_stops_training_with_one_line_and_a_checkpoint_to_resume(tmp_pa
     p.send_signal(sig)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 128 + sig and len(err.strip().splitlines()) == 1 and f"stopped by {signal.Signals(sig).name} at step" in err, err
-    step = td.load_checkpoint(str(out / "ckpt.pt"))["step"]
+    step = runs.load_checkpoint(str(out / "ckpt.pt"))["step"]
     assert step >= 10 and f"at step {step}" in err  # saved where it stopped, though no checkpoint was due
     assert not (out / "metrics.json").exists()
 
@@ -281,9 +282,12 @@ def test_a_sweep_refuses_a_folder_that_another_sweep_holds(tmp_path):
 
     root = tmp_path / "grid"
     root.mkdir()
-    with open(root / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd = os.open(root, os.O_RDONLY)  # what runs.claim_run_dir locks: the folder itself
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert "another process is using" in one_line(run("sweep.py", "--train_steps", 2, "--seeds", 1, "--out_dir", root))
+    finally:
+        os.close(fd)
 
 
 def test_the_sweep_refuses_flags_that_would_change_its_configurations(tmp_path):
@@ -311,18 +315,18 @@ def test_the_sweep_prints_runs_for_a_cluster_and_collects_them(tmp_path):
 
 
 def test_a_corrupt_run_does_not_stop_the_results(tmp_path, capsys):
-    from types import SimpleNamespace
-
     import sweep
 
+    args = sweep.get_parser().parse_args(["--train_steps", "10", "--seeds", "2", "--out_dir", str(tmp_path)])
     for s in range(2):
         d = tmp_path / f"dino-base-s{s}"
         d.mkdir()
-        m = dict(train_time_s=1.0, eval_loss=0.6, inference_s=1.0, knn_kl_bits=0.3 + s, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03)
+        m = dict(train_time_s=1.0, eval_loss=0.6, inference_s=1.0, knn_kl_bits=0.3 + s, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03,
+                 args=vars(sweep.run_args(args, "base", "dino", s, str(d))))
         (d / "metrics.json").write_text(json.dumps(m))
         np.save(d / "samples.npy", np.zeros((10, 2)))
     (tmp_path / "dino-base-s0" / "samples.npy").write_bytes((tmp_path / "dino-base-s0" / "samples.npy").read_bytes()[:60])  # truncated
-    sweep.write_results(str(tmp_path), SimpleNamespace(preset="tinydiff", train_steps=10, batch_size=256, seeds=2))
+    sweep.write_results(str(tmp_path), args)
     assert "| dino | 2 |" in (tmp_path / "results.md").read_text()
     assert "skipping part of" in capsys.readouterr().err
 
@@ -342,7 +346,8 @@ BAD_FLAGS = [
     ("train.py", ["--coord_scale", "nan"], "--coord_scale must be a positive number"),
     ("train.py", ["--device", "nonsense"], "--device 'nonsense' is not a device"),
     ("train.py", ["--device", "cuda:7"], "CUDA device"),
-    ("train.py", ["--num_timesteps", "10", "--sampler", "dpm++"], "--sample_steps must be in 1..10"),
+    ("train.py", ["--num_timesteps", "10", "--sample_steps", "20"], "--sample_steps must be in 1..10"),
+    ("train.py", ["--hidden", "1000000"], "--hidden 1000000 needs about"),
     ("train.py", ["--batch_size", "100000000"], "--batch_size 100000000 needs about"),
     ("train.py", ["--eval_batch_size", "1000000000"], "--eval_batch_size 1000000000 needs about"),
     ("train.py", ["--resume", "--overwrite"], "give one of them"),
@@ -359,6 +364,7 @@ BAD_FLAGS = [
     ("bench.py", ["--threads", "0"], "--threads must be a positive integer"),
     ("bench.py", ["--batch_size", "-1"], "--batch_size must be a positive integer"),
     ("bench.py", ["--only", "transformer"], "unknown backbone"),
+    ("bench.py", ["--batch_size", "1000000000000"], "--batch_size 1000000000000 needs about"),
     ("bench.py", ["--device", "cuda:7"], "CUDA device"),
     ("bench.py", ["--json", "/no/such/folder/bench.json"], "its folder does not exist"),
     ("sweep.py", ["--collect", "--costs", "/no/such/bench.json"], "is not a `bench.py --json` file"),

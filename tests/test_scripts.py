@@ -14,6 +14,7 @@ import torch
 
 import datasets
 import evaluate
+import runs
 import tinydiff as td
 from conftest import ROOT, refused, run_here
 
@@ -55,13 +56,13 @@ def test_train_writes_every_output_and_beats_noise(trained):
 
 def test_checkpoint_holds_the_data_moments_and_the_paper_preset_does_not(trained, tmp_path):
     out, _ = trained
-    ckpt = td.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = runs.load_checkpoint(str(out / "ckpt.pt"))
     data = datasets.load_dataset("moons")
     for key in ("model", "ema"):
         np.testing.assert_allclose(ckpt[key]["data_mean"].numpy(), data.mean(0), atol=1e-6)
         np.testing.assert_allclose(ckpt[key]["data_cov"].numpy(), np.cov(data.T, bias=True), atol=1e-6)
     run("train.py", "--dataset", "moons", "--preset", "paper", "--train_steps", 1, *FAST, "--out_dir", tmp_path)
-    paper = td.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    paper = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert paper["args"]["prior"] == "standard" and paper["args"]["low_frac"] == 0
     assert torch.equal(paper["ema"]["data_mean"], torch.zeros(2)) and torch.equal(paper["ema"]["data_cov"], torch.eye(2))
 
@@ -92,20 +93,19 @@ def test_evaluate_cli_scores_samples_and_checkpoints(trained):
     assert "kNN KL (bits)" in p.stdout and "eval_loss" in p.stdout
 
 
-def test_a_checkpoint_from_before_low_t_resumes_with_uniform_timesteps(tmp_path):
+def test_a_checkpoint_of_another_format_is_refused_in_one_line_that_names_it(tmp_path):
     run("train.py", "--dataset", "line", "--train_steps", 4, "--ckpt_interval", 2, *FAST, "--out_dir", tmp_path)
-    ckpt = td.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert (ckpt["args"]["low_t"], ckpt["args"]["low_frac"]) == (2, 0.25)  # the tinydiff preset
-    del ckpt["args"]["low_t"], ckpt["args"]["low_frac"]
-    ckpt["step"], ckpt["args"]["train_steps"] = 2, 4
-    td.save_checkpoint(ckpt, str(tmp_path / "ckpt.pt"))
-    p = run("train.py", "--out_dir", tmp_path, "--resume", *FAST)
-    assert "resuming" in p.stdout and "of each batch at t <" not in p.stdout
-    assert td.load_checkpoint(str(tmp_path / "ckpt.pt"))["args"]["low_frac"] == 0
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["format"], ckpt["step"] = "tinydiff-1", 2  # as an older tinydiff wrote it
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    for script, args in (("train.py", ["--out_dir", tmp_path, "--resume"]), ("sample.py", ["--out_dir", tmp_path]), ("evaluate.py", ["--out_dir", tmp_path])):
+        p = run(script, *args, check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert f"format tinydiff-1, and this tinydiff reads {runs.FORMAT}" in p.stderr
 
 
 def final_weights(out):
-    return td.load_checkpoint(str(out / "ckpt.pt"))["model"]
+    return runs.load_checkpoint(str(out / "ckpt.pt"))["model"]
 
 
 @pytest.mark.parametrize("extra", [[], ["--preset", "paper", "--batch_size", 256, "--ckpt_interval", 130, "--eval_interval", 200]], ids=["tinydiff", "paper"])
@@ -123,14 +123,14 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = td.load_checkpoint(str(killed / "ckpt.pt"))["step"]
+    step = runs.load_checkpoint(str(killed / "ckpt.pt"))["step"]
     assert 100 <= step < steps, step  # killed mid-run, after at least one checkpoint
     p = run("train.py", "--out_dir", killed, "--resume", "--log_interval", 100, "--eval_batch_size", 500)
     assert f"resuming {killed / 'ckpt.pt'} at step {step}" in p.stdout
     a, b = final_weights(tmp_path / "whole"), final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ea = td.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"))["ema"]
-    eb = td.load_checkpoint(str(killed / "ckpt.pt"))["ema"]
+    ea = runs.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"))["ema"]
+    eb = runs.load_checkpoint(str(killed / "ckpt.pt"))["ema"]
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     if extra:
         ca, cb = (json.loads((d / "metrics.json").read_text())["curve"] for d in (tmp_path / "whole", killed))
@@ -139,14 +139,14 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
 
 def test_a_crash_between_write_and_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    td.save_checkpoint({"format": "tinydiff-1", "step": 1}, path)
+    runs.save_checkpoint({"step": 1}, path)
 
     def crash(*a):
         raise KeyboardInterrupt("killed between write and replace")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        td.save_checkpoint({"format": "tinydiff-1", "step": 2}, path)
+        runs.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]  # the old one, and no leftover
 
@@ -169,12 +169,12 @@ def bad_files(tmp_path, good_ckpt):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     marker = tmp_path / "code-ran"
-    torch.save({"format": "tinydiff-1", "evil": RunsCode(marker)}, tmp_path / "code.pt")
+    torch.save({"format": runs.FORMAT, "evil": RunsCode(marker)}, tmp_path / "code.pt")
     torch.save({"hello": torch.zeros(3)}, tmp_path / "foreign.pt")
-    ck = td.load_checkpoint(str(good_ckpt))
+    ck = runs.load_checkpoint(str(good_ckpt))
     ck["model_config"]["attn_layers"] = 2  # weights of a baseline, config of an attention model
     torch.save(ck, tmp_path / "incompatible.pt")
-    del ck["args"]  # hand-made: a tinydiff-1 checkpoint without its settings
+    del ck["args"]  # hand-made: a checkpoint of this format without its settings
     torch.save(ck, tmp_path / "no-args.pt")
     return marker
 
@@ -190,8 +190,8 @@ def test_bad_checkpoints_are_refused_without_running_their_code(trained, tmp_pat
     p = run("sample.py", "--ckpt", tmp_path / name, "--n", 10, check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
-    with pytest.raises(td.CheckpointError, match=re.escape(message)):
-        td.model_from_checkpoint(td.load_checkpoint(str(tmp_path / name)))
+    with pytest.raises(runs.CheckpointError, match=re.escape(message)):
+        runs.model_from_checkpoint(runs.load_checkpoint(str(tmp_path / name)))
     assert not marker.exists()  # the pickle's code never ran
 
 
@@ -200,7 +200,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             "--out_dir", tmp_path, check=False)
     assert p.returncode == 1 and "diverged at step" in p.stderr and "--lr" in p.stderr, p.stderr
     if (tmp_path / "ckpt.pt").exists():  # every saved checkpoint holds finite weights
-        ck = td.load_checkpoint(str(tmp_path / "ckpt.pt"))
+        ck = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))
         assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -219,7 +219,7 @@ def test_moons_at_another_offset_and_scale_train_as_well_with_the_default_flags(
     assert abs(evaluate.knn_kl(data, scaled) - evaluate.knn_kl(data, raw)) < 0.1
     assert abs(evaluate.hist_kl(data, scaled) - evaluate.hist_kl(data, raw)) < 0.15
     assert m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(data * 50 + 100, scaled * 50 + 100), abs=1e-6)  # in the file's units
-    ckpt = td.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # the map is in the checkpoint, for sample.py and evaluate.py
+    ckpt = runs.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # the map is in the checkpoint, for sample.py and evaluate.py
     np.testing.assert_allclose(ckpt["ema"]["data_shift"].numpy(), data.mean(0) * 50 + 100, rtol=1e-6)
     np.testing.assert_allclose(ckpt["ema"]["data_scale"].numpy(), data.std(0) * 50 / td.MODEL_SD, rtol=1e-6)
 
@@ -353,20 +353,18 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
 
 
 def test_bench_json_names_every_backbone_as_the_sweep_does_with_the_printed_cost(tmp_path):
-    import bench
     import sweep
     import train
 
-    for label, kw in bench.BACKBONES.items():  # the sweep's flags for that name give the same model
-        flags = vars(train.get_parser().parse_args(sweep.CONFIGS[bench.config_name(kw)]))
-        assert {k: flags[k] for k in kw} == kw and all(flags[k] == 0 for k in ("attn_layers", "ssm_layers") if k not in kw), label
-    assert sorted(bench.config_name(kw) for kw in bench.BACKBONES.values()) == sorted(sweep.CONFIGS)
-    out = run("bench.py", "--quick", "--only", "baseline", "ssm 1", "--n", 200, "--json", tmp_path / "b.json").stdout
-    printed = {line.split()[0] + (line.split()[1] if line.startswith("ssm") else ""): float(line.split()[-6]) for line in out.splitlines()
-               if line.startswith(("baseline", "ssm 1"))}
+    for name, kw in runs.CONFIGS.items():  # the sweep's flags for that name give the same model, and the name back
+        flags = vars(train.get_parser().parse_args(sweep.CONFIGS[name]))
+        assert {k: flags[k] for k in kw} == kw and all(flags[k] == 0 for k in ("attn_layers", "ssm_layers") if k not in kw), name
+        assert runs.config_name(**flags) == name
+    out = run("bench.py", "--quick", "--only", "base", "ssm1", "--n", 200, "--json", tmp_path / "b.json").stdout
+    printed = {line.split()[0]: float(line.split()[-6]) for line in out.splitlines() if line.startswith(("base", "ssm1"))}
     record = json.loads((tmp_path / "b.json").read_text())
     assert record["ms_per_step"].keys() == {"base", "ssm1"} and record["threads"] == 1
-    assert record["ms_per_step"]["base"] == pytest.approx(printed["baseline"], abs=0.006)
+    assert record["ms_per_step"]["base"] == pytest.approx(printed["base"], abs=0.006)
     assert record["ms_per_step"]["ssm1"] == pytest.approx(printed["ssm1"], abs=0.006)
 
 

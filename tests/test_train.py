@@ -73,11 +73,11 @@ def test_library_defaults_are_the_tinydiff_preset_and_the_paper_preset_sets_the_
     cfg = td.DenoiserConfig()
     assert (cfg.coord_scale, cfg.block, cfg.hidden, cfg.heads) == (preset["coord_scale"], preset["block"], parser.get_default("hidden"), parser.get_default("heads"))
     defaults = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()}
-    assert {k: defaults(td.ddpm_loss)[k] for k in ("low_t", "low_frac")} == dict(low_t=preset["low_t"], low_frac=preset["low_frac"])
+    assert {k: defaults(td.sample_timesteps)[k] for k in ("low_t", "low_frac")} == dict(low_t=preset["low_t"], low_frac=preset["low_frac"])
     sched = defaults(td.NoiseScheduler.__init__)
     assert (sched["num_train_timesteps"], sched["beta_schedule"]) == (preset["num_timesteps"], preset["beta_schedule"])
     # the paper preset builds the study's model and loss explicitly, whatever the library's defaults
-    args = parser.parse_args(["--preset", "paper", "--dataset", "moons"])
-    X, cfg, sched_cfg = train.check_settings(args)
+    args = train.fill_preset(parser.parse_args(["--preset", "paper", "--dataset", "moons"]))
+    X, cfg, sched_cfg = train.check_data(args, "moons", torch.device("cpu"))
     assert (cfg.coord_scale, cfg.block, cfg.data_dim, args.low_frac, args.low_t) == (25.0, "relu", 2, 0.0, 0)
     assert sched_cfg == dict(num_train_timesteps=100, beta_schedule="linear")

@@ -1,0 +1,353 @@
+"""Runs: what the scripts share that is not math. Run folders and their locks, checkpoints and
+their format, atomic writes, the device, the command line's plumbing (one-line errors, signals,
+closed pipes) and strict JSON. Imports tinydiff and datasets; every script may import it.
+
+A run folder (train.py's --out_dir) holds:
+  ckpt.pt       FORMAT: settings, weights, optimizer, RNG states, the data's fingerprint
+  metrics.json  written last: its presence marks the run finished
+  samples.npy, samples.png, loss.png, kl.png   train.py's outputs (RUN_FILES)
+  samples-*     sample.py's outputs
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+
+import numpy as np
+import torch
+
+import datasets
+import tinydiff as td
+
+FORMAT = "tinydiff-2"
+RUN_FILES = ("ckpt.pt", "metrics.json", "samples.npy", "samples.png", "loss.png", "kl.png")
+
+
+# -----------------------------------------------------------------------------
+# the command line: one-line errors, signals, pipes
+
+
+def fail(msg, code=2):
+    """A user's error: one line on stderr, then exit (2 unless told). Under torchrun only rank 0 speaks."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def quote(path):
+    """A path as it must be pasted into a shell."""
+    return shlex.quote(str(path))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: no abbreviations (--swe is not --sweep), and a bad command line costs one line."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message):
+        fail(f"{message} (see python {self.prog} --help)")
+
+
+def given_flags(argv):
+    """The flags written on the command line (abbreviations are off, so the tokens are exact)."""
+    return {tok[2:].split("=")[0] for tok in argv if tok.startswith("--")}
+
+
+class QuietStdout:
+    """sys.stdout that survives a closed pipe (`python train.py | head`): the first failed write
+    silences it, and the program goes on (training and saving) without printing."""
+
+    def __init__(self, stream):
+        self.stream, self.closed_pipe = stream, False
+
+    def write(self, text):
+        if not self.closed_pipe:
+            try:
+                return self.stream.write(text)
+            except (BrokenPipeError, ValueError):
+                self.silence()
+        return len(text)
+
+    def flush(self):
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                self.silence()
+
+    def silence(self):
+        self.closed_pipe = True
+        try:  # what is still buffered goes nowhere, so that the exit's flush cannot fail either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal or SSH session
+
+
+def script(main):
+    """A script's entry point: a closed stdout does not stop it, and Ctrl-C (or SIGTERM, SIGHUP)
+    outside a handled section costs one line, exit 130 (128 + the signal for the others)."""
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(signum)
+
+    def run(argv=None):
+        if not isinstance(sys.stdout, QuietStdout):
+            sys.stdout = QuietStdout(sys.stdout)
+        for s in STOP_SIGNALS:  # SIGINT only where a caller (a shell's background job) does not ignore it
+            if s != signal.SIGINT or signal.getsignal(s) is signal.default_int_handler:
+                signal.signal(s, on_signal)
+        try:
+            return main(argv)
+        except KeyboardInterrupt as e:
+            signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+            fail(f"interrupted by {signal.Signals(signum).name}; every file already written is intact", code=128 + signum)
+
+    return run
+
+
+class StopFlag:
+    """Signals that a loop handles itself: while `active`, the first SIGINT / SIGTERM / SIGHUP is recorded,
+    so that the loop can save at a step boundary and stop; a second one, or one while not active, stops
+    at once (KeyboardInterrupt, which `script` turns into one line)."""
+
+    def __init__(self):
+        self.signum, self.active = None, False
+        for s in STOP_SIGNALS:
+            if s != signal.SIGINT or signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, self.on_signal)
+
+    def on_signal(self, signum, _frame):
+        if self.signum is not None or not self.active:
+            raise KeyboardInterrupt(signum)
+        self.signum = signum
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+
+def to_json(obj):
+    """Strict JSON: NaN and infinities become null, which every JSON reader accepts."""
+    clean = lambda v: {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else [clean(x) for x in v] if isinstance(v, (list, tuple)) \
+        else None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
+# -----------------------------------------------------------------------------
+# files: atomic writes, run folders and their locks
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file, then rename it over path: a crash at any moment leaves the
+    old file intact, and a failed write (a full disk) removes the temporary file and re-raises."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_or_fail(path, write, advice="free some space, then rerun"):
+    """Write one output file atomically; a failed write (a full disk, say) costs one line and leaves
+    the file's previous version as it was."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        fail(f"could not write {quote(path)} ({e.strerror or e}); {advice}")
+
+
+class DirLock:
+    """An exclusive flock on a folder's own descriptor, released by close() or when the object or the process goes."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close
+
+
+def claim_run_dir(path):
+    """Make the folder and lock it for this process: a second process refuses. The lock is held on the
+    folder itself (flock on its descriptor), so no file can be deleted to defeat it, and it goes with the
+    process, even when that is killed. POSIX; on Windows there is no lock."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        fail(f"cannot use {quote(path)} as a run folder ({e.strerror}); choose a writable directory")
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        DirLock(fd).close()
+        fail(f"another process is using {quote(path)} right now; wait for it to finish, or choose another --out_dir")
+    return DirLock(fd)
+
+
+# -----------------------------------------------------------------------------
+# devices and memory
+
+
+def pick_device(name):
+    """auto: cuda -> mps -> cpu; else the device named, if this machine has it."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu or auto")
+    if device.type == "mps" and not mps:
+        fail("--device mps: MPS is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name}: tinydiff runs on cpu, cuda or mps")
+    return device
+
+
+def available_memory(device=None):
+    """Bytes free for new allocations on the device (CUDA: the driver's count; else the host's), or None."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return datasets.available_memory()
+
+
+def sampler_steps(sampler, steps, T, T_flag="the checkpoint's schedule"):
+    """Network evaluations for a sampler: --sample_steps, else the sampler's default (at most T);
+    a value outside 1..T is refused in one sentence that names the flag."""
+    if steps is None:
+        return min(td.DEFAULT_STEPS.get(sampler, T), T)
+    if not 1 <= steps <= T:
+        raise ValueError(f"--sample_steps must be in 1..{T} (T of {T_flag}), got {steps}")
+    return steps
+
+
+def check_sampling_flags(args):
+    """sample.py's and evaluate.py's shared flags; ValueError names the flag and what is valid."""
+    if args.n < 1:
+        raise ValueError(f"--n must be a positive integer, got {args.n}")
+    if not 0 <= args.eta <= 1:  # NaN fails too
+        raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: as DDPM), got {args.eta}")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise ValueError(f"--sample_steps must be a positive integer, got {args.sample_steps}")
+
+
+def param_count(cfg):
+    """Parameters of the Denoiser cfg describes, counted without building it (a huge --hidden is refused before it is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in td.Denoiser(cfg).parameters())
+
+
+def activation_bytes_per_row(model, scheduler, X, rows=32):
+    """Bytes that autograd saves for the backward pass, per batch row, measured on a small batch."""
+    saved = []
+    model.set_data_stats(X[:2 * rows])
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        td.ddpm_loss(model, scheduler, torch.zeros(rows, X.shape[1]))
+    return sum(saved) / rows
+
+
+def check_flag_memory(flag, value, nbytes, device=None):
+    """Refuse a flag whose value would take more than half the memory free on the device."""
+    free = available_memory(device)
+    if free is not None and nbytes > free / 2:
+        raise ValueError(f"{flag} {value} needs about {nbytes / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; use a smaller value")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: plain tensors and Python types only, written atomically, read with weights_only
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable tinydiff checkpoint; the message says what to do."""
+
+
+CONFIGS = {"base": {}, "attn1x4": dict(attn_layers=1, heads=4), "attn1x8": dict(attn_layers=1, heads=8), "attn1x16": dict(attn_layers=1, heads=16),
+           "attn2x4": dict(attn_layers=2, heads=4), "ssm1": dict(ssm_layers=1), "ssm2": dict(ssm_layers=2)}  # the study's grid, and bench.py's backbones
+
+
+def config_name(attn_layers=0, heads=4, ssm_layers=0, **_):
+    """A backbone's short name: base, attn2x4, ssm1, attn1x4-ssm1."""
+    parts = ([f"attn{attn_layers}x{heads}"] if attn_layers else []) + ([f"ssm{ssm_layers}"] if ssm_layers else [])
+    return "-".join(parts) or "base"
+
+
+def fingerprint(X):
+    """What identifies a run's training points: their shape and a SHA-256 of their float64 values."""
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    return dict(shape=list(X.shape), sha256=hashlib.sha256(X.tobytes()).hexdigest())
+
+
+def save_checkpoint(state, path):
+    """Write {format, **state} atomically. A checkpoint with a non-finite weight is never written:
+    whatever the caller calls "the last good checkpoint" is good."""
+    for key in ("model", "ema"):
+        bad = [k for k, v in state.get(key, {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"refusing to save {path}: {key} weight {bad[0]} is not finite")
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def load_checkpoint(path):
+    """A checkpoint written by train.py, read safely (weights_only: no code from the file runs);
+    anything else raises one CheckpointError that says what to do."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {quote(path)}; train one first with `python train.py --dataset dino`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = " ".join(str(e).split())[:100] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{quote(path)} is not a readable tinydiff checkpoint ({reason}); use a ckpt.pt written by train.py") from None
+    if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("tinydiff-"):
+        raise CheckpointError(f"{quote(path)} is not a tinydiff checkpoint; use a ckpt.pt written by train.py")
+    if ckpt["format"] != FORMAT:
+        raise CheckpointError(f"{quote(path)} has checkpoint format {ckpt['format']}, and this tinydiff reads {FORMAT};"
+                              " train the run again with this version (--overwrite)")
+    missing = [k for k in ("args", "model_config", "scheduler_config", "model", "ema", "step", "data") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{quote(path)} lacks parts of a tinydiff checkpoint ({', '.join(missing)}); use a ckpt.pt written by train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, key="ema"):
+    """The Denoiser (with its EMA weights, or key="model" for the raw ones) and NoiseScheduler a checkpoint describes."""
+    try:
+        model = td.Denoiser(td.DenoiserConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt[key])
+        scheduler = td.NoiseScheduler(**ckpt["scheduler_config"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:100]
+        raise CheckpointError(f"the checkpoint's weights do not fit its config ({reason}); it is damaged, so train the run again") from None
+    return model, scheduler
+
+
+def run_dataset(ckpt):
+    """The data a checkpoint was trained on: the file at the absolute path train.py recorded (found from
+    any folder), else its --dataset as given (a named dataset, or a file that has moved)."""
+    name, path = ckpt["args"]["dataset"], ckpt["data"].get("path")
+    return path if path and os.path.isfile(path) else name
