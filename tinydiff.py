@@ -4,20 +4,20 @@ Read top to bottom, in the order of the math:
   1. NoiseScheduler      DDPM forward process, posterior step, DDIM step (Ho et al. 2020, arXiv:2006.11239;
                          Song et al. 2021, arXiv:2010.02502; cosine: Nichol & Dhariwal 2021, arXiv:2102.09672)
   2. SinusoidalEmbedding (Vaswani et al. 2017), as the 2-D MLP denoiser of tiny-diffusion uses it
-  3. SelfAttention       multi-head, pre-norm, over the tokens [x1, ..., xD, t]
+  3. SelfAttention       multi-head, pre-norm, over the tokens [x1, ..., xD, t, c]
   4. ResidualBlock       x + GELU(Linear(x)) (tiny-diffusion), or the study's x + Linear(ReLU(x))
   5. BiMambaBlock        bidirectional selective state space, exact product-only scan (Mamba: Gu & Dao 2023,
                          arXiv:2312.00752; Vision Mamba: arXiv:2401.09417; DiS: Fei et al. 2024, arXiv:2402.05608)
-  6. Denoiser            embeddings -> optional attention / SSM token mixers -> residual MLP;
-                         keeps the data's affine map (any offset and scale) and moments
-  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), low-t oversampling
-  8. sample              DDPM ancestral, strided DDIM and DPM-Solver++(2M) samplers
-  9. checkpoints         atomic save, safe load (weights_only)
+  6. Denoiser            eps_theta(x_t, t, c): coordinate, time and condition tokens -> optional attention / SSM
+                         mixers -> residual MLP; keeps the data's affine map (any offset and scale) and moments
+  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), condition dropout; sample_timesteps
+  8. sample              DDPM ancestral, strided DDIM and DPM-Solver++(2M) samplers, classifier-free guidance
+                         (Ho & Salimans 2022, arXiv:2207.12598)
+  9. Fast paths          the same attention, computed faster on small CPU batches
 Depends on torch and the Python standard library only, so that it can be copied alone.
 """
 import math
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 class NoiseScheduler(nn.Module):
     """Forward process q(x_t | x_0) and the reverse steps. Names follow diffusers.
 
-    Schedules are computed in float64, kept as float32 buffers (`.to(device)` moves them), and derived from the
-    arguments, so not saved in a state_dict. At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0:
-    x_T still holds sqrt(0.36) = 60% of the data's signal, so `prior` draws x_T from q(x_T)'s moments, not N(0, I).
+    Schedules are computed in float64 and kept as float32 buffers (not saved: they follow from the arguments).
+    At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T still holds 60% of the data's
+    signal, so `prior` draws x_T from q(x_T)'s moments, not N(0, I).
     """
 
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
@@ -50,17 +50,11 @@ class NoiseScheduler(nn.Module):
         alphas = 1 - betas
         ab = torch.cumprod(alphas, 0)  # alpha_bar_t
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-        buffers = dict(
-            betas=betas,
-            alphas_cumprod=ab,
-            sqrt_alphas_cumprod=ab.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1 - ab).sqrt(),
-            # posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t)   (eqs. 6-7)
-            posterior_variance=betas * (1 - ab_prev) / (1 - ab),
-            posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab),
-            posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab),
-            log_snr=0.5 * torch.log(ab / (1 - ab)),  # lambda_t = log(alpha_t / sigma_t), for DPM-Solver
-        )
+        buffers = dict(betas=betas, alphas_cumprod=ab, sqrt_alphas_cumprod=ab.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - ab).sqrt(),
+                       # posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t)   (eqs. 6-7)
+                       posterior_variance=betas * (1 - ab_prev) / (1 - ab), posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab),
+                       posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab),
+                       log_snr=0.5 * torch.log(ab / (1 - ab)))  # lambda_t = log(alpha_t / sigma_t), for DPM-Solver
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
 
@@ -69,9 +63,8 @@ class NoiseScheduler(nn.Module):
         return self.alphas_cumprod[-1].item()
 
     def prior(self, n, mean=None, cov=None, generator=None, device="cpu", dim=None):
-        """Draw x_T (n, D) for sampling. x_T = sqrt(ab_T) x_0 + sqrt(1 - ab_T) eps has mean sqrt(ab_T) mean
-        and covariance ab_T cov + (1 - ab_T) I, where mean (D,) and cov (D, D) are the data's; we draw
-        from the Gaussian with those moments. Without them (give dim = D), or with 0 and I, this is N(0, I) exactly."""
+        """x_T (n, D) for sampling, from the Gaussian with q(x_T)'s moments: mean sqrt(ab_T) mean and covariance
+        ab_T cov + (1 - ab_T) I, given the data's mean (D,) and cov (D, D). Without them (give dim = D): N(0, I)."""
         if mean is None and dim is None:
             raise ValueError("prior needs the data's mean and cov, or dim (coordinates per point) for the standard N(0, I) start")
         D = dim if mean is None else len(mean)
@@ -137,20 +130,17 @@ class NoiseScheduler(nn.Module):
         return prev
 
     def dpm_solver_step(self, x0, t, s, x_t, x0_last=None, t_last=None, generator=None):
-        """One DPM-Solver++(2M) SDE step x_t -> x_s, s < t (Lu et al. 2022, data prediction).
-
-        With alpha = sqrt(ab), sigma = sqrt(1 - ab) and h = lambda_s - lambda_t, the linear part is
-        integrated exactly: x_s = sigma_s/sigma_t e^-h x_t + alpha_s (1 - e^-2h) D + sigma_s sqrt(1 - e^-2h) z.
-        D is x0 extrapolated linearly in lambda through the previous step's x0_last (at t_last);
-        without it the step is first order, which is exactly the DDPM posterior step from t to s.
-        """
+        """One DPM-Solver++(2M) SDE step x_t -> x_s, s < t (Lu et al. 2022, data prediction). With h = lambda_s - lambda_t,
+        the linear part is exact: x_s = sigma_s/sigma_t e^-h x_t + alpha_s (1 - e^-2h) x0_hat + sigma_s sqrt(1 - e^-2h) z,
+        where x0_hat is x0 extrapolated linearly in lambda through x0_last (at t_last); without it the step is
+        first order, which is exactly the DDPM posterior step from t to s."""
         lam = self.log_snr
         h = lam[s] - lam[t]
-        D = x0 if x0_last is None else x0 + (x0 - x0_last) * h / (2 * (lam[t] - lam[t_last]))
+        x0_hat = x0 if x0_last is None else x0 + (x0 - x0_last) * h / (2 * (lam[t] - lam[t_last]))
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         sigma_s = self.sqrt_one_minus_alphas_cumprod[s]
         return (sigma_s / self.sqrt_one_minus_alphas_cumprod[t] * torch.exp(-h) * x_t
-                - self.sqrt_alphas_cumprod[s] * torch.expm1(-2 * h) * D + sigma_s * (-torch.expm1(-2 * h)).sqrt() * z)
+                - self.sqrt_alphas_cumprod[s] * torch.expm1(-2 * h) * x0_hat + sigma_s * (-torch.expm1(-2 * h)).sqrt() * z)
 
 
 # -----------------------------------------------------------------------------
@@ -175,8 +165,14 @@ class SinusoidalEmbedding(nn.Module):
 # 3-4. Attention and residual MLP blocks
 
 
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v over the tokens. q, k, v: (B, nh, L, hs) -> (B, nh, L, hs)."""
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, nh, L, L)
+    return weights @ v
+
+
 class SelfAttention(nn.Module):
-    """Pre-norm multi-head self-attention with a residual: x + proj(attn(LN(x)))."""
+    """Pre-norm multi-head self-attention with a residual: x + proj(attention(LN(x)))."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -189,41 +185,34 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, L, D = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, D // self.heads).unbind(2)  # each (B, L, nh, hs)
-        if L <= 4 and x.device.type == "cpu":
-            # a few tokens on CPU: plain broadcasts beat SDPA's kernels (the denoiser's 3 tokens with
-            # 16 heads: 1.2x faster per training step; README "Performance")
-            w = ((q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * q.shape[-1] ** -0.5).softmax(2)  # (B, Lq, Lk, nh)
-            y = (w.unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # (B, L, nh, hs)
-        else:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-        return x + self.proj(y.reshape(B, L, D))
+        B, L, E = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, E // self.heads).transpose(1, 3).unbind(2)  # each (B, nh, L, hs)
+        y = fast_attention(q, k, v)  # = attention(q, k, v), section 9
+        return x + self.proj(y.transpose(1, 2).reshape(B, L, E))
 
 
 class ResidualBlock(nn.Module):
-    """x + GELU(Linear(x)) (form="gelu", tiny-diffusion's) or x + Linear(ReLU(x)) (form="relu", the study's)."""
+    """x + GELU(Linear(x)) (block="gelu", tiny-diffusion's) or x + Linear(ReLU(x)) (block="relu", the study's)."""
 
-    def __init__(self, dim, form="gelu"):
+    def __init__(self, dim, block="gelu"):
         super().__init__()
         self.ff = nn.Linear(dim, dim)
-        self.pre_relu = form == "relu"
+        self.block = block
 
     def forward(self, x):
-        return x + self.ff(F.relu(x)) if self.pre_relu else x + F.gelu(self.ff(x))
+        return x + self.ff(F.relu(x)) if self.block == "relu" else x + F.gelu(self.ff(x))
 
 
 # -----------------------------------------------------------------------------
 # 5. Bidirectional selective state space block
 #
-# The recurrence h_t = a_t * h_{t-1} + b_t is computed with products and sums only: the popular
-# cumsum(log a) / exp trick overflows or loses precision for long sequences (NaN for L >= 64 at
-# Mamba's own init), so it is not used.
+# The recurrence h_t = a_t * h_{t-1} + b_t uses products and sums only: the cumsum(log a) / exp trick overflows
+# for long sequences (NaN for L >= 64 at Mamba's init). Mamba's B and C are B_sel and C_sel here ("selective":
+# they depend on the token), so that B stays the batch size.
 
 
 def scan_parallel(a, b):
-    """h_t = a_t h_{t-1} + b_t along dim 1 (h_{-1} = 0) by odd/even reduction: 2 log2(L) batched
-    steps of products and sums. The path for GPUs and long sequences."""
+    """h_t = a_t h_{t-1} + b_t along dim 1 (h_{-1} = 0) by odd/even reduction in 2 log2(L) batched steps (GPUs, long L)."""
     L = a.shape[1]
     if L == 1:
         return b
@@ -237,24 +226,20 @@ def scan_parallel(a, b):
     return torch.stack([h_even, h_odd], 2).flatten(1, 2)[:, :L]  # interleave -> (B, L, ...)
 
 
-def selective_scan(dt, A, B, C, x, parallel=None):
-    """Mamba's selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,  y_t = C_t h_t.
-
-    dt, x: (B, L, D); A: (N, D); B, C: (B, L, N) -> y: (B, L, D). The state h is (B, N, D), D last
-    so that every broadcast runs over contiguous memory. parallel=None picks the fused sequential
-    loop on CPU and for short sequences (fastest there at every L measured), and the parallel scan
-    on GPU for L > 16.
-    """
+def selective_scan(dt, A, B_sel, C_sel, x, parallel=None):
+    """Mamba's selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_sel_t x_t,  y_t = C_sel_t h_t. dt, x: (B, L, d_inner);
+    A: (N, d_inner); B_sel, C_sel: (B, L, N) -> y: (B, L, d_inner). The state h is (B, N, d_inner), channels last for
+    contiguous broadcasts. parallel=None: the parallel scan on GPU for L > 16, else the loop (docs/performance.md)."""
     if parallel is None:
         parallel = x.is_cuda and x.shape[1] > 16
     a = lambda dt_: torch.exp(dt_.unsqueeze(-2) * A)  # zero-order hold of A, in (0, 1]
     b = lambda dt_, B_, x_: (dt_ * x_).unsqueeze(-2) * B_.unsqueeze(-1)  # Euler step for B, as in Mamba
     if parallel:
-        h = scan_parallel(a(dt), b(dt, B, x))  # (B, L, N, D)
-        return (h * C.unsqueeze(-1)).sum(-2)
+        h = scan_parallel(a(dt), b(dt, B_sel, x))  # (B, L, N, d_inner)
+        return (h * C_sel.unsqueeze(-1)).sum(-2)
     h, ys = torch.zeros_like(x[:, 0]).unsqueeze(-2), []
-    for dt_t, B_t, C_t, x_t in zip(dt.unbind(1), B.unbind(1), C.unbind(1), x.unbind(1)):
-        h = a(dt_t) * h + b(dt_t, B_t, x_t)  # (B, N, D)
+    for dt_t, B_t, C_t, x_t in zip(dt.unbind(1), B_sel.unbind(1), C_sel.unbind(1), x.unbind(1)):
+        h = a(dt_t) * h + b(dt_t, B_t, x_t)  # (B, N, d_inner)
         ys.append((h * C_t.unsqueeze(-1)).sum(-2))
     return torch.stack(ys, 1)
 
@@ -265,7 +250,7 @@ class SelectiveSSM(nn.Module):
     def __init__(self, d_inner, d_state, dt_rank, d_conv=4, dt_min=1e-3, dt_max=1e-1):
         super().__init__()
         self.dt_rank, self.d_state = dt_rank, d_state
-        # depthwise causal Conv1d, as K shifted multiply-adds (nn.Conv1d's backward is slow on CPU here)
+        # the depthwise causal Conv1d as K shifted multiply-adds: nn.Conv1d's backward is slow on CPU at this size
         self.conv_weight = nn.Parameter(torch.empty(d_conv, d_inner).uniform_(-(d_conv**-0.5), d_conv**-0.5))
         self.conv_bias = nn.Parameter(torch.empty(d_inner).uniform_(-(d_conv**-0.5), d_conv**-0.5))
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
@@ -275,27 +260,24 @@ class SelectiveSSM(nn.Module):
         dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        # S4D-real init A = -(1..N) for every channel, stored as (N, D) to match the state layout
+        # S4D-real init A = -(1..N) for every channel, stored as (N, d_inner) to match the state layout
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32))[:, None].repeat(1, d_inner))
-        self.D = nn.Parameter(torch.ones(d_inner))
+        self.skip = nn.Parameter(torch.ones(d_inner))  # Mamba's D: y + D * x
 
     def forward(self, x):  # (B, L, d_inner)
         L, K = x.shape[1], self.conv_weight.shape[0]
-        xp = F.pad(x, (0, 0, K - 1, 0))  # (B, K-1+L, D): left padding makes the conv causal
+        xp = F.pad(x, (0, 0, K - 1, 0))  # (B, K-1+L, d_inner): left padding makes the conv causal
         x = F.silu(self.conv_bias + sum(self.conv_weight[k] * xp[:, k : k + L] for k in range(K)))
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))  # (B, L, D)
-        y = selective_scan(dt, -torch.exp(self.A_log), B.contiguous(), C.contiguous(), x)
-        return y + self.D * x  # D skip
+        dt, B_sel, C_sel = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))  # (B, L, d_inner)
+        y = selective_scan(dt, -torch.exp(self.A_log), B_sel.contiguous(), C_sel.contiguous(), x)
+        return y + self.skip * x
 
 
 class BiMambaBlock(nn.Module):
-    """Pre-norm residual bidirectional Mamba block (Vision Mamba v2 / DiS).
-
-    in_proj and out_proj are shared; each direction has its own conv, x_proj, dt_proj, A and D.
-    The two directions are averaged (not summed), so the output scale does not depend on the
-    number of directions; then gated with SiLU(z) and projected out.
-    """
+    """Pre-norm residual bidirectional Mamba block (Vision Mamba v2 / DiS). in_proj and out_proj are shared; each
+    direction has its own conv, x_proj, dt_proj, A and skip. The directions are averaged (the output scale does not
+    depend on their number), gated with SiLU(z) and projected out."""
 
     def __init__(self, dim, d_state=8, expand=2, d_conv=4):
         super().__init__()
@@ -319,38 +301,74 @@ class BiMambaBlock(nn.Module):
 MODEL_SD = 2.0  # set_data_stats(standardize=True): each coordinate's sd in the model's space (the named datasets' ~1.2-2.3)
 
 
+class AffineMap(nn.Module):
+    """x = shift + scale * z per coordinate, between data units x and a model's space z. The shift is a float32
+    pair (shift + shift_lo) that adds up to its float64 value: data at an offset of 1e9 times their spread map
+    exactly, also where there is no float64 (MPS)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        for name, value in (("shift", torch.zeros(dim)), ("shift_lo", torch.zeros(dim)), ("scale", torch.ones(dim))):
+            self.register_buffer(name, value)
+
+    def set(self, shift, scale):
+        shift = torch.as_tensor(shift, dtype=torch.float64)
+        self.shift.copy_(shift.float())
+        self.shift_lo.copy_((shift - self.shift.double()).float())
+        self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64).float())
+
+    def to_model(self, x):
+        """z = (x - shift) / scale, in float64 where x is float64, returned as float32."""
+        if x.dtype == torch.float64:
+            return ((x - self.shift.double() - self.shift_lo.double()) / self.scale.double()).float()
+        return (x - self.shift - self.shift_lo) / self.scale
+
+    def to_data(self, z):
+        """x = shift + scale * z, in float64 (float32 on MPS)."""
+        dtype = torch.float32 if z.device.type == "mps" else torch.float64
+        return self.shift.to(dtype) + self.shift_lo.to(dtype) + self.scale.to(dtype) * z.to(dtype)
+
+
 @dataclass
 class DenoiserConfig:
     data_dim: int = 2  # D, coordinates per point: one token each, plus the time token
-    emb_dim: int = 128  # width of each sinusoidal embedding (= token width)
+    emb_dim: int = 128  # E, width of each sinusoidal embedding (= token width)
     hidden: int = 256  # width of the residual MLP
     hidden_layers: int = 3  # residual blocks
     block: str = "gelu"  # "gelu": Linear-GELU-blocks-Linear; "relu": the study's Linear-blocks-ReLU-Linear
-    attn_layers: int = 0  # self-attention layers over the tokens [x1, ..., xD, t]
+    attn_layers: int = 0  # self-attention layers over the tokens [x1, ..., xD, t, (c)]
     heads: int = 4
     ssm_layers: int = 0  # bidirectional SSM blocks over the same tokens, with long skips
-    ssm_dim: int = 64  # token width inside the SSM stack (d_inner = 2 * ssm_dim); see README
+    ssm_dim: int = 64  # token width inside the SSM stack (d_inner = 2 * ssm_dim)
     d_state: int = 4  # SSM state size per channel
     coord_scale: float = 50.0  # sinusoidal scale for the coordinates (the study's: 25)
     time_scale: float = 1.0  # sinusoidal scale for the integer timestep
+    num_classes: int = 0  # K > 0: labels 0..K-1 become a condition token; label K is the null ("no condition")
+    cond_dim: int = 0  # C > 0: a vector of C numbers becomes the condition token
 
 
 class Denoiser(nn.Module):
-    """eps_theta(z_t, t): (B, D), (B,) -> (B, D), in the model's space z (see set_data_stats).
+    """eps_theta(z_t, t, y): (B, D), (B,), condition -> (B, D), in the model's space z (see set_data_stats).
 
-    Each coordinate and t is embedded into a token of width emb_dim; optional attention and SSM blocks
-    mix the D + 1 tokens, which are then flattened ([x1, ..., xD, t]) into the residual MLP. At D = 2 with
-    no mixers and block="relu" this is the study's MLPDenoiser exactly (block="gelu": tiny-diffusion's).
-    The SSM stack follows DiS: time is a token, and long skips (concat + Linear, as in U-ViT) join the
-    first half of the blocks to the second.
+    Each coordinate, t, and the condition (if any) become a token of width E; optional attention and SSM blocks
+    mix the tokens [x1, ..., xD, t, c], which are then flattened into the residual MLP. At D = 2 with no mixers or
+    condition and block="relu" this is the study's MLPDenoiser (block="gelu": tiny-diffusion's). The SSM stack
+    follows DiS: time and condition are tokens, and long skips (concat + Linear, as in U-ViT) join the first half
+    of the blocks to the second. y is (B,) labels (num_classes = K) or (B, C) numbers (cond_dim = C: standardized
+    per column, then Linear-SiLU-Linear, one token nonlinear in all C numbers, as DiT embeds its timestep).
+    Rows where drop is True, and all rows when y is None, get the learned null condition: guidance's other half.
     """
 
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
         self.cfg = cfg
-        D, E = cfg.data_dim, cfg.emb_dim
+        D, E, K, C = cfg.data_dim, cfg.emb_dim, cfg.num_classes, cfg.cond_dim
         if D < 1:
             raise ValueError(f"data_dim {D} must be at least 1: it is the number of coordinates per point")
+        if K < 0 or C < 0 or (K and C):
+            raise ValueError(f"use num_classes=K > 0 (labels) or cond_dim=C > 0 (numbers), not both: got num_classes={K}, cond_dim={C}")
+        if cfg.block not in ("gelu", "relu"):
+            raise ValueError(f"unknown block {cfg.block!r}; use gelu or relu")
         self.coord_emb = SinusoidalEmbedding(E, cfg.coord_scale)
         self.time_emb = SinusoidalEmbedding(E, cfg.time_scale)
         self.attn = nn.ModuleList(SelfAttention(E, cfg.heads) for _ in range(cfg.attn_layers))
@@ -358,68 +376,100 @@ class Denoiser(nn.Module):
             self.ssm_in, self.ssm_out = nn.Linear(E, cfg.ssm_dim), nn.Linear(cfg.ssm_dim, E)
         self.ssm = nn.ModuleList(BiMambaBlock(cfg.ssm_dim, cfg.d_state) for _ in range(cfg.ssm_layers))
         self.skips = nn.ModuleList(nn.Linear(2 * cfg.ssm_dim, cfg.ssm_dim) for _ in range(cfg.ssm_layers // 2))
-        if cfg.block not in ("gelu", "relu"):
-            raise ValueError(f"unknown block {cfg.block!r}; use gelu or relu")
         blocks = [ResidualBlock(cfg.hidden, cfg.block) for _ in range(cfg.hidden_layers)]
+        inputs = (D + 1 + (K > 0 or C > 0)) * E  # the flattened tokens
         if cfg.block == "relu":  # the study's MLPDenoiser: pre-activation blocks, one ReLU before the output
-            self.mlp = nn.Sequential(nn.Linear((D + 1) * E, cfg.hidden), *blocks, nn.ReLU(), nn.Linear(cfg.hidden, D))
+            self.mlp = nn.Sequential(nn.Linear(inputs, cfg.hidden), *blocks, nn.ReLU(), nn.Linear(cfg.hidden, D))
         else:
-            self.mlp = nn.Sequential(nn.Linear((D + 1) * E, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, D))
-        # What the model knows about its training data, saved with the weights (set_data_stats):
-        # the affine map x = data_shift + data_scale * z between data units x and the model's space z,
-        # and the mean and covariance of z, for the sampler's start (NoiseScheduler.prior).
-        # The defaults (the identity map, 0 and I) mean raw coordinates and the standard N(0, I) start.
+            self.mlp = nn.Sequential(nn.Linear(inputs, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, D))
+        if K:  # created last, so that an unconditional model draws the same initial weights
+            self.label_emb = nn.Embedding(K + 1, E)
+        if C:
+            self.cond_emb = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
+            self.null_cond = nn.Parameter(0.02 * torch.randn(E))
+            self.cond_map = AffineMap(C)
+        # What the model knows about its training data, saved with the weights (set_data_stats): the map between
+        # data units and its space, z's moments for the sampler's start (NoiseScheduler.prior), the classes' shares.
+        self.data_map = AffineMap(D)
         self.register_buffer("data_mean", torch.zeros(D))
         self.register_buffer("data_cov", torch.eye(D))
-        self.register_buffer("data_shift", torch.zeros(D))
-        self.register_buffer("data_scale", torch.ones(D))
+        self.register_buffer("class_freq", torch.full((K,), 1.0 / max(K, 1)))
+        self.register_buffer("data_stats_set", torch.tensor(False))
+
+    @property
+    def conditional(self):
+        return bool(self.cfg.num_classes or self.cfg.cond_dim)
 
     def check_points(self, x):
-        """Refuse anything but (B, D) points, in one sentence."""
         D = self.cfg.data_dim
         if x.ndim != 2 or x.shape[1] != D:
             raise ValueError(f"this Denoiser takes {D}-D points, (B, {D}) (DenoiserConfig.data_dim={D}), but got shape {tuple(x.shape)};"
                              f" give it points with {D} coordinates, or build a model for yours with DenoiserConfig(data_dim=...)")
 
-    @torch.no_grad()
-    def set_data_stats(self, x, standardize=True, moments=True):
-        """Keep what the loss and the samplers need to know about the training points x (N, D), in data units.
+    def check_condition(self, y, n):
+        K, C = self.cfg.num_classes, self.cfg.cond_dim
+        if y is not None and not self.conditional:
+            raise ValueError("this Denoiser is unconditional (num_classes=0, cond_dim=0), so it takes no y;"
+                             " build it with DenoiserConfig(num_classes=K) or DenoiserConfig(cond_dim=C) to condition it")
+        if y is not None and K and (y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool):
+            raise ValueError(f"y must be ({n},) integer labels in 0..{K - 1} for num_classes={K}, but got {y.dtype} of shape {tuple(y.shape)}")
+        if y is not None and K and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= K:
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise ValueError(f"label {bad} is out of range for num_classes={K}: use 0..{K - 1} (or {K}, the null label)")
+        if y is not None and C and (y.shape != (n, C) or not y.dtype.is_floating_point):
+            raise ValueError(f"y must be ({n}, {C}) float conditions for cond_dim={C}, but got {y.dtype} of shape {tuple(y.shape)}")
 
-        standardize=True: the model works on z = (x - data_shift) / data_scale, each coordinate at mean 0 and
-        sd MODEL_SD, so points at any offset and scale meet the settings tuned on the study's data (False: raw).
+    @torch.no_grad()
+    def set_data_stats(self, x, y=None, standardize=True, moments=True):
+        """Keep what the loss and the samplers need to know about the training points x (N, D), in data units, and
+        their conditions y. Computed in float64; call it before AveragedModel copies the model.
+        standardize=True: the model works on z = (x - shift) / scale, each coordinate at mean 0 and sd MODEL_SD,
+        so points at any offset and scale meet the settings tuned on the study's data (False: raw coordinates).
         moments=True: data_mean and data_cov of z for NoiseScheduler.prior (False: 0 and I, i.e. N(0, I)).
-        Call it before AveragedModel copies the model.
-        """
-        x = torch.as_tensor(x).detach().cpu().double()  # statistics in float64 on the CPU (MPS has no float64)
+        Labels y give class_freq (for draw_labels); numbers y their own standardization (cond_map)."""
+        x = torch.as_tensor(x).detach().cpu().double()
         self.check_points(x)
         D, sd = x.shape[1], x.std(0, correction=0)
         sd = torch.where(sd > 0, sd, sd.max() if sd.max() > 0 else 1.0)
-        shift, scale = (x.mean(0).float(), (sd / MODEL_SD).float()) if standardize else (torch.zeros(D), torch.ones(D))
-        z = (x - shift.double()) / scale.double()  # as to_model computes it
+        self.data_map.set(*((x.mean(0), sd / MODEL_SD) if standardize else (torch.zeros(D), torch.ones(D))))
+        z = self.data_map.to_model(x).double()
         mean = z.mean(0) if moments else torch.zeros(D, dtype=torch.float64)
-        cov = (z - mean).T @ (z - mean) / len(z) if moments else torch.eye(D, dtype=torch.float64)
-        for buffer, value in ((self.data_shift, shift), (self.data_scale, scale), (self.data_mean, mean), (self.data_cov, cov)):
-            buffer.copy_(value.float())
+        self.data_mean.copy_(mean)
+        self.data_cov.copy_((z - mean).T @ (z - mean) / len(z) if moments else torch.eye(D))
+        if y is not None:
+            y = torch.as_tensor(y).detach().cpu()
+            self.check_condition(y, len(x))
+            if self.cfg.num_classes:
+                self.class_freq.copy_(torch.bincount(y, minlength=self.cfg.num_classes + 1)[:-1] / len(y))
+            else:
+                sd = y.double().std(0, correction=0)
+                self.cond_map.set(y.double().mean(0), torch.where(sd > 0, sd, 1.0))
+        self.data_stats_set.fill_(True)
 
-    def to_model(self, x):
-        """Data units -> the model's space: z = (x - data_shift) / data_scale (exact for the identity map)."""
+    def condition_token(self, y, drop, n):
+        """(B, E): the condition's token; the learned null condition where drop is True, or everywhere if y is None."""
+        null = torch.ones(n, dtype=torch.bool, device=self.data_mean.device)
+        drop = null if y is None else (~null if drop is None else drop.to(null.device))
+        if self.cfg.num_classes:
+            labels = torch.where(drop, self.cfg.num_classes, 0 if y is None else y.long())
+            return self.label_emb(labels)
+        c = torch.zeros(n, self.cfg.cond_dim, device=null.device) if y is None else self.cond_map.to_model(y)
+        return torch.where(drop[:, None], self.null_cond, self.cond_emb(c))
+
+    def forward(self, x, t, y=None, drop=None):
         self.check_points(x)
-        return (x - self.data_shift) / self.data_scale
-
-    def to_data(self, z):
-        """The model's space -> data units: x = data_shift + data_scale * z."""
-        return self.data_shift + self.data_scale * z
-
-    def forward(self, x, t):
-        self.check_points(x)
+        self.check_condition(y, len(x))
         if t.shape != x.shape[:1]:
             raise ValueError(f"t must hold one timestep per point, shape ({x.shape[0]},), but has shape {tuple(t.shape)}")
-        tokens = torch.stack([self.coord_emb(x[:, i]) for i in range(x.shape[1])] + [self.time_emb(t)], 1)  # (B, D+1, E)
+        tokens = [self.coord_emb(x[:, i]) for i in range(x.shape[1])] + [self.time_emb(t)]
+        if self.conditional:
+            tokens.append(self.condition_token(y, drop, len(x)))
+        tokens = torch.stack(tokens, 1)  # (B, D + 1 (+ 1), E)
         for block in self.attn:
             tokens = block(tokens)
         if len(self.ssm):
             tokens = tokens + self.ssm_out(self.ssm_stack(self.ssm_in(tokens)))
-        return self.mlp(tokens.flatten(1))  # (B, (D+1)E) -> (B, D)
+        return self.mlp(tokens.flatten(1))  # (B, tokens * E) -> (B, D)
 
     def ssm_stack(self, h):
         """DiS / U-ViT long skips: block i of the shallow half feeds block n-1-i of the deep half."""
@@ -448,29 +498,38 @@ def unwrap(model):
     return model
 
 
-def ddpm_loss(model, scheduler, x0, generator=None, low_t=2, low_frac=0.25, rows=None):
-    """L_simple (Ho et al. eq. 14): MSE between the true and predicted noise, t ~ U{0..T-1}.
+def sample_timesteps(n, T, low_t=2, low_frac=0.25, generator=None, device=None):
+    """t ~ U{0..T-1} for n points, the first round(low_frac n) redrawn from U{0..low_t-1}: more signal for the last
+    steps, where sharp detail forms (docs/tuning.md, "Circle"). The defaults are train.py's; low_frac=0: uniform."""
+    t = torch.randint(0, T, (n,), device=device, generator=generator)
+    k = round(low_frac * n)
+    if k > 0:
+        t[:k] = torch.randint(0, low_t, (k,), device=device, generator=generator)
+    return t
 
-    x0: (B, D) points in data units; a Denoiser first maps them to its own space (set_data_stats).
-    low_frac > 0 redraws that share of the batch from t ~ U{0..low_t-1}: more signal for the last
-    denoising steps, where sharp detail is decided (docs/tuning.md, "Circle"). The defaults are train.py's;
-    low_frac=0 is the plain L_simple. rows (a slice): draw t and noise for the whole batch, return
-    those rows' share of its mean (data-parallel ranks' shares sum to the one-process loss).
-    """
+
+def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, drop=None, generator=None):
+    """L_simple (Ho et al. eq. 14): the mean squared error between the noise and the model's prediction of it.
+
+    x0: (B, D) points in data units; a Denoiser maps them to its own space (set_data_stats). t (B,) and noise
+    (B, D) are drawn when absent: t ~ U{0..T-1}, noise ~ N(0, I). y: each point's condition, or None. A row gets
+    the null condition with probability p_uncond (or where drop is True), so one network learns both halves of
+    classifier-free guidance."""
     net = unwrap(model)
     if isinstance(net, Denoiser):
-        x0 = net.to_model(x0)
-    n = x0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (n,), device=x0.device, generator=generator)
-    k = round(low_frac * n)
-    if k > 0:  # the batch's rows are in random order, so the first k are as good as any
-        t[:k] = torch.randint(0, low_t, (k,), device=x0.device, generator=generator)
-    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-    if rows is None:
+        if not net.data_stats_set:
+            raise ValueError("call model.set_data_stats(x_train) before training: it fixes the map from your data's units to"
+                             " the model's (use standardize=False, moments=False for raw coordinates and the N(0, I) start)")
+        x0 = net.data_map.to_model(x0)
+    if t is None:
+        t = sample_timesteps(len(x0), scheduler.num_train_timesteps, low_frac=0.0, generator=generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    if y is None:
         return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
-    # these rows' share of the whole batch's mean (exact however the batch is split; 0 for no rows)
-    x0, t, noise_rows = x0[rows], t[rows], noise[rows]
-    return F.mse_loss(model(scheduler.add_noise(x0, noise_rows, t), t), noise_rows, reduction="sum") / noise.numel()
+    if drop is None:
+        drop = torch.rand(len(x0), device=x0.device, generator=generator) < p_uncond
+    return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, y, drop), noise)
 
 
 # -----------------------------------------------------------------------------
@@ -481,36 +540,69 @@ SAMPLERS = ("ddpm", "ddim", "dpm++")
 DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; the others use all T
 
 
-@torch.no_grad()
-def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device="cpu", return_trajectory=False,
-           batch_size=None, dim=None, callback=None):
-    """Draw n points in data units, starting from x_T ~ scheduler.prior with the model's data moments.
+def draw_labels(model, n, generator=None, device=None):
+    """n labels of a class-conditional Denoiser, drawn in its training data's proportions (class_freq)."""
+    net = unwrap(model)
+    if not getattr(net, "cfg", None) or not net.cfg.num_classes:
+        raise ValueError("draw_labels needs a class-conditional Denoiser (DenoiserConfig(num_classes=K))")
+    on_cpu = generator is None or generator.device.type == "cpu"  # a CUDA generator cannot drive a draw on the CPU
+    return torch.multinomial(net.class_freq.cpu().double(), n, replacement=True, generator=generator if on_cpu else None).to(device or "cpu")
 
-    sampler="ddpm": ancestral sampling over all T steps (steps < T: strided, i.e. DDIM with eta=1).
-    sampler="ddim": strided DDIM over `steps` timesteps with the given eta (0: deterministic).
-    sampler="dpm++": DPM-Solver++(2M) SDE over `steps` (default 20) timesteps spaced evenly in log-SNR.
-    Each timestep is one network evaluation; the last (t = 0) returns its predicted x_0. Returns (n, D),
-    or the trajectory (steps + 1, n, D) on the CPU with return_trajectory=True. model: a Denoiser, also
-    wrapped (unwrap); any other module starts from its data_mean / data_cov if any, else N(0, I) with `dim` coordinates.
-    batch_size: rows per network call (default 1024 on CPU, where they stay in cache, else all n);
-    it changes the speed, not the samples. callback(i, steps) is called after each step.
+
+def guided_eps(model, x, t, y=None, guidance=1.0):
+    """eps = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)): w = 1 is the conditional model, w = 0 the
+    unconditional one, w > 1 guided (Ho & Salimans eq. 6, written with w = 1 + their w). Both halves run as one batch."""
+    t = torch.full((len(x),), t, device=x.device, dtype=torch.long) if isinstance(t, int) else t
+    if y is None or guidance == 1:
+        return model(x, t) if y is None else model(x, t, y)
+    if guidance == 0:
+        return model(x, t, y, torch.ones(len(x), dtype=torch.bool, device=x.device))
+    drop = torch.arange(2 * len(x), device=x.device) >= len(x)  # the second half is unconditional
+    eps_cond, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), drop).chunk(2)
+    return eps_null + guidance * (eps_cond - eps_null)
+
+
+@torch.no_grad()
+def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device=None, y=None, guidance=1.0,
+           return_trajectory=False, batch_size=None, dim=None, callback=None):
+    """Draw n points in data units (float64; float32 on MPS), from x_T ~ scheduler.prior with the model's moments.
+
+    sampler="ddpm": ancestral over all T steps (steps < T: strided, i.e. DDIM with eta=1); "ddim": strided DDIM
+    with the given eta (0: deterministic); "dpm++": DPM-Solver++(2M) SDE, steps (default 20) even in log-SNR.
+    Each timestep is one network evaluation; the last (t = 0) returns its predicted x_0. y: each point's condition;
+    None draws labels in the training shares for a class-conditional model (draw_labels), and is the unconditional
+    model for a continuous one. guidance: w of guided_eps. Returns (n, D), or with return_trajectory=True the
+    (steps + 1, n, D) trajectory on the CPU. Any module other than a Denoiser starts from its data_mean / data_cov
+    if any, else N(0, I) in `dim` coordinates. device: the model's by default. batch_size: rows per network call
+    (default 1024 on CPU, else n): the speed changes, not the samples. callback(i, steps) follows each step.
     """
-    T = scheduler.num_train_timesteps
+    T, net = scheduler.num_train_timesteps, unwrap(model)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be a positive number of rows (or None for the default)")
+    conditional = isinstance(net, Denoiser) and net.conditional
+    if guidance != 1 and not conditional:
+        raise ValueError(f"guidance {guidance} needs a conditional Denoiser (num_classes or cond_dim); this model is unconditional")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance {guidance} must be a number >= 0 (1: plain conditional sampling, 0: unconditional)")
+    device = device or next(iter(model.parameters()), torch.empty(0)).device
     steps = steps or DEFAULT_STEPS.get(sampler, T)
     timesteps = scheduler.set_timesteps(steps, "logsnr" if sampler == "dpm++" else "linear")
-    net = unwrap(model)
     x = scheduler.prior(n, getattr(net, "data_mean", None), getattr(net, "data_cov", None), generator, device, dim)
-    to_data = net.to_data if isinstance(net, Denoiser) else (lambda z: z)
+    if conditional and y is None and net.cfg.num_classes:
+        y = draw_labels(net, n, generator, device)
+    if y is not None:
+        net.check_condition(y, n)
+        y = y.to(device)
+    to_data = net.data_map.to_data if isinstance(net, Denoiser) else (lambda z: z)
     trajectory = [to_data(x).cpu()] if return_trajectory else None
     x0_last = t_last = None
     batch_size = batch_size or (1024 if x.device.type == "cpu" else n)
     for i, t in enumerate(timesteps):
         t_rows = torch.full((batch_size,), t, device=device, dtype=torch.long)
-        eps = torch.cat([model(rows, t_rows[: len(rows)]) for rows in x.split(batch_size)])
+        eps = torch.cat([guided_eps(model, rows, t_rows[: len(rows)], None if y is None else y[j : j + len(rows)], guidance)
+                         for j, rows in zip(range(0, n, batch_size), x.split(batch_size))])
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         if sampler == "ddpm" and steps == T:
             x = scheduler.step(eps, t, x, generator=generator)
@@ -529,71 +621,14 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
 
 
 # -----------------------------------------------------------------------------
-# 9. Checkpoints: plain tensors and Python types only, written atomically, read with weights_only
+# 9. Fast paths: the same results as the main text, computed faster where it matters
 
 
-class CheckpointError(ValueError):
-    """A file that is not a usable tinydiff checkpoint; the message says what to do."""
-
-
-def atomic_write(path, write):
-    """write(f) into a temporary file, then rename it over path: a crash at any moment leaves the
-    old file intact, and a failed write (a full disk) removes the temporary file and re-raises."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def load_checkpoint(path):
-    """Read a tinydiff checkpoint safely; anything else raises one clear CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one first with `python train.py --dataset dino`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable tinydiff checkpoint ({reason}); use a ckpt.pt written by train.py") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "tinydiff-1":
-        raise CheckpointError(f"{path} is not a tinydiff checkpoint; use a ckpt.pt written by train.py")
-    missing = [k for k in ("args", "model_config", "scheduler_config", "model", "ema", "step") if not isinstance(ckpt.get(k), (dict, int))]
-    if missing or not isinstance(ckpt["args"].get("dataset"), str) or not isinstance(ckpt["args"].get("train_steps"), int):
-        raise CheckpointError(f"{path} lacks parts of a tinydiff checkpoint ({', '.join(missing) or 'args'}); use a ckpt.pt written by train.py")
-    return ckpt
-
-
-def load_weights(model, state):
-    """load_state_dict, strict, except that checkpoints from before the data-statistics buffers load
-    with their defaults (the raw coordinates and the N(0, I) start they were made with). Weights for
-    points with another number of coordinates are refused in one sentence."""
-    D, d = model.cfg.data_dim, len(state["data_mean"]) if "data_mean" in state else 2  # 2: from before data_mean
-    if d != D:
-        raise ValueError(f"the weights are for {d}-D points but the model is built for {D}-D points; use data with {d} coordinates per point")
-    defaults = dict(data_mean=torch.zeros(D), data_cov=torch.eye(D), data_shift=torch.zeros(D), data_scale=torch.ones(D))
-    model.load_state_dict({**defaults, **state})
-
-
-def model_from_checkpoint(ckpt, key="ema"):
-    """Build the Denoiser and scheduler a checkpoint describes, with its EMA (or raw) weights."""
-    try:
-        known = {f.name for f in fields(DenoiserConfig)}
-        cfg = DenoiserConfig(**{"data_dim": 2, **{k: v for k, v in ckpt["model_config"].items() if k in known}})  # 2: from before data_dim
-        model = Denoiser(cfg)
-        load_weights(model, ckpt[key])
-        scheduler = NoiseScheduler(**ckpt["scheduler_config"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0][:120]
-        raise CheckpointError(f"the checkpoint's weights do not fit its config ({reason}); it was written by an incompatible version") from None
-    return model, scheduler
-
+def fast_attention(q, k, v):
+    """attention(q, k, v), by torch's fused kernel, or for a few tokens on the CPU by plain broadcasts,
+    which beat the fused kernels there (the denoiser's 3 tokens; docs/performance.md)."""
+    if q.shape[2] <= 4 and q.device.type == "cpu":
+        q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, L, nh, hs)
+        weights = ((q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * q.shape[-1] ** -0.5).softmax(2)  # (B, Lq, Lk, nh)
+        return (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).transpose(1, 2)  # (B, nh, Lq, hs)
+    return F.scaled_dot_product_attention(q, k, v)
