@@ -240,6 +240,79 @@ def load_points(path):
     return X.astype(np.float64)
 
 
+def read_table(path):
+    """A text file's header (or None) and its fields as strings, (N, M); an .npy's numbers as strings. Comments,
+    quotes and the separators are read as read_text reads them."""
+    if path.lower().endswith(".npy"):
+        X = load_points(path)
+        return None, X.astype(str), X
+    first, _, delim, header = first_row(head_lines(path))
+    if first is None:
+        raise ValueError(f"{path} holds no rows; give one point per row")
+    fields = np.loadtxt(path, dtype=str, delimiter=delim, comments="#", skiprows=first + 1 if header else 0, quotechar='"', ndmin=2,
+                        encoding="utf-8-sig")
+    return header, np.char.strip(fields), None
+
+
+def column_index(spec, header, n_cols, path, flag):
+    """The 0-based column that NAME (a header field) or an index names."""
+    if header and spec in header:
+        return header.index(spec)
+    if spec.isdigit() and int(spec) < n_cols:
+        return int(spec)
+    named = f"; its columns are {', '.join(header)}" if header else f" (no header: give a 0-based index below {n_cols})"
+    raise ValueError(f"{flag} {spec!r} names no column of {path}{named}")
+
+
+def load_conditioned(path, label_column=None, cond_columns=None):
+    """(X (N, D) float64 points, y, names) from a file whose label column (category names or integers) or condition
+    columns (numbers) are not coordinates. y: (N,) int labels indexing names, the sorted class names; or (N, C)
+    float64 conditions, names the columns'. Refused in one sentence: a missing column, empty or NaN labels
+    (naming the first bad row), one class, more classes than a tenth of the points, a non-numeric condition."""
+    load_points(path)  # the file-level checks (size, folder, encoding) first
+    header, fields, _ = read_table(path)
+    flag = "--label_column" if label_column is not None else "--cond_columns"
+    specs = [label_column] if label_column is not None else [c.strip() for c in cond_columns.split(",")]
+    cols = [column_index(spec, header, fields.shape[1], path, flag) for spec in specs]
+    if len(set(cols)) != len(cols) or len(cols) >= fields.shape[1]:
+        raise ValueError(f"{flag} {','.join(specs)} leaves no coordinates in {path} (it has {fields.shape[1]} columns); name fewer or distinct columns")
+    keep = [j for j in range(fields.shape[1]) if j not in cols and not (j == 0 and header and header[0] in ROW_LABEL_FIELDS)]
+    try:
+        X = fields[:, keep].astype(np.float64)
+    except ValueError as e:
+        raise ValueError(f"{path} has a coordinate column that is not numeric ({str(e)[:60]}); name it with {flag}, or remove it") from None
+    if not np.isfinite(X).all():
+        raise ValueError(f"{path} has NaN or infinite coordinates (the first in data row {np.flatnonzero(~np.isfinite(X).all(1))[0] + 1}); remove those rows")
+    names = [header[j] if header else str(j) for j in cols]
+    if label_column is None:
+        try:
+            y = fields[:, cols].astype(np.float64)
+        except ValueError:
+            bad = next(j for j in cols if not all(is_number(v) for v in fields[:, j]))
+            raise ValueError(f"condition column {names[cols.index(bad)]!r} of {path} is not numeric; give numbers, or use it as --label_column") from None
+        if not np.isfinite(y).all():
+            raise ValueError(f"{path} has an empty or NaN condition in data row {np.flatnonzero(~np.isfinite(y).all(1))[0] + 1}; fill or remove those rows")
+        return X, y, names
+    labels = fields[:, cols[0]]
+    bad = np.flatnonzero((labels == "") | (np.char.lower(labels) == "nan"))
+    if len(bad):
+        raise ValueError(f"{path} has an empty or NaN label in column {names[0]!r}, data row {bad[0] + 1}; give every point a label")
+    classes = sorted(set(labels.tolist()), key=lambda v: (0, float(v), v) if is_number(v) else (1, 0, v))
+    if len(classes) < 2 or len(classes) > max(2, len(labels) // 10):
+        raise ValueError(f"label column {names[0]!r} of {path} has {len(classes)} class{'es' * (len(classes) != 1)} in {len(labels)} points; "
+                         "a label needs 2 to a tenth as many classes as points (numbers that vary continuously: use --cond_columns)")
+    index = {c: i for i, c in enumerate(classes)}
+    return X, np.array([index[v] for v in labels.tolist()]), classes
+
+
+def is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def load_dataset(name, n=100_000, seed=42):
     """(n, D) float64 points: a named dataset drawn with default_rng(seed), or a user's file as it is."""
     if name in DATASETS:

@@ -135,43 +135,149 @@ def floor_draw(dataset, m):
     return datasets.load_dataset(dataset, n=m, seed=FLOOR_SEED) if dataset in datasets.DATASETS else None
 
 
-def heldout_points(dataset, n=10_000, X=None):
-    """Held-out points for eval loss: a fresh draw for named datasets, a fixed subsample of a file
-    (pass its points as X if they are already loaded)."""
+def heldout_points(dataset, data, n=10_000):
+    """(points, conditions) for the eval loss: a fresh draw of a named dataset, a file's held-out points
+    (its training points when it holds none out)."""
     if dataset in datasets.DATASETS:
-        return datasets.load_dataset(dataset, n=n, seed=HELDOUT_SEED)
-    X = datasets.load_dataset(dataset) if X is None else X
-    return X[np.random.default_rng(HELDOUT_SEED).permutation(len(X))[:n]]
+        return datasets.load_labeled(dataset, n, HELDOUT_SEED)[:2] if data.kind == "labels" else (datasets.load_dataset(dataset, n, HELDOUT_SEED), None)
+    points, cond = (data.points, data.cond) if data.held is None else (data.held, data.held_cond)
+    return points[:n], None if cond is None else cond[:n]
+
+
+NEAR_COPY = 0.1  # a sample nearer a training point than this share of fresh points' median distance is a near-copy
+VOTE_K = 10  # neighbours in the class-fidelity vote
+
+
+def references(data, dataset, n):
+    """What n samples are scored against: (points, conditions) of the reference and of the floor. A named dataset:
+    its training draw and a fresh draw; a file: its held-out points and a training subsample of the same size
+    (the same estimator, given points the model never made); a file with nothing held out: its points, no floor."""
+    if dataset in datasets.DATASETS:
+        fresh = datasets.load_labeled(dataset, n, FLOOR_SEED)[:2] if data.kind == "labels" else (floor_draw(dataset, n), None)
+        return (data.points, data.cond), fresh
+    if data.held is None:
+        return (data.points, data.cond), (None, None)
+    rows = np.random.default_rng(FLOOR_SEED).choice(len(data.points), min(n, len(data.points)), replace=False)
+    return (data.held, data.held_cond), (data.points[rows], None if data.cond is None else data.cond[rows])
+
+
+def sample_conditions(model, data, ref_cond, n, seed=0):
+    """The conditions to sample n points with: labels in the training shares, or the reference's numbers."""
+    if data.kind == "labels":
+        return td.draw_labels(model, n, torch.Generator().manual_seed(seed))
+    if data.kind == "numbers":
+        return torch.as_tensor(ref_cond[np.random.default_rng(seed).integers(len(ref_cond), size=n)], dtype=torch.float32)
+    return None
+
+
+def class_metrics(data, ref, floor, samples, labels):
+    """Per class k: kNN KL of class k's samples against class k's reference points, and class fidelity, the share
+    of class-k samples whose VOTE_K nearest training points are mostly labelled k; each with its floor (the floor
+    points scored alike). Returns {class name: {...}} and the overall fidelity with its floor."""
+    scale = data.points.std(0) + 1e-300
+    tree = cKDTree(data.points / scale)
+    vote = lambda x: np.array([np.bincount(row, minlength=len(data.names)).argmax() for row in data.cond[tree.query(x / scale, k=VOTE_K)[1]]])
+    won, won_floor = vote(samples) == labels, None if floor[0] is None else vote(floor[0]) == floor[1]
+    per_class = {}
+    for k, name in enumerate(data.names):
+        mine, theirs = samples[labels == k], ref[0][ref[1] == k]
+        row = dict(n=int(len(mine)), fidelity=float(won[labels == k].mean()) if len(mine) else None)
+        row["knn_kl_bits"] = float(knn_kl(theirs, mine)) if len(mine) > KNN_K and len(theirs) > KNN_K else None
+        if floor[0] is not None:
+            f = floor[0][floor[1] == k]
+            row["knn_kl_floor"] = float(knn_kl(theirs, f)) if len(f) > KNN_K and len(theirs) > KNN_K else None
+            row["fidelity_floor"] = float(won_floor[floor[1] == k].mean()) if len(f) else None
+        per_class[name] = row
+    return per_class, float(won.mean()), None if won_floor is None else float(won_floor.mean())
+
+
+def memorisation(train, samples, fresh):
+    """Distance to the nearest training point (in units of the data's sd per coordinate) of each sample, against
+    the same for points the model never saw. dcr_ratio = the ratio of their medians: about 1 without copying,
+    well below 1 when samples copy training points. near_copy_frac: the share of samples nearer than NEAR_COPY
+    times the fresh points' median (near_copy_ref: the fresh points' own share, what no copying gives)."""
+    scale = train.std(0) + 1e-300
+    tree = cKDTree(train / scale)
+    d_samples, d_fresh = (tree.query(x / scale)[0] for x in (samples, fresh))
+    median = np.median(d_fresh)
+    return dict(dcr_ratio=float(np.median(d_samples) / median) if median > 0 else None,
+                near_copy_frac=float((d_samples < NEAR_COPY * median).mean()), near_copy_ref=float((d_fresh < NEAR_COPY * median).mean()))
+
+
+def likelihood_metrics(model, scheduler, data, dataset, n, device):
+    """NLL (bits per point, the probability-flow ODE's density) of n points the model never saw: held-out points
+    of a file, a fresh draw of a named dataset; where the data's density is known, also the exact KL(p || q) =
+    E_p[log p - log q] on the same points, and the data's entropy H(p)."""
+    import likelihood
+
+    if dataset in datasets.DATASETS:
+        x, y = datasets.load_labeled(dataset, n, HELDOUT_SEED)[:2] if data.kind == "labels" else (datasets.load_dataset(dataset, n, HELDOUT_SEED), None)
+    elif data.held is not None:
+        x, y = data.held[:n], None if data.held_cond is None else data.held_cond[:n]
+    else:
+        raise ValueError("--nll needs points the model never saw, and this file's run holds none out; train it with --holdout 0.1")
+    y_t = None if y is None else torch.as_tensor(y, dtype=torch.long if data.kind == "labels" else torch.float32)
+    t0 = time.perf_counter()
+    nats = likelihood.nll(model.to(device), scheduler.to(device), x, y=y_t)
+    out = {**likelihood.summarize(nats, x.shape[1]), "nll_points": len(x), "nll_s": time.perf_counter() - t0}
+    if dataset in datasets.DENSITIES:
+        gap = (datasets.log_density(dataset, x, y) + nats) / np.log(2)  # log p - log q, in bits, point by point
+        out.update(exact_kl_bits=float(gap.mean()), exact_kl_se=float(gap.std(ddof=1) / np.sqrt(len(gap))))
+        if y is None:
+            out["data_entropy_bits"], out["data_entropy_se"] = datasets.entropy_bits(dataset)
+    return out
+
+
+def score(model, scheduler, data, dataset, n, device, seed=0, guidance=1.0, nll=0, **sampler):
+    """Sample n points from a model (with conditions as sample_conditions draws them) and score them: the KL
+    metrics with floors, per class for labels, memorisation, eval loss, and (nll > 0) the likelihood.
+    Returns (samples, their conditions, metrics)."""
+    ref, floor = references(data, dataset, n)
+    cond = sample_conditions(model, data, ref[1], n, seed)
+    samples, seconds = timed_sample(model, scheduler, n, device, seed, y=cond, guidance=guidance, **sampler)
+    metrics = dict(compute_metrics(ref[0], samples, floor[0]), inference_s=seconds)
+    if data.kind == "labels":
+        metrics["per_class"], metrics["fidelity"], metrics["fidelity_floor"] = class_metrics(data, ref, floor, samples, cond.numpy())
+    fresh = floor[0] if dataset in datasets.DATASETS else data.held
+    if fresh is not None:
+        metrics.update(memorisation(data.points, samples, fresh))
+    metrics["eval_loss"] = eval_loss(model, scheduler, *heldout_points(dataset, data), device)
+    if nll:
+        metrics.update(likelihood_metrics(model, scheduler, data, dataset, nll, device))
+    return samples, None if cond is None else cond.numpy(), metrics
 
 
 @torch.no_grad()
-def eval_loss(model, scheduler, points, device, seed=0, batch_size=None):
-    """Noise-prediction MSE on the given points, t ~ U{0..T-1} and noise from a fixed seed. With a
-    batch_size: the mean of the per-batch losses over one pass, as the study reports it."""
+def eval_loss(model, scheduler, points, cond, device, seed=0, batch_size=None):
+    """Noise-prediction MSE on the given points (with their conditions, never dropped), t ~ U{0..T-1} and noise
+    from a fixed seed. With a batch_size: the mean of the per-batch losses over one pass, as the study reports it."""
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.as_tensor(points, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-    T, losses = scheduler.num_train_timesteps, []
-    for b in x0.split(batch_size or len(x0)):
-        losses.append(td.ddpm_loss(model, scheduler, b, td.sample_timesteps(len(b), T, low_frac=0.0, generator=g, device=device), generator=g))
+    y = None if cond is None else torch.as_tensor(cond, device=device, dtype=torch.float32 if np.asarray(cond).ndim == 2 else torch.long)
+    T, losses, size = scheduler.num_train_timesteps, [], batch_size or len(x0)
+    for i, b in enumerate(x0.split(size)):
+        t = td.sample_timesteps(len(b), T, low_frac=0.0, generator=g, device=device)
+        losses.append(td.ddpm_loss(model, scheduler, b, t, generator=g, y=None if y is None else y[i * size : i * size + len(b)], p_uncond=0.0))
     return float(torch.stack(losses).mean())
 
 
 class CurveEval:
-    """kNN KL of a model during training: CURVE_N samples from DPM-Solver++ with 20 steps and a fixed
-    seed, against the training data. The data's kNN radii and the floor for this sample size are
-    computed once."""
+    """kNN KL of a model during training: CURVE_N samples from DPM-Solver++ with 20 steps and a fixed seed (with
+    conditions as score draws them), against the points score() uses. The reference's kNN radii and the floor for
+    this sample size are computed once."""
 
     def __init__(self, data, dataset, device):
         self.data, self.device = data, device
-        self.rho = cKDTree(data).query(data, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
-        floor = floor_draw(dataset, CURVE_N)
-        self.floor = None if floor is None else float(knn_kl(data, floor, rho=self.rho))
+        (self.ref, self.ref_cond), (floor, _) = references(data, dataset, CURVE_N)
+        self.rho = cKDTree(self.ref).query(self.ref, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
+        self.floor = None if floor is None else float(knn_kl(self.ref, floor, rho=self.rho))
 
     def __call__(self, model, scheduler):
         g = torch.Generator(device=self.device).manual_seed(0)
-        x = td.sample(model, scheduler, CURVE_N, "dpm++", generator=g, device=self.device).cpu().numpy()
+        y = sample_conditions(model, self.data, self.ref_cond, CURVE_N)
+        x = td.sample(model, scheduler, CURVE_N, "dpm++", generator=g, device=self.device, y=y).cpu().numpy()
         x, _ = check_samples(x)
-        return float(knn_kl(self.data, x, rho=self.rho))
+        return float(knn_kl(self.ref, x, rho=self.rho))
 
 
 def timed_sample(model, scheduler, n, device, seed=0, **kw):
@@ -201,11 +307,11 @@ def plot_pairs(D):
     return list(itertools.combinations(range(D), 2)) if D <= 5 else [(i, i + 1) for i in range(min(D - 1, 12))]
 
 
-def plot_samples(data, samples, path, title="", names=None):
+def plot_samples(data, samples, path, title="", names=None, data_labels=None, sample_labels=None, classes=None):
     """Data (left) and samples (right) on the same axes (grid_box of the data). D > 2: one such pair of
     panels per coordinate pair (plot_pairs), two pairs to a row from four pairs on; D = 1: histograms.
     data=None: the samples alone. names: the coordinates' axis labels (datasets.column_names); without
-    them x1, x2, ... from D = 3 on."""
+    them x1, x2, ... from D = 3 on. data_labels / sample_labels (ints indexing classes): points coloured by class."""
     plt = pyplot()
 
     D = samples.shape[1]
@@ -216,17 +322,20 @@ def plot_samples(data, samples, path, title="", names=None):
     pairs = plot_pairs(D) if D > 1 else [(0, 0)]
     per_row = 1 if len(pairs) <= 3 else 2
     rows = -(-len(pairs) // per_row)
-    shown = None if data is None else data[np.random.default_rng(0).permutation(len(data))[: len(samples)]]
-    panels = ([] if data is None else [(shown, f"data ({len(shown)} shown)")]) + [(samples, f"samples ({len(samples)})")]
+    pick = None if data is None else np.random.default_rng(0).permutation(len(data))[: len(samples)]
+    shown = None if data is None else data[pick]
+    colours = [None if data is None or data_labels is None else data_labels[pick], sample_labels]
+    panels = ([] if data is None else [(shown, f"data ({len(shown)} shown)", colours[0])]) + [(samples, f"samples ({len(samples)})", colours[1])]
     n = len(panels)
     fig, axes = plt.subplots(rows, n * per_row, figsize=(4 * n * per_row, 4.2 * rows if D <= 2 else 3.8 * rows + 0.4), squeeze=False)
+    cmap = plt.get_cmap("tab10" if classes is None or len(classes) <= 10 else "tab20")
     for k, (i, j) in enumerate(pairs):
-        for m, (pts, name) in enumerate(panels):
+        for m, (pts, name, c) in enumerate(panels):
             ax = axes[k // per_row, n * (k % per_row) + m]
             if D == 1:
                 ax.hist(pts[:, 0], bins=HIST_BINS, range=(lo[0], hi[0]), density=True)
             else:
-                ax.scatter(pts[:, i], pts[:, j], s=1, alpha=0.4, linewidths=0)
+                ax.scatter(pts[:, i], pts[:, j], s=1, alpha=0.4, linewidths=0, **({} if c is None else dict(c=c, cmap=cmap, vmin=0, vmax=cmap.N - 1)))
                 ax.set_xlim(lo[i], hi[i])
                 ax.set_ylim(lo[j], hi[j])
                 wi, wj = hi[i] - lo[i], hi[j] - lo[j]
@@ -243,8 +352,34 @@ def plot_samples(data, samples, path, title="", names=None):
             ax.set_ylim(0, top)
     for ax in axes.flat[n * len(pairs):]:
         ax.set_visible(False)
+    if classes is not None and sample_labels is not None and len(classes) <= 20:
+        handles = [plt.Line2D([], [], ls="", marker="o", color=cmap(k), label=name) for k, name in enumerate(classes)]
+        axes[0, n - 1].legend(handles=handles, fontsize=7, loc="upper right", markerscale=0.8, framealpha=0.6)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if D > 2 else None)  # room for the title above the panels' titles
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+GUIDANCE_PLOT = (0.0, 1.0, 3.0)
+
+
+def plot_guidance(model, scheduler, data, device, path, title, n=2000):
+    """A class-conditional model's samples at guidance w = 0, 1 and 3, side by side, coloured by class (the same
+    labels and starting noise in each panel): w = 0 ignores the label, w > 1 pulls each class to its own mode."""
+    plt = pyplot()
+    labels = td.draw_labels(model, n, torch.Generator().manual_seed(0))
+    fig, axes = plt.subplots(1, len(GUIDANCE_PLOT), figsize=(4 * len(GUIDANCE_PLOT), 4.4), squeeze=False)
+    lo, hi = grid_box(data.points)
+    cmap = plt.get_cmap("tab10" if len(data.names) <= 10 else "tab20")
+    for ax, w in zip(axes[0], GUIDANCE_PLOT):
+        x = td.sample(model, scheduler, n, "dpm++", generator=torch.Generator(device=device).manual_seed(0), device=device, y=labels, guidance=w).cpu().numpy()
+        ax.scatter(x[:, 0], x[:, 1 % x.shape[1]], s=1, alpha=0.4, linewidths=0, c=labels.numpy(), cmap=cmap, vmin=0, vmax=cmap.N - 1)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1 % len(lo)], hi[1 % len(hi)])
+        ax.set_title(f"w = {w:g}" + (" (unconditional)" if w == 0 else " (conditional)" if w == 1 else " (guided)"))
+    fig.suptitle(f"{title} · DPM++ 20 steps, {n} samples, coloured by the label asked for")
+    fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
@@ -294,12 +429,19 @@ def sample_title(prefix, metrics):
 
 def format_table(metrics):
     hist = "pair hist KL (nats)" if "hist_kl_pairs" in metrics else "hist KL (nats)"  # D > 2: the mean over the 2-D marginals
-    rows = [("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"), (hist, "hist_kl_nats", "hist_kl_floor")]
+    value = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) and np.isfinite(v) else "n/a"
+    rows = [("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"), (hist, "hist_kl_nats", "hist_kl_floor"), ("class fidelity", "fidelity", "fidelity_floor"),
+            ("dcr_ratio", "dcr_ratio", None), ("near-copy share", "near_copy_frac", "near_copy_ref"), ("NLL (bits/point)", "nll_bits", None),
+            ("exact KL (bits)", "exact_kl_bits", None), ("H(data) (bits)", "data_entropy_bits", None)]
     lines = [f"{'metric':<20}{'value':>10}{'floor':>10}"]
     for name, key, floor in rows:
-        value = lambda v: f"{v:.4f}" if v is not None and np.isfinite(v) else "n/a"
-        lines.append(f"{name:<20}{value(metrics[key]):>10}{value(metrics.get(floor)):>10}")
-    for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples", "hist_kl_pairs"):
+        if key in metrics:
+            se = metrics.get({"nll_bits": "nll_bits_se", "exact_kl_bits": "exact_kl_se", "data_entropy_bits": "data_entropy_se"}.get(key, ""))
+            lines.append(f"{name:<20}{value(metrics[key]):>10}{value(metrics.get(floor)) if floor else '':>10}" + (f"   ± {se:.4f} (1 se)" if se else ""))
+    for name, row in metrics.get("per_class", {}).items():
+        lines.append(f"{'  ' + str(name)[:12] + ' kNN KL':<20}{value(row['knn_kl_bits']):>10}{value(row.get('knn_kl_floor')):>10}"
+                     f"   fidelity {value(row['fidelity'])} (floor {value(row.get('fidelity_floor'))}), {row['n']} samples")
+    for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples", "hist_kl_pairs", "holdout", "nll_s"):
         if key in metrics:
             v = metrics[key]
             lines.append(f"{key:<20}{v:>10}" if isinstance(v, int) else f"{key:<20}{v:>10.4g}")
@@ -318,6 +460,8 @@ def main(argv=None):
     p.add_argument("--sample_steps", "--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w for a conditional checkpoint (1: conditional, 0: unconditional)")
+    p.add_argument("--nll", type=int, nargs="?", const=1000, default=0, help="also the exact NLL of this many held-out points (--nll alone: 1000)")
     p.add_argument("--json", action="store_true", help="print strict JSON on stdout instead of a table")
     args = p.parse_args(argv)
     try:
@@ -355,17 +499,20 @@ def run(args):
         if args.dataset is None and dataset not in datasets.DATASETS and not os.path.isfile(dataset):
             raise ValueError(f"the run's data file {runs.quote(dataset)} (recorded as {ckpt['data'].get('path') or dataset}) is not found from here;"
                              " give its path with --dataset")
-        data = datasets.load_dataset(dataset)
-        if data.shape[1] != model.cfg.data_dim:
-            raise ValueError(f"{dataset} holds {data.shape[1]}-D points but the checkpoint's model makes {model.cfg.data_dim}-D ones;"
+        a = ckpt["args"]
+        data = runs.load_data(dataset, a["label_column"], a["cond_columns"], a["conditional"], a["holdout"])
+        if data.points.shape[1] != model.cfg.data_dim:
+            raise ValueError(f"{dataset} holds {data.points.shape[1]}-D points but the checkpoint's model makes {model.cfg.data_dim}-D ones;"
                              " score it against the data it was trained on (leave out --dataset)")
+        if args.guidance != 1 and not model.conditional:
+            raise ValueError("--guidance needs a conditional run; this checkpoint's model is unconditional")
         if ckpt["step"] < ckpt["args"]["train_steps"]:  # a stopped run: its numbers describe a model in training
             metrics["unfinished"] = f"step {ckpt['step']} of {ckpt['args']['train_steps']}"
             print(f"note: this run stopped at step {ckpt['step']} of {ckpt['args']['train_steps']}; it scores the model as it was then", file=sys.stderr)
-        device = torch.device("cpu")
         model.eval()
-        samples, metrics["inference_s"] = timed_sample(model, scheduler, args.n, device, seed=args.seed, sampler=args.sampler, steps=steps, eta=args.eta)
-        metrics["eval_loss"] = eval_loss(model, scheduler, heldout_points(dataset, X=data), device)
+        _, _, scored = score(model, scheduler, data, dataset, args.n, torch.device("cpu"), args.seed, args.guidance, args.nll,
+                             sampler=args.sampler, steps=steps, eta=args.eta)
+        return {**scored, **metrics, "dataset": dataset}
     floor = floor_draw(dataset, len(check_samples(samples, data.shape[1])[0]))
     return {**compute_metrics(data, samples, floor), **metrics, "dataset": dataset}
 

@@ -5,7 +5,8 @@ closed pipes) and strict JSON. Imports tinydiff and datasets; every script may i
 A run folder (train.py's --out_dir) holds:
   ckpt.pt       FORMAT: settings, weights, optimizer, RNG states, the data's fingerprint
   metrics.json  written last: its presence marks the run finished
-  samples.npy, samples.png, loss.png, kl.png   train.py's outputs (RUN_FILES)
+  samples.npy, samples.png, loss.png, kl.png   train.py's outputs (RUN_FILES); a conditional run adds
+  samples_labels.npy or samples_cond.npy (each sample's condition) and guidance.png
   samples-*     sample.py's outputs
 """
 import argparse
@@ -16,6 +17,7 @@ import os
 import shlex
 import signal
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ import datasets
 import tinydiff as td
 
 FORMAT = "tinydiff-2"
-RUN_FILES = ("ckpt.pt", "metrics.json", "samples.npy", "samples.png", "loss.png", "kl.png")
+RUN_FILES = ("ckpt.pt", "metrics.json", "samples.npy", "samples_labels.npy", "samples_cond.npy", "samples.png", "guidance.png", "loss.png", "kl.png")
 
 
 # -----------------------------------------------------------------------------
@@ -301,6 +303,45 @@ def fingerprint(X):
     """What identifies a run's training points: their shape and a SHA-256 of their float64 values."""
     X = np.ascontiguousarray(X, dtype=np.float64)
     return dict(shape=list(X.shape), sha256=hashlib.sha256(X.tobytes()).hexdigest())
+
+
+SPLIT_SEED = 0  # every run on a file holds out the same points, so that runs on it compare
+MIN_HELDOUT = 20  # fewer held-out points than this make no floor (the kNN KL uses 5 neighbours) worth the name
+
+
+class RunData(NamedTuple):
+    """A run's data: training points and their conditions, a file's held-out points, and what identifies them."""
+    points: np.ndarray  # (N, D) training points, float64
+    cond: object  # their conditions: (N,) labels, (N, C) numbers, or None
+    held: object  # (M, D) held-out points of a file, or None (a named dataset draws fresh points instead)
+    held_cond: object
+    names: object  # the class names, or the condition columns' names
+    kind: object  # "labels", "numbers" or None
+    fingerprint: dict  # the whole file's shape and hash, conditions included
+
+
+def load_data(dataset, label_column=None, cond_columns=None, conditional=False, holdout=0.1):
+    """The points a run trains on, split once with SPLIT_SEED: a share `holdout` of a file's rows is held out,
+    unless that leaves fewer than MIN_HELDOUT (then nothing is, and the metrics compare with the training points)."""
+    names = kind = y = None
+    if conditional:
+        X, y, names = datasets.load_labeled(dataset)
+    elif label_column is not None or cond_columns is not None:
+        X, y, names = datasets.load_conditioned(dataset, label_column, cond_columns)
+    else:
+        X = datasets.load_dataset(dataset)
+    kind = None if y is None else "labels" if y.ndim == 1 else "numbers"
+    ident = fingerprint(X if y is None else np.column_stack([X, y]))
+    m = round(holdout * len(X)) if dataset not in datasets.DATASETS else 0
+    if dataset not in datasets.DATASETS and holdout > 0 and m < MIN_HELDOUT:
+        print(f"note: {len(X)} points are too few to hold out {holdout:g} of them ({m} < {MIN_HELDOUT}); the metrics compare the samples"
+              " with the training points, and have no floor", file=sys.stderr)
+    if m < MIN_HELDOUT:
+        return RunData(X, y, None, None, names, kind, ident)
+    perm = np.random.default_rng(SPLIT_SEED).permutation(len(X))
+    held, train = np.sort(perm[:m]), np.sort(perm[m:])
+    pick = lambda v, rows: None if v is None else v[rows]
+    return RunData(X[train], pick(y, train), X[held], pick(y, held), names, kind, ident)
 
 
 def save_checkpoint(state, path):

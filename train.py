@@ -43,6 +43,11 @@ class Preset(NamedTuple):
 # name, default (a Preset: set by --preset), run (True: defines the run; --resume keeps it), argparse keywords
 FLAGS = [
     ("dataset", "dino", True, dict(help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.tsv/.txt/.npy file")),
+    ("label_column", None, True, dict(help="a file's column of class labels (names or integers), by header name or 0-based index: trains p(x | label)")),
+    ("cond_columns", None, True, dict(help="a file's columns of numbers to condition on, NAME[,NAME...] or indices: trains p(x | c)")),
+    ("conditional", False, True, dict(action="store_true", help=f"train a named dataset with its labels ({', '.join(datasets.CLASSES)})")),
+    ("p_uncond", 0.1, True, dict(type=float, help="share of rows trained without their condition, for classifier-free guidance")),
+    ("holdout", 0.1, True, dict(type=float, help="share of a file's points held out for the metrics, split with a fixed seed")),
     ("preset", "tinydiff", True, dict(choices=["tinydiff", "paper"], help="tinydiff (measured defaults) or paper (the study's code path)")),
     ("attn_layers", 0, True, dict(type=int, help="self-attention layers over the tokens [x1, ..., xD, t]")),
     ("heads", 4, True, dict(type=int, help="attention heads; must divide 128")),
@@ -84,6 +89,8 @@ FLAGS = [
     ("eval_batch_size", 10_000, False, dict(type=int, help="samples drawn for the final evaluation")),
     ("sampler", "ddpm", False, dict(choices=td.SAMPLERS, help="sampler for the final evaluation")),
     ("sample_steps", None, False, dict(type=int, help="network evaluations for the final evaluation (default: all T; dpm++: 20, at most T)")),
+    ("guidance", 1.0, False, dict(type=float, help="guidance weight w for the final evaluation: 1 = conditional, 0 = unconditional, > 1 guided")),
+    ("nll", 0, False, dict(type=int, nargs="?", const=1000, help="also compute the exact NLL (probability-flow ODE) of this many held-out points; --nll alone: 1000")),
     ("log_interval", 500, False, dict(type=int, help="print a log line every this many steps")),
 ]
 PRESETS = {name: {k: getattr(d, name) for k, d, _, _ in FLAGS if isinstance(d, Preset)} for name in Preset._fields}
@@ -153,13 +160,36 @@ def check_flags(args):
         fail(str(e))
 
 
+def check_condition_flags(args):
+    """The flags that choose the data's condition and held-out share, against the dataset."""
+    named = args.dataset in datasets.DATASETS
+    if args.label_column is not None and args.cond_columns is not None:
+        fail("--label_column and --cond_columns both name a condition; give one of them")
+    if named and (args.label_column is not None or args.cond_columns is not None):
+        fail(f"--label_column and --cond_columns read a file's columns; for a named dataset with labels use --conditional ({', '.join(datasets.CLASSES)})")
+    if args.conditional and args.dataset not in datasets.CLASSES:
+        fail(f"--conditional trains a named dataset's labels ({', '.join(datasets.CLASSES)} have them); for a file give --label_column NAME")
+    if not 0 <= args.p_uncond < 1:
+        fail(f"--p_uncond must lie in [0, 1), such as 0.1, got {args.p_uncond}")
+    if not 0 <= args.holdout <= 0.5:
+        fail(f"--holdout must lie in [0, 0.5], such as 0.1, got {args.holdout}")
+    conditional = args.conditional or args.label_column is not None or args.cond_columns is not None
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        fail(f"--guidance must be a number >= 0 (1: conditional, 0: unconditional, > 1: guided), got {args.guidance}")
+    if args.guidance != 1 and not conditional:
+        fail("--guidance needs a conditional run (--label_column, --cond_columns or --conditional); this one is unconditional")
+    if args.nll < 0:
+        fail(f"--nll must be a number of points (0 = off), got {args.nll}")
+
+
 def check_data(args, data_file, device):
     """Read the points and check what depends on them (their count, range and the memory the flags
     need); returns the points, the DenoiserConfig and the NoiseScheduler's settings."""
     try:
-        X = datasets.load_dataset(data_file)
+        data = runs.load_data(data_file, args.label_column, args.cond_columns, args.conditional, args.holdout)
+        X, K = data.points, len(data.names) if data.kind == "labels" else 0
         cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
-                                coord_scale=args.coord_scale, data_dim=X.shape[1])
+                                coord_scale=args.coord_scale, data_dim=X.shape[1], num_classes=K, cond_dim=len(data.names) if data.kind == "numbers" else 0)
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
         runs.check_flag_memory("--hidden", args.hidden, 16 * runs.param_count(cfg), device)  # weights, gradients and AdamW's two moments
         model = td.Denoiser(cfg)
@@ -172,7 +202,7 @@ def check_data(args, data_file, device):
              f" (the kNN KL compares each point with its {evaluate.KNN_K} nearest neighbours); give more points")
     if not np.isfinite(X.astype(np.float32)).all():
         fail(f"{data_file} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
-    return X, cfg, sched_cfg
+    return data, cfg, sched_cfg
 
 
 def check_compile(device):
@@ -259,12 +289,14 @@ def clear_old_outputs(args, ckpt):
                   "rerun sample.py once the extended run is done")
 
 
-def check_same_data(args, ckpt, X, data_file):
+def check_same_data(args, ckpt, data, data_file):
     """--resume trains on the points the run was trained on, or refuses."""
-    have, want = runs.fingerprint(X), ckpt["data"]
+    have, want = data.fingerprint, ckpt["data"]
     if have["shape"] != want["shape"] or have["sha256"] != want["sha256"]:
-        fail(f"{quote(data_file)} has changed since this run was trained on it ({want['shape'][0]} points then, {have['shape'][0]} now, "
-             f"or other values); restore the file, or train a new run on it with --overwrite or another --out_dir")
+        shapes = lambda s: f"{s[0]} points of {s[1]} coordinate{'s' * (s[1] != 1)}"
+        what = f"{shapes(want['shape'])} then, {shapes(have['shape'])} now" if have["shape"] != want["shape"] else "the same shape, other values"
+        fail(f"{quote(data_file)} has changed since this run was trained on it ({what}); restore the file, "
+             "or train a new run on it with --overwrite or another --out_dir")
 
 
 # -----------------------------------------------------------------------------
@@ -345,15 +377,17 @@ def init_ddp(args, device):
 class Run:
     """Everything one training run holds: settings, data, model, EMA, optimizer, and progress."""
 
-    def __init__(self, args, X, cfg, sched_cfg, device, rank=0, world=1):
-        self.args, self.X, self.cfg, self.sched_cfg, self.device, self.rank, self.world = args, X, cfg, sched_cfg, device, rank, world
+    def __init__(self, args, data, cfg, sched_cfg, device, rank=0, world=1):
+        self.args, self.data, self.cfg, self.sched_cfg, self.device, self.rank, self.world = args, data, cfg, sched_cfg, device, rank, world
+        X = self.X = data.points
         self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         torch.manual_seed(args.seed)
         # float64 where the device has it: points far from the origin are standardised before any cast
-        self.data = torch.as_tensor(X, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        self.points = torch.as_tensor(X, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        self.cond = None if data.cond is None else torch.as_tensor(data.cond, dtype=torch.long if data.kind == "labels" else torch.float32, device=device)
         self.model = td.Denoiser(cfg).to(device)
         # a user's file is standardized inside the model (named datasets keep the study's coordinates); prior data: start from the data's moments
-        self.model.set_data_stats(X, standardize=args.dataset not in datasets.DATASETS, moments=args.prior == "data")
+        self.model.set_data_stats(X, data.cond, standardize=args.dataset not in datasets.DATASETS, moments=args.prior == "data")
         self.scheduler = td.NoiseScheduler(**sched_cfg).to(device)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(args.ema_decay, args.ema_every, args.ema_warmup))
         self.epochs = EpochBatches(len(X), args.batch_size, args.seed) if args.batches == "epochs" else None
@@ -364,7 +398,7 @@ class Run:
         self.step, self.losses, self.train_time, self.curve, self.saved_step = 0, [], 0.0, [], None
         self.curve_eval = None  # the KL during training (--eval_interval), made in restore for a run that recorded one
         if args.eval_interval:
-            self.curve_eval = evaluate.CurveEval(X, args.dataset, device)
+            self.curve_eval = evaluate.CurveEval(data, args.dataset, device)
         net = DistributedDataParallel(self.model) if world > 1 else self.model
         self.net = torch.compile(net) if args.compile else net  # what the training step calls
 
@@ -390,12 +424,12 @@ class Run:
         for group, base in zip(self.optimizer.param_groups, self.lr_sched.base_lrs):  # the schedule's value now (differs only when extended)
             group["lr"] = base * self.schedule(self.step)
         if self.curve and self.curve_eval is None:  # its floor goes into metrics.json
-            self.curve_eval = evaluate.CurveEval(self.X, self.args.dataset, self.device)
+            self.curve_eval = evaluate.CurveEval(self.data, self.args.dataset, self.device)
         self.saved_step = self.step
 
     def save(self, data_path):
         state = dict(args=vars(self.args), model_config=asdict(self.cfg), scheduler_config=self.sched_cfg,
-                     data=dict(path=data_path, **runs.fingerprint(self.X)), step=self.step, model=self.model.state_dict(),
+                     data=dict(path=data_path, **self.data.fingerprint), condition=dict(kind=self.data.kind, names=self.data.names), step=self.step, model=self.model.state_dict(),
                      ema=self.ema.module.state_dict(), ema_n_averaged=int(self.ema.n_averaged), optimizer=self.optimizer.state_dict(),
                      lr_scheduler=self.lr_sched.state_dict(), rng=dict(torch=torch.get_rng_state(), gen=self.gen.get_state(), device=self.device.type),
                      losses=self.losses, train_time=self.train_time, curve=self.curve)
@@ -410,13 +444,16 @@ class Run:
         """One batch's loss on this process's share of the rows. Every process draws the whole batch's
         rows, timesteps and noise, so that any number of processes trains the weights one would."""
         a = self.args
-        rows = self.epochs.rows(self.step).to(self.device) if self.epochs else torch.randint(0, len(self.data), (a.batch_size,), device=self.device, generator=self.gen)
-        x0 = self.data[rows]
+        rows = self.epochs.rows(self.step).to(self.device) if self.epochs else torch.randint(0, len(self.points), (a.batch_size,), device=self.device, generator=self.gen)
+        x0 = self.points[rows]
         t = td.sample_timesteps(len(x0), a.num_timesteps, a.low_t, a.low_frac, generator=self.gen, device=self.device)
         noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
         share = slice(self.rank * len(x0) // self.world, (self.rank + 1) * len(x0) // self.world)
+        y = drop = None
+        if self.cond is not None:  # the whole batch's condition dropout, drawn like t and noise
+            y, drop = self.cond[rows][share], (torch.rand(len(x0), generator=self.gen, device=self.device) < a.p_uncond)[share]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
-            loss = td.ddpm_loss(self.net, self.scheduler, x0[share], t[share], noise[share])
+            loss = td.ddpm_loss(self.net, self.scheduler, x0[share], t[share], noise[share], y=y, drop=drop)
         if self.world == 1:
             return loss
         # this share's part of the batch mean; DDP averages gradients over processes, hence * world
@@ -496,24 +533,29 @@ def batch_mean(run, loss):
 
 def final_eval(run, names):
     args, out = run.args, lambda name: os.path.join(args.out_dir, name)
-    model_ema, device = run.ema.module.eval(), run.device
+    model_ema, device, data = run.ema.module.eval(), run.device, run.data
     n_params = sum(p.numel() for p in run.model.parameters())
-    metrics = dict(train_time_s=run.train_time, ms_per_step=run.train_time / max(1, len(run.losses)) * 1e3)
+    steps = runs.sampler_steps(args.sampler, args.sample_steps, args.num_timesteps)
+    samples, cond, metrics = evaluate.score(model_ema, run.scheduler, data, args.dataset, args.eval_batch_size, device, guidance=args.guidance,
+                                            nll=args.nll, sampler=args.sampler, steps=steps)
     if args.eval_loss == "raw-train":  # the study's: the raw model over one pass of the training points
-        metrics["eval_loss"] = evaluate.eval_loss(run.model.eval(), run.scheduler, run.X, device, batch_size=args.batch_size)
-    else:
-        metrics["eval_loss"] = evaluate.eval_loss(model_ema, run.scheduler, evaluate.heldout_points(args.dataset, X=run.X), device)
-    samples, metrics["inference_s"] = evaluate.timed_sample(model_ema, run.scheduler, args.eval_batch_size, device, sampler=args.sampler, steps=runs.sampler_steps(args.sampler, args.sample_steps, args.num_timesteps))
-    metrics.update(evaluate.compute_metrics(run.X, samples, evaluate.floor_draw(args.dataset, len(samples))))
+        metrics["eval_loss"] = evaluate.eval_loss(run.model.eval(), run.scheduler, data.points, data.cond, device, batch_size=args.batch_size)
     config = runs.config_name(**vars(args))
-    metrics.update(dataset=args.dataset, config=config, params=n_params, alpha_bar_T=run.scheduler.alpha_bar_T,
-                   device=str(device), threads=args.threads, args=vars(args))
-    title = f"{args.dataset} · {config} · {args.preset} preset"
+    metrics.update(train_time_s=run.train_time, ms_per_step=run.train_time / max(1, len(run.losses)) * 1e3, dataset=args.dataset, config=config,
+                   params=n_params, alpha_bar_T=run.scheduler.alpha_bar_T, device=str(device), threads=args.threads, args=vars(args),
+                   holdout=0 if data.held is None else len(data.held), condition=dict(kind=data.kind, names=data.names))
+    title = f"{args.dataset} · {config} · {args.preset} preset" + (f" · w={args.guidance:g}" if args.guidance != 1 else "")
     if run.curve:
         metrics.update(curve=run.curve, curve_floor=run.curve_eval.floor, curve_samples=evaluate.CURVE_N)
         runs.write_or_fail(out("kl.png"), lambda f: evaluate.plot_curve(run.curve, run.curve_eval.floor, f, title))
     runs.write_or_fail(out("samples.npy"), lambda f: np.save(f, samples))
-    runs.write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(run.X, samples, f, evaluate.sample_title(title, metrics), names))
+    if cond is not None:
+        runs.write_or_fail(out("samples_cond.npy" if data.kind == "numbers" else "samples_labels.npy"),
+                           lambda f: np.save(f, cond if data.kind == "numbers" else np.array(data.names)[cond]))
+    labelled = dict(data_labels=data.cond, sample_labels=cond, classes=data.names) if data.kind == "labels" else {}
+    runs.write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(data.points, samples, f, evaluate.sample_title(title, metrics), names, **labelled))
+    if data.kind == "labels":
+        runs.write_or_fail(out("guidance.png"), lambda f: evaluate.plot_guidance(model_ema, run.scheduler, data, device, f, title))
     runs.write_or_fail(out("loss.png"), lambda f: evaluate.plot_loss(run.losses, f))
     runs.write_or_fail(out("metrics.json"), lambda f: f.write(runs.to_json(metrics).encode()))  # last: it marks the run finished
     print(f"\n{title} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")
@@ -537,18 +579,19 @@ def main(argv=None):
     args.out_dir = args.out_dir or default_out_dir(args)
     fill_preset(args)
     check_flags(args)  # a bad command line costs nothing
+    check_condition_flags(args)
     device = runs.pick_device(args.device)
     lock, ckpt = open_run(args, given)
     check_flags(args)  # the settings taken from a checkpoint, too
     data_file = runs.run_dataset(ckpt) if ckpt else args.dataset  # a resumed run's file where it was trained, from any folder
-    X, cfg, sched_cfg = check_data(args, data_file, device)
+    data, cfg, sched_cfg = check_data(args, data_file, device)
     if ckpt:
-        check_same_data(args, ckpt, X, data_file)
+        check_same_data(args, ckpt, data, data_file)
     if args.compile:
         check_compile(device)
     if "heads" in given and not args.attn_layers:
         print("warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr)
-    names = datasets.column_names(data_file, X.shape[1])  # a text file's header, for the plot's axes
+    names = None if data.kind else datasets.column_names(data_file, data.points.shape[1])  # a text file's header, for the plot's axes
     data_path = None if data_file in datasets.DATASETS else os.path.abspath(data_file)  # for sample.py and --resume from elsewhere
     stop = runs.StopFlag()
     rank, world, device = init_ddp(args, device)
@@ -558,10 +601,11 @@ def main(argv=None):
         args.threads = args.threads or 1
         torch.set_num_threads(args.threads)
 
-    run = Run(args, X, cfg, sched_cfg, device, rank, world)
+    run = Run(args, data, cfg, sched_cfg, device, rank, world)
     if ckpt is not None:
         run.restore(ckpt)
-    print(f"{args.dataset}: {len(X)} points | {runs.config_name(**vars(args))}: {sum(p.numel() for p in run.model.parameters()):,} params | device {device}"
+    print(f"{args.dataset}: {len(data.points)} points{f' (+{len(data.held)} held out)' if data.held is not None else ''}"
+          f"{f', {len(data.names)} classes' if data.kind == 'labels' else f', conditioned on {len(data.names)} numbers' if data.kind else ''} | {runs.config_name(**vars(args))}: {sum(p.numel() for p in run.model.parameters()):,} params | device {device}"
           f"{f' ({args.threads} thread)' if device.type == 'cpu' else ''} | T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={run.scheduler.alpha_bar_T:.3f}, prior {args.prior}"
           + (f", {args.low_frac:.0%} of each batch at t < {args.low_t}" if args.low_frac > 0 else "") + (f" | {world} processes" if world > 1 else ""), flush=True)
     train_loop(run, stop, data_path)

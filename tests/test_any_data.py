@@ -71,7 +71,7 @@ def test_data_that_no_longer_fit_the_run_are_refused_in_one_line(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     np.savetxt(tmp_path / "p.csv", P[:, :1], delimiter=",")  # the run's own file, now with one column
     p = run("train.py", "--out_dir", tmp_path / "run", "--resume", "--train_steps", 8, check=False)
-    assert p.returncode == 2 and "cannot resume" in p.stderr and "weights are for 2-D points" in p.stderr, p.stderr
+    assert p.returncode == 2 and "has changed since this run was trained" in p.stderr and "500 points of 2 coordinates then, 500 points of 1 coordinate now" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     p = run("sample.py", "--out_dir", tmp_path / "run", "--n", 50, "--out", tmp_path / "s")
     assert "plotting the samples alone" in p.stdout and np.load(tmp_path / "s.npy").shape == (50, 2)

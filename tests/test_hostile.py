@@ -114,7 +114,8 @@ def test_rounded_data_get_no_meaningless_knn_kl_but_a_warning(tmp_path):
 
 def test_a_closed_stdout_does_not_stop_training(tmp_path):
     out = tmp_path / "run"
-    p = subprocess.Popen([PY, "train.py", "--dataset", "moons", "--train_steps", 300, "--log_interval", 1, *TINY[:4], "--out_dir", str(out)],
+    args = ["train.py", "--dataset", "moons", "--train_steps", 300, "--log_interval", 1, *TINY[:4], "--out_dir", out]
+    p = subprocess.Popen([PY, *map(str, args)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.readline()
     p.stdout.close()  # `| head -n 1`
