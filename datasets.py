@@ -1,4 +1,4 @@
-"""The study's four 2-D datasets, a 3-D swiss roll, and loading a user's own points. numpy only.
+"""The study's four 2-D datasets, ring8, a 3-D swiss roll, and loading a user's own points; exact densities. numpy, scipy.
 
 Each named dataset has n = 100,000 points by default, drawn with np.random.default_rng(42).
 The named datasets lie inside [-5, 5]^D; a user's points may have any offset and scale (the
@@ -12,18 +12,22 @@ import sys
 import warnings
 
 import numpy as np
+from scipy.special import logsumexp
 
 DINO_TSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "datasaurus_dino.tsv")
 
 
-def moons(n, rng):
-    """Two interleaving half circles, 50/50 and shuffled, noise sd 0.03, then rescaled."""
+def moons(n, rng, labels=False):
+    """Two interleaving half circles, 50/50 and shuffled, noise sd 0.03, then rescaled.
+    labels=True: also each point's class, 0 = "upper" (the cos/sin half circle), 1 = "lower"."""
     n_out, n_in = n // 2, n - n // 2
     th_out, th_in = np.linspace(0, np.pi, n_out), np.linspace(0, np.pi, n_in)
     x = np.concatenate([np.cos(th_out), 1 - np.cos(th_in)])
     y = np.concatenate([np.sin(th_out), 1 - np.sin(th_in) - 0.5])
-    X = np.stack([x, y], 1)[rng.permutation(n)] + 0.03 * rng.normal(size=(n, 2))
-    return np.stack([(X[:, 0] + 0.3) * 2 - 1, (X[:, 1] + 0.3) * 3 - 1], 1)
+    order = rng.permutation(n)
+    X = np.stack([x, y], 1)[order] + 0.03 * rng.normal(size=(n, 2))
+    X = np.stack([(X[:, 0] + 0.3) * 2 - 1, (X[:, 1] + 0.3) * 3 - 1], 1)
+    return (X, (order >= n_out).astype(np.int64)) if labels else X
 
 
 def line(n, rng):
@@ -63,7 +67,17 @@ def swissroll3d(n, rng):
     return X + 0.05 * rng.normal(size=(n, 3))
 
 
-DATASETS = {"circle": circle, "dino": dino, "line": line, "moons": moons, "swissroll3d": swissroll3d}
+def ring8(n, rng, labels=False):
+    """8 Gaussian classes (sd 0.25) centred on the circle of radius 3 at 0, 45, ..., 315 degrees, in equal
+    shares and shuffled. labels=True: also each point's class, 0..7 counterclockwise from "E" (CLASSES)."""
+    k = rng.permutation(np.arange(n) % 8)
+    X = RING8_CENTRES[k] + RING8_SD * rng.normal(size=(n, 2))
+    return (X, k) if labels else X
+
+
+RING8_SD = 0.25
+RING8_CENTRES = 3 * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1)  # (8, 2)
+DATASETS = {"circle": circle, "dino": dino, "line": line, "moons": moons, "ring8": ring8, "swissroll3d": swissroll3d}
 MAX_FILE_BYTES = 10**9  # larger files are refused before they are read: subsample them first
 
 
@@ -320,3 +334,122 @@ def load_dataset(name, n=100_000, seed=42):
     if os.path.splitext(name)[1].lower() in (".csv", ".txt", ".tsv", ".npy") or os.path.sep in name:
         return load_points(name)
     raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a path to a .csv, .tsv, .txt or .npy file")
+
+
+# -----------------------------------------------------------------------------
+# Labels and exact densities of the named 2-D datasets (scipy for logsumexp and Gauss-Legendre nodes)
+
+CLASSES = {"moons": ("upper", "lower"), "ring8": ("E", "NE", "N", "NW", "W", "SW", "S", "SE")}
+MOONS_SD = (0.03 * 2, 0.03 * 3)  # the noise sd 0.03 after the rescaling x -> 2x - 0.4, y -> 3y - 0.1
+MOONS_PANELS, MOONS_NODES = 100, 16  # composite Gauss-Legendre over the angle: 1600 nodes per half circle
+CIRCLE_BLOB = 0.09  # a blob's radius, 3 x 0.03
+
+
+def load_labeled(name, n=100_000, seed=42):
+    """(X (n, 2), labels (n,) int, class names) of a named dataset with classes (CLASSES), drawn as load_dataset draws it."""
+    if name not in CLASSES:
+        raise ValueError(f"{name!r} has no classes; labeled datasets are {', '.join(CLASSES)}")
+    X, labels = DATASETS[name](n, np.random.default_rng(seed), labels=True)
+    return X, labels, CLASSES[name]
+
+
+def moons_curves(theta):
+    """The two half circles' centre lines at angles theta (K,), in the rescaled units: (2, K, 2), upper then lower."""
+    upper = np.stack([np.cos(theta), np.sin(theta)], -1)
+    lower = np.stack([1 - np.cos(theta), 1 - np.sin(theta) - 0.5], -1)
+    return (np.stack([upper, lower]) + 0.3) * np.array([2, 3]) - 1
+
+
+def circle_blobs():
+    """(centres (17, 2), probabilities (17,)) of circle's blobs. Each coordinate rounds U(-0.25, 0.25) to one
+    decimal, so takes -0.2, -0.1, 0, 0.1, 0.2 with probability 1/5 each: the 25 grid points have 1/25 each.
+    Normalizing merges those in one direction: (1, 0) and (2, 0) on the 4 axes and (1, 1) and (2, 2) on the
+    4 diagonals give 2/25 each, the 8 others (1, 2) ... 1/25 each, and (0, 0) stays at the origin (1/25)."""
+    grid = [(a, b) for a in range(-2, 3) for b in range(-2, 3)]
+    centres, probs = {}, {}
+    for a, b in grid:
+        g = math.gcd(a, b) or 1
+        key = (a // g, b // g)
+        centres[key] = 3 * np.array([a, b]) / (math.hypot(a, b) or 1)
+        probs[key] = probs.get(key, 0) + 1 / 25
+    return np.array(list(centres.values())), np.array(list(probs.values()))
+
+
+def gaussian_mixture_log_density(x, centres, sd, weights):
+    """log sum_k weights_k N(x; centres_k, diag(sd^2)) (N,) at x (N, 2). The exponent is affine in each point's
+    coordinates, so one matrix product gives all N x K of them; exp(. - row max) keeps the sum in range."""
+    a = np.concatenate([x / sd**2, np.ones((len(x), 1))], 1)  # (N, 3)
+    b = np.concatenate([centres.T, -0.5 * ((centres / sd) ** 2).sum(1)[None]], 0)  # (3, K)
+    out = np.empty(len(x))
+    for i in range(0, len(x), 4096):  # (rows, K) at a time
+        e = a[i:i + 4096] @ b
+        m = e.max(1)
+        with np.errstate(divide="ignore"):
+            out[i:i + 4096] = m + np.log(np.exp(e - m[:, None]) @ weights)
+    return out - 0.5 * ((x / sd) ** 2).sum(1) - np.log(2 * np.pi * sd.prod())
+
+
+def class_log_densities(name, x):
+    """(log p(x | k) (N, K), log weights (K,)) of a named 2-D dataset: its classes (CLASSES), or K = 1."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"log_density takes 2-D points (N, 2), got shape {x.shape}")
+    if name == "ring8":
+        sd = np.full(2, RING8_SD)
+        return np.stack([gaussian_mixture_log_density(x, c[None], sd, np.ones(1)) for c in RING8_CENTRES], 1), np.full(8, -np.log(8))
+    if name == "dino":  # the 142 points, each with weight 1/142, jittered by 0.15 in the original units
+        pts = np.loadtxt(DINO_TSV, skiprows=1)
+        centres, sd = np.stack([(pts[:, 0] / 54 - 1) * 4, (pts[:, 1] / 48 - 1) * 4], 1), np.array([0.15 * 4 / 54, 0.15 * 4 / 48])
+        return gaussian_mixture_log_density(x, centres, sd, np.full(len(pts), 1 / len(pts)))[:, None], np.zeros(1)
+    if name == "line":
+        inside = (np.abs(x[:, 0]) <= 2) & (np.abs(x[:, 1]) <= 4)
+        return np.where(inside, -np.log(32), -np.inf)[:, None], np.zeros(1)
+    if name == "circle":
+        centres, probs = circle_blobs()
+        rho = np.sqrt(((x[:, None, :] - centres) ** 2).sum(-1))  # (N, 17)
+        # radius 3r, r ~ U(0, 0.03): density 1 / (0.09 * 2 pi rho) at distance rho < 0.09 from a blob's centre
+        with np.errstate(divide="ignore", over="ignore"):
+            p = np.where(rho < CIRCLE_BLOB, 1 / (CIRCLE_BLOB * 2 * np.pi * np.maximum(rho, 1e-300)), 0) @ probs
+            return np.log(p)[:, None], np.zeros(1)
+    if name == "moons":
+        # each half circle: the angle uniform on [0, pi] (linspace, for large n), then Gaussian noise;
+        # p(x | k) = (1/pi) int_0^pi N(x; c_k(theta), diag(MOONS_SD^2)) dtheta by composite Gauss-Legendre,
+        # within 1e-10 of scipy.integrate.quad in log p (tests/test_densities.py checks it)
+        u, w = np.polynomial.legendre.leggauss(MOONS_NODES)
+        edges = np.linspace(0, np.pi, MOONS_PANELS + 1)
+        half = np.diff(edges)[:, None] / 2
+        theta, weights = (edges[:-1, None] + half * (u + 1)).ravel(), (half * w).ravel() / np.pi
+        sd = np.array(MOONS_SD)
+        return np.stack([gaussian_mixture_log_density(x, c, sd, weights) for c in moons_curves(theta)], 1), np.full(2, -np.log(2))
+    have = ", ".join(n for n in DATASETS if n != "swissroll3d")
+    raise ValueError(f"no exact density for dataset {name!r}; densities exist for {have}")
+
+
+def log_density(name, x, label=None):
+    """log p(x) (N,) in nats of a named 2-D dataset at points x (N, 2), float64; -inf off its support.
+    label (an int, or (N,) ints, for a dataset in CLASSES): the class's density log p(x | label) instead."""
+    lp, log_w = class_log_densities(name, x)
+    if label is None:
+        return logsumexp(lp + log_w, axis=1)
+    if name not in CLASSES:
+        raise ValueError(f"{name!r} has no classes, so no conditional density; labeled datasets are {', '.join(CLASSES)}")
+    label = np.broadcast_to(np.asarray(label), (len(lp),))
+    if not np.isin(label, np.arange(len(CLASSES[name]))).all():
+        raise ValueError(f"labels of {name} are 0..{len(CLASSES[name]) - 1} ({', '.join(CLASSES[name])})")
+    return lp[np.arange(len(lp)), label]
+
+
+def entropy_bits(name, n=200_000, seed=7):
+    """(H, se): the entropy of a named 2-D dataset in bits, with its standard error. Exact for line
+    (log2 32 = 5) and circle (below); else Monte Carlo, -mean(log2 p(x)) over n fresh points drawn with seed."""
+    if name == "line":
+        return 5.0, 0.0
+    if name == "circle":
+        # the blob choice's entropy plus one blob's differential entropy: rho ~ U(0, a), a = 0.09, with
+        # density 1 / (a 2 pi rho), so h = E[log(2 pi a rho)] = log(2 pi a) + log a - 1 nats
+        probs = circle_blobs()[1]
+        h = -(probs * np.log(probs)).sum() + np.log(2 * np.pi * CIRCLE_BLOB**2) - 1
+        return h / np.log(2), 0.0
+    class_log_densities(name, np.zeros((0, 2)))  # refuses a dataset without a density
+    bits = -log_density(name, DATASETS[name](n, np.random.default_rng(seed))) / np.log(2)
+    return bits.mean(), bits.std() / math.sqrt(n)

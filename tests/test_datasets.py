@@ -13,7 +13,7 @@ def close(value, expected, se, n_sigma=5):
     assert abs(value - expected) < n_sigma * se, (value, expected, se)
 
 
-DIMS = {"circle": 2, "dino": 2, "line": 2, "moons": 2, "swissroll3d": 3}
+DIMS = {"circle": 2, "dino": 2, "line": 2, "moons": 2, "ring8": 2, "swissroll3d": 3}
 
 
 def test_defaults_are_100k_points_from_seed_42_and_reproducible():
