@@ -340,6 +340,7 @@ def load_dataset(name, n=100_000, seed=42):
 # Labels and exact densities of the named 2-D datasets (scipy for logsumexp and Gauss-Legendre nodes)
 
 CLASSES = {"moons": ("upper", "lower"), "ring8": ("E", "NE", "N", "NW", "W", "SW", "S", "SE")}
+DENSITIES = ("circle", "dino", "line", "moons", "ring8")  # the named datasets whose density log_density writes down
 MOONS_SD = (0.03 * 2, 0.03 * 3)  # the noise sd 0.03 after the rescaling x -> 2x - 0.4, y -> 3y - 0.1
 MOONS_PANELS, MOONS_NODES = 100, 16  # composite Gauss-Legendre over the angle: 1600 nodes per half circle
 CIRCLE_BLOB = 0.09  # a blob's radius, 3 x 0.03

@@ -543,7 +543,9 @@ def final_eval(run, names):
     config = runs.config_name(**vars(args))
     metrics.update(train_time_s=run.train_time, ms_per_step=run.train_time / max(1, len(run.losses)) * 1e3, dataset=args.dataset, config=config,
                    params=n_params, alpha_bar_T=run.scheduler.alpha_bar_T, device=str(device), threads=args.threads, args=vars(args),
-                   holdout=0 if data.held is None else len(data.held), condition=dict(kind=data.kind, names=data.names))
+                   condition=dict(kind=data.kind, names=data.names))
+    if args.dataset not in datasets.DATASETS:
+        metrics["holdout"] = 0 if data.held is None else len(data.held)
     title = f"{args.dataset} · {config} · {args.preset} preset" + (f" · w={args.guidance:g}" if args.guidance != 1 else "")
     if run.curve:
         metrics.update(curve=run.curve, curve_floor=run.curve_eval.floor, curve_samples=evaluate.CURVE_N)
