@@ -3,11 +3,14 @@
     python sample.py --out_dir out/dino-base                        # 10,000 DDPM samples
     python sample.py --out_dir out/dino-base --sampler dpm++ --sample_steps 20
     python sample.py --out_dir out/dino-base --gif                   # animate the reverse process
+    python sample.py --out_dir out/moons-base --label upper --guidance 3   # a class-conditional run
+    python sample.py --out_dir out/f-csv-base --cond a=1.5,b=-2            # a run with --cond_columns a,b
 
 Writes <name>.npy and <name>.png (samples beside the data) into the run directory (or --out),
-and <name>.gif with --gif.
+<name>_labels.npy (each sample's class name) for a class-conditional run, and <name>.gif with --gif.
 """
 import os
+import re
 import sys
 import tempfile
 import time
@@ -65,7 +68,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--gif", action="store_true", help="also write an animation of the reverse process")
-    p.add_argument("--out", default=None, help="output path stem (default <run>/samples-<sampler><steps>)")
+    p.add_argument("--label", action="append", help="a class to sample (repeat for several: n is split evenly); default: the training shares")
+    p.add_argument("--cond", help="the condition of a run trained with --cond_columns: NAME=VALUE,NAME=VALUE (every column)")
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w: 1 conditional, 0 unconditional, > 1 guided")
+    p.add_argument("--out", default=None, help="output path stem (default <run>/samples-<sampler><steps>[-w<guidance>])")
     args = p.parse_args(argv)
     try:
         if not (args.ckpt or args.out_dir):
@@ -77,7 +83,9 @@ def main(argv=None):
         steps = runs.sampler_steps(args.sampler, args.sample_steps, scheduler.num_train_timesteps)
         frames = steps + 1 if args.gif else 1
         runs.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 8 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
-        stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}")
+        y, label_names = condition(args, ckpt, model)
+        wpart = (f"-w{args.guidance:g}" if args.guidance != 1 else "") + ("-" + re.sub(r"[^\w.+-]", "_", "+".join(args.label)) if args.label else "")
+        stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}{wpart}")
         check_out(stem, args.gif)
     except ValueError as e:
         runs.fail(str(e))
@@ -87,8 +95,10 @@ def main(argv=None):
     print(f"sampling {args.n:,} points with {args.sampler} ({steps} steps)", flush=True)
     t0 = time.perf_counter()
     show = lambda i, n: print(f"\rsampling {args.n:,} points: step {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)", end="", file=sys.stderr, flush=True)
-    out = td.sample(model, scheduler, args.n, sampler=args.sampler, steps=steps, eta=args.eta, generator=g, return_trajectory=args.gif,
-                    callback=show if sys.stderr.isatty() else None)
+    if y is None and label_names is not None:  # a class-conditional run without --label: the training shares
+        y = td.draw_labels(model, args.n, g)
+    out = td.sample(model, scheduler, args.n, sampler=args.sampler, steps=steps, eta=args.eta, generator=g, y=y, guidance=args.guidance,
+                    return_trajectory=args.gif, callback=show if sys.stderr.isatty() else None)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     samples = (out[-1] if args.gif else out).numpy()
@@ -96,11 +106,17 @@ def main(argv=None):
     if bad:  # never a silent wrong result
         runs.fail(f"{bad} of {len(samples)} samples are NaN or infinite: the model or the sampler diverged; nothing was written", code=1)
     dataset = runs.run_dataset(ckpt)
-    data, names = run_data(ckpt, dataset, samples.shape[1])
+    data, names, data_labels = run_data(ckpt, dataset, samples.shape[1])
     write = lambda path, fn: runs.write_or_fail(path, fn)
     write(stem + ".npy", lambda f: np.save(f, samples))
-    write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}", names))
     wrote = [stem + ".npy", stem + ".png"]
+    colours = {}
+    if label_names is not None:
+        write(stem + "_labels.npy", lambda f: np.save(f, np.array(label_names)[y.numpy()]))
+        wrote.insert(1, stem + "_labels.npy")
+        colours = dict(data_labels=data_labels, sample_labels=y.numpy(), classes=label_names)
+    title = f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}" + (f" · w={args.guidance:g}" if args.guidance != 1 else "") + (f" · {args.cond}" if args.cond else "")
+    write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, title, names, **colours))
     if args.gif:
         write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(samples if data is None else data)))
         wrote.append(stem + ".gif")
@@ -120,18 +136,47 @@ def check_out(stem, gif):
                              " choose another name, such as the default samples-<sampler><steps>")
 
 
+def condition(args, ckpt, model):
+    """(y, class names) from --label / --cond, checked against the run's condition; y None: none asked for."""
+    kind, names = ckpt["condition"]["kind"], ckpt["condition"]["names"]
+    if args.label and kind != "labels":
+        raise ValueError("--label needs a run trained with labels (--label_column or --conditional); " + (
+            "this one is conditioned on numbers: use --cond" if kind else "this run is unconditional"))
+    if args.cond is not None and kind != "numbers":
+        raise ValueError("--cond needs a run trained with --cond_columns; " + ("this one has labels: use --label" if kind else "this run is unconditional"))
+    if args.guidance != 1 and not kind:
+        raise ValueError("--guidance needs a conditional run; this one is unconditional")
+    if kind == "labels" and args.label:
+        unknown = [name for name in args.label if name not in names]
+        if unknown:
+            raise ValueError(f"--label {unknown[0]} is not a class of this run; its classes are {', '.join(map(str, names))}")
+        share = np.array_split(np.arange(args.n), len(args.label))
+        return torch.cat([torch.full((len(rows),), names.index(name)) for name, rows in zip(args.label, share)]), names
+    if kind == "numbers":
+        if args.cond is None:
+            print("note: no --cond, so this samples the unconditional model (the run's null condition)")
+            return None, None
+        values = dict(part.split("=", 1) if "=" in part else (part, "") for part in args.cond.split(","))
+        if sorted(values) != sorted(names) or not all(datasets.is_number(v) for v in values.values()):
+            raise ValueError(f"--cond {args.cond} must give a number for each of this run's condition columns: "
+                             + ",".join(f"{name}=VALUE" for name in names))
+        return torch.tensor([[float(values[name]) for name in names]] * args.n, dtype=torch.float32), None
+    return None, names if kind == "labels" else None
+
+
 def run_data(ckpt, dataset, D):
-    """The run's points and their column names, for the plot; (None, None), with a note, when they cannot be read."""
+    """The run's training points, their column names and labels, for the plot; Nones, with a note, when they cannot be read."""
+    a = ckpt["args"]
     try:
-        data = datasets.load_dataset(dataset)
+        data = runs.load_data(dataset, a["label_column"], a["cond_columns"], a["conditional"], a["holdout"])
     except ValueError as e:  # the run's data file has moved or changed: plot the samples alone
         where = f"{dataset} (recorded as {ckpt['data']['path']})" if ckpt["data"].get("path") else dataset
         print(f"note: could not read the run's data, {where}: {str(e).split(';')[0]}; plotting the samples alone")
-        return None, None
-    if data.shape[1] != D:
-        print(f"note: {dataset} now holds {data.shape[1]}-D points, not the model's {D}-D ones; plotting the samples alone")
-        return None, None
-    return data, datasets.column_names(dataset, D)
+        return None, None, None
+    if data.points.shape[1] != D:
+        print(f"note: {dataset} now holds {data.points.shape[1]}-D points, not the model's {D}-D ones; plotting the samples alone")
+        return None, None, None
+    return data.points, None if data.kind else datasets.column_names(dataset, D), data.cond if data.kind == "labels" else None
 
 
 if __name__ == "__main__":
