@@ -219,10 +219,8 @@ def read_text(path, size):
     return X
 
 
-def load_points(path):
-    """A user's points (N, D), D >= 1 columns, as float64: .npy, or text (.csv, .tsv, .txt; any case).
-    Refused in one sentence: a missing or larger than 1 GB file, one that would not fit in memory,
-    text that is not a table of numbers, complex, non-numeric or non-finite values."""
+def check_file(path):
+    """A data file's size, after refusing a folder, a pipe, a missing file or one larger than MAX_FILE_BYTES."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder, not a data file; give the path of an (N, D) .csv, .tsv, .txt or .npy file")
     if os.path.exists(path) and not os.path.isfile(path):
@@ -232,6 +230,14 @@ def load_points(path):
     size = os.path.getsize(path)
     if size > MAX_FILE_BYTES:
         raise ValueError(f"{path} is {size / 1e9:.1f} GB, larger than the {MAX_FILE_BYTES / 1e9:.0f} GB tinydiff reads; subsample it first")
+    return size
+
+
+def load_points(path):
+    """A user's points (N, D), D >= 1 columns, as float64: .npy, or text (.csv, .tsv, .txt; any case).
+    Refused in one sentence: a missing or larger than 1 GB file, one that would not fit in memory,
+    text that is not a table of numbers, complex, non-numeric or non-finite values."""
+    size = check_file(path)
     try:
         X = read_npy(path, size) if path.lower().endswith(".npy") else read_text(path, size)
     except DataError:
@@ -283,7 +289,7 @@ def load_conditioned(path, label_column=None, cond_columns=None):
     columns (numbers) are not coordinates. y: (N,) int labels indexing names, the sorted class names; or (N, C)
     float64 conditions, names the columns'. Refused in one sentence: a missing column, empty or NaN labels
     (naming the first bad row), one class, more classes than a tenth of the points, a non-numeric condition."""
-    load_points(path)  # the file-level checks (size, folder, encoding) first
+    check_file(path)
     header, fields, _ = read_table(path)
     flag = "--label_column" if label_column is not None else "--cond_columns"
     specs = [label_column] if label_column is not None else [c.strip() for c in cond_columns.split(",")]
