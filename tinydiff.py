@@ -520,6 +520,7 @@ def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, dr
         if not net.data_stats_set:
             raise ValueError("call model.set_data_stats(x_train) before training: it fixes the map from your data's units to"
                              " the model's (use standardize=False, moments=False for raw coordinates and the N(0, I) start)")
+        net.check_points(x0)  # before the map, which would broadcast a (B, 1) batch to (B, D)
         x0 = net.data_map.to_model(x0)
     if t is None:
         t = sample_timesteps(len(x0), scheduler.num_train_timesteps, low_frac=0.0, generator=generator, device=x0.device)
