@@ -103,7 +103,7 @@ def test_a_denoiser_samples_in_data_units_in_float64(sampler):
     model.data_map.set(torch.zeros(2), torch.ones(2))
     z = td.sample(model, s, 64, sampler, steps=5, generator=torch.Generator().manual_seed(1))
     scale = X.std(0, correction=0) / td.MODEL_SD
-    assert (((x - (X.mean(0) + scale * z)) / scale).abs().max() < 1e-6  # to a millionth of each coordinate's spread
+    assert ((x - (X.mean(0) + scale * z)) / scale).abs().max() < 1e-6  # to a millionth of each coordinate's spread
 
 
 def test_sampling_through_averaged_model_uses_the_wrapped_statistics():
