@@ -1,18 +1,15 @@
 """tinydiff: denoising diffusion on low-dimensional points (2-D, 3-D, ... D-D), in one file.
 
 Read top to bottom, in the order of the math:
-  1. NoiseScheduler      DDPM forward process, posterior step, DDIM step (Ho et al. 2020, arXiv:2006.11239;
-                         Song et al. 2021, arXiv:2010.02502; cosine: Nichol & Dhariwal 2021, arXiv:2102.09672)
+  1. NoiseScheduler      DDPM forward process and posterior step (Ho et al. 2020, arXiv:2006.11239), DDIM step (Song et al.
+                         2021, arXiv:2010.02502), cosine schedule (Nichol & Dhariwal 2021, arXiv:2102.09672)
   2. SinusoidalEmbedding (Vaswani et al. 2017), as the 2-D MLP denoiser of tiny-diffusion uses it
   3. SelfAttention       multi-head, pre-norm, over the tokens [x1, ..., xD, t, c]
   4. ResidualBlock       x + GELU(Linear(x)) (tiny-diffusion), or the study's x + Linear(ReLU(x))
-  5. BiMambaBlock        bidirectional selective state space, exact product-only scan (Mamba: Gu & Dao 2023,
-                         arXiv:2312.00752; Vision Mamba: arXiv:2401.09417; DiS: Fei et al. 2024, arXiv:2402.05608)
-  6. Denoiser            eps_theta(x_t, t, c): coordinate, time and condition tokens -> optional attention / SSM
-                         mixers -> residual MLP; keeps the data's affine map (any offset and scale) and moments
-  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14), condition dropout; sample_timesteps
-  8. sample              DDPM ancestral, strided DDIM and DPM-Solver++(2M) samplers, classifier-free guidance
-                         (Ho & Salimans 2022, arXiv:2207.12598)
+  5. BiMambaBlock        bidirectional selective state space (Mamba: arXiv:2312.00752; Vision Mamba: arXiv:2401.09417; DiS: arXiv:2402.05608)
+  6. Denoiser            eps_theta(x_t, t, c): coordinate, time and condition tokens -> attention / SSM mixers -> residual MLP
+  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14) with condition dropout; sample_timesteps
+  8. sample              DDPM, strided DDIM and DPM-Solver++(2M), classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598)
   9. Fast paths          the same attention, computed faster on small CPU batches
 Depends on torch and the Python standard library only, so that it can be copied alone.
 """
@@ -28,12 +25,9 @@ import torch.nn.functional as F
 
 
 class NoiseScheduler(nn.Module):
-    """Forward process q(x_t | x_0) and the reverse steps. Names follow diffusers.
-
-    Schedules are computed in float64 and kept as float32 buffers (not saved: they follow from the arguments).
-    At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T still holds 60% of the data's
-    signal, so `prior` draws x_T from q(x_T)'s moments, not N(0, I).
-    """
+    """Forward process q(x_t | x_0) and the reverse steps; names follow diffusers. Schedules are computed in float64 and
+    kept as float32 buffers (not saved: they follow from the arguments). At T=100 the linear schedule ends at
+    alpha_bar_T ~ 0.36, not ~0: x_T still holds 60% of the data's signal, so `prior` starts from q(x_T)'s moments."""
 
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
         super().__init__()
@@ -50,11 +44,10 @@ class NoiseScheduler(nn.Module):
         alphas = 1 - betas
         ab = torch.cumprod(alphas, 0)  # alpha_bar_t
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        # posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t) (eqs. 6-7); log_snr lambda_t = log(alpha_t / sigma_t)
         buffers = dict(betas=betas, alphas_cumprod=ab, sqrt_alphas_cumprod=ab.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - ab).sqrt(),
-                       # posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t)   (eqs. 6-7)
                        posterior_variance=betas * (1 - ab_prev) / (1 - ab), posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab),
-                       posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab),
-                       log_snr=0.5 * torch.log(ab / (1 - ab)))  # lambda_t = log(alpha_t / sigma_t), for DPM-Solver
+                       posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab), log_snr=0.5 * torch.log(ab / (1 - ab)))
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
 
@@ -80,8 +73,7 @@ class NoiseScheduler(nn.Module):
         return self.sqrt_alphas_cumprod[t, None] * x0 + self.sqrt_one_minus_alphas_cumprod[t, None] * noise
 
     def predict_x0(self, model_output, t, x_t):
-        """x_0 from the noise prediction, inverting eq. 4 (DDPM eq. 15, DDIM eq. 12). No clipping:
-        the model's data span about +-4, and clamping to [-1, 1] would destroy them."""
+        """x_0 from the noise prediction, inverting eq. 4 (DDPM eq. 15, DDIM eq. 12); no clipping to [-1, 1]: the data span +-4."""
         return (x_t - self.sqrt_one_minus_alphas_cumprod[t] * model_output) / self.sqrt_alphas_cumprod[t]
 
     def step(self, model_output, t, x_t, generator=None):
@@ -97,8 +89,8 @@ class NoiseScheduler(nn.Module):
         return mean + self.posterior_variance[t].sqrt() * noise
 
     def set_timesteps(self, num_inference_steps, spacing="linear"):
-        """num_inference_steps distinct timesteps from T-1 down to 0 (both ends included), evenly spaced
-        in t (spacing="linear") or in log-SNR lambda_t ("logsnr": more steps at low noise, where detail forms)."""
+        """num_inference_steps distinct timesteps from T-1 down to 0, evenly spaced in t (spacing="linear") or in log-SNR
+        lambda_t ("logsnr": more steps at low noise, where detail forms)."""
         T = self.num_train_timesteps
         if not 1 <= num_inference_steps <= T:
             raise ValueError(f"steps must be in 1..{T}, got {num_inference_steps}")
@@ -130,10 +122,9 @@ class NoiseScheduler(nn.Module):
         return prev
 
     def dpm_solver_step(self, x0, t, s, x_t, x0_last=None, t_last=None, generator=None):
-        """One DPM-Solver++(2M) SDE step x_t -> x_s, s < t (Lu et al. 2022, data prediction). With h = lambda_s - lambda_t,
-        the linear part is exact: x_s = sigma_s/sigma_t e^-h x_t + alpha_s (1 - e^-2h) x0_hat + sigma_s sqrt(1 - e^-2h) z,
-        where x0_hat is x0 extrapolated linearly in lambda through x0_last (at t_last); without it the step is
-        first order, which is exactly the DDPM posterior step from t to s."""
+        """One DPM-Solver++(2M) SDE step x_t -> x_s, s < t (Lu et al. 2022, data prediction). With h = lambda_s - lambda_t, the
+        linear part is exact: x_s = sigma_s/sigma_t e^-h x_t + alpha_s (1 - e^-2h) x0_hat + sigma_s sqrt(1 - e^-2h) z, where
+        x0_hat is x0 extrapolated linearly in lambda through x0_last (at t_last); without it, the DDPM posterior step t -> s."""
         lam = self.log_snr
         h = lam[s] - lam[t]
         x0_hat = x0 if x0_last is None else x0 + (x0 - x0_last) * h / (2 * (lam[t] - lam[t_last]))
@@ -302,9 +293,8 @@ MODEL_SD = 2.0  # set_data_stats(standardize=True): each coordinate's sd in the 
 
 
 class AffineMap(nn.Module):
-    """x = shift + scale * z per coordinate, between data units x and a model's space z. The shift is a float32
-    pair (shift + shift_lo) that adds up to its float64 value: data at an offset of 1e9 times their spread map
-    exactly, also where there is no float64 (MPS)."""
+    """x = shift + scale * z per coordinate, between data units x and a model's space z. The shift is a float32 pair (shift +
+    shift_lo) adding up to its float64 value: data at an offset of 1e9 times their spread map exactly, even on MPS (no float64)."""
 
     def __init__(self, dim):
         super().__init__()
@@ -350,14 +340,12 @@ class DenoiserConfig:
 class Denoiser(nn.Module):
     """eps_theta(z_t, t, y): (B, D), (B,), condition -> (B, D), in the model's space z (see set_data_stats).
 
-    Each coordinate, t, and the condition (if any) become a token of width E; optional attention and SSM blocks
-    mix the tokens [x1, ..., xD, t, c], which are then flattened into the residual MLP. At D = 2 with no mixers or
-    condition and block="relu" this is the study's MLPDenoiser (block="gelu": tiny-diffusion's). The SSM stack
-    follows DiS: time and condition are tokens, and long skips (concat + Linear, as in U-ViT) join the first half
-    of the blocks to the second. y is (B,) labels (num_classes = K) or (B, C) numbers (cond_dim = C: standardized
-    per column, then Linear-SiLU-Linear, one token nonlinear in all C numbers, as DiT embeds its timestep).
-    Rows where drop is True, and all rows when y is None, get the learned null condition: guidance's other half.
-    """
+    Each coordinate, t, and the condition (if any) become a token of width E; optional attention and SSM blocks mix the
+    tokens [x1, ..., xD, t, c], which are then flattened into the residual MLP (at D = 2, no mixers, block="relu": the
+    study's MLPDenoiser; "gelu": tiny-diffusion's). The SSM stack follows DiS, with U-ViT's long skips (concat + Linear)
+    from the first half of the blocks to the second. y is (B,) labels (num_classes = K) or (B, C) numbers (cond_dim = C:
+    standardized, then Linear-SiLU-Linear, as DiT embeds its timestep). Rows where drop is True, and all rows when y is
+    None, get the learned null condition: guidance's other half."""
 
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
@@ -421,12 +409,11 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def set_data_stats(self, x, y=None, standardize=True, moments=True):
-        """Keep what the loss and the samplers need to know about the training points x (N, D), in data units, and
-        their conditions y. Computed in float64; call it before AveragedModel copies the model.
-        standardize=True: the model works on z = (x - shift) / scale, each coordinate at mean 0 and sd MODEL_SD,
-        so points at any offset and scale meet the settings tuned on the study's data (False: raw coordinates).
-        moments=True: data_mean and data_cov of z for NoiseScheduler.prior (False: 0 and I, i.e. N(0, I)).
-        Labels y give class_freq (for draw_labels); numbers y their own standardization (cond_map)."""
+        """Keep what the loss and the samplers need to know about the training points x (N, D), in data units, and their
+        conditions y; in float64, before AveragedModel copies the model. standardize=True: the model works on z = (x - shift)
+        / scale, each coordinate at mean 0 and sd MODEL_SD, so points at any offset and scale meet the settings tuned on the
+        study's data (False: raw coordinates). moments=True: z's mean and covariance for NoiseScheduler.prior (False: 0 and
+        I). Labels y give class_freq (for draw_labels); numbers y their own standardization (cond_map)."""
         x = torch.as_tensor(x).detach().cpu().double()
         self.check_points(x)
         D, sd = x.shape[1], x.std(0, correction=0)
@@ -488,8 +475,8 @@ class Denoiser(nn.Module):
 
 
 def unwrap(model):
-    """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), so that the loss
-    and the samplers find its data statistics; any other module is returned as it is."""
+    """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), whose data statistics the loss and the
+    samplers need; any other module as it is."""
     while isinstance(model, nn.Module) and not isinstance(model, Denoiser):
         inner = model._modules.get("module", model._modules.get("_orig_mod"))
         if inner is None:
@@ -511,15 +498,15 @@ def sample_timesteps(n, T, low_t=2, low_frac=0.25, generator=None, device=None):
 def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, drop=None, generator=None):
     """L_simple (Ho et al. eq. 14): the mean squared error between the noise and the model's prediction of it.
 
-    x0: (B, D) points in data units; a Denoiser maps them to its own space (set_data_stats). t (B,) and noise
-    (B, D) are drawn when absent: t ~ U{0..T-1}, noise ~ N(0, I). y: each point's condition, or None. A row gets
-    the null condition with probability p_uncond (or where drop is True), so one network learns both halves of
-    classifier-free guidance."""
+    x0: (B, D) points in data units; a Denoiser maps them to its own space (set_data_stats). t (B,) and noise (B, D) are
+    drawn when absent: t ~ U{0..T-1}, noise ~ N(0, I). y: each point's condition, or None. A row gets the null condition
+    with probability p_uncond (or where drop is True), so one network learns both halves of classifier-free guidance."""
     net = unwrap(model)
     if isinstance(net, Denoiser):
         if not net.data_stats_set:
             raise ValueError("call model.set_data_stats(x_train) before training: it fixes the map from your data's units to"
                              " the model's (use standardize=False, moments=False for raw coordinates and the N(0, I) start)")
+        net.check_points(x0)  # before the map, which would broadcast a (B, 1) batch to (B, D)
         x0 = net.data_map.to_model(x0)
     if t is None:
         t = sample_timesteps(len(x0), scheduler.num_train_timesteps, low_frac=0.0, generator=generator, device=x0.device)
@@ -527,8 +514,7 @@ def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, dr
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     if y is None:
         return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
-    if drop is None:
-        drop = torch.rand(len(x0), device=x0.device, generator=generator) < p_uncond
+    drop = torch.rand(len(x0), device=x0.device, generator=generator) < p_uncond if drop is None else drop
     return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, y, drop), noise)
 
 
@@ -550,8 +536,8 @@ def draw_labels(model, n, generator=None, device=None):
 
 
 def guided_eps(model, x, t, y=None, guidance=1.0):
-    """eps = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)): w = 1 is the conditional model, w = 0 the
-    unconditional one, w > 1 guided (Ho & Salimans eq. 6, written with w = 1 + their w). Both halves run as one batch."""
+    """eps = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)): w = 1 conditional, w = 0 unconditional, w > 1 guided
+    (Ho & Salimans eq. 6, with w = 1 + their w). Both halves run as one batch."""
     t = torch.full((len(x),), t, device=x.device, dtype=torch.long) if isinstance(t, int) else t
     if y is None or guidance == 1:
         return model(x, t) if y is None else model(x, t, y)
@@ -567,15 +553,13 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
            return_trajectory=False, batch_size=None, dim=None, callback=None):
     """Draw n points in data units (float64; float32 on MPS), from x_T ~ scheduler.prior with the model's moments.
 
-    sampler="ddpm": ancestral over all T steps (steps < T: strided, i.e. DDIM with eta=1); "ddim": strided DDIM
-    with the given eta (0: deterministic); "dpm++": DPM-Solver++(2M) SDE, steps (default 20) even in log-SNR.
-    Each timestep is one network evaluation; the last (t = 0) returns its predicted x_0. y: each point's condition;
-    None draws labels in the training shares for a class-conditional model (draw_labels), and is the unconditional
-    model for a continuous one. guidance: w of guided_eps. Returns (n, D), or with return_trajectory=True the
-    (steps + 1, n, D) trajectory on the CPU. Any module other than a Denoiser starts from its data_mean / data_cov
-    if any, else N(0, I) in `dim` coordinates. device: the model's by default. batch_size: rows per network call
-    (default 1024 on CPU, else n): the speed changes, not the samples. callback(i, steps) follows each step.
-    """
+    sampler="ddpm": ancestral over all T steps (steps < T: DDIM with eta=1); "ddim": strided DDIM with the given eta
+    (0: deterministic); "dpm++": DPM-Solver++(2M) SDE, steps (default 20) even in log-SNR. One network evaluation per
+    timestep; the last (t = 0) returns its predicted x_0. y: each point's condition; None draws labels in the training
+    shares (draw_labels), or is the unconditional model for numbers. guidance: w of guided_eps. Returns (n, D), or the
+    (steps + 1, n, D) trajectory on the CPU (return_trajectory). A module other than a Denoiser starts from its
+    data_mean / data_cov if any, else N(0, I) in `dim` coordinates. batch_size: rows per network call (default 1024 on
+    CPU, else n), which changes the speed, not the samples. callback(i, steps) follows each step."""
     T, net = scheduler.num_train_timesteps, unwrap(model)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
@@ -625,8 +609,8 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
 
 
 def fast_attention(q, k, v):
-    """attention(q, k, v), by torch's fused kernel, or for a few tokens on the CPU by plain broadcasts,
-    which beat the fused kernels there (the denoiser's 3 tokens; docs/performance.md)."""
+    """attention(q, k, v), by torch's fused kernel, or for a few tokens on the CPU by plain broadcasts, which beat the fused
+    kernels there (the denoiser's 3 tokens; docs/performance.md)."""
     if q.shape[2] <= 4 and q.device.type == "cpu":
         q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, L, nh, hs)
         weights = ((q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * q.shape[-1] ** -0.5).softmax(2)  # (B, Lq, Lk, nh)

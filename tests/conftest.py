@@ -15,6 +15,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: off by default; python -m pytest --slow runs them too")
+    config.addinivalue_line("markers", "unit: the library's tier, each piece of tinydiff.py against a reference; python -m pytest -q -m unit")
 
 
 def pytest_collection_modifyitems(config, items):
