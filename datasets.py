@@ -368,10 +368,11 @@ def moons_curves(theta):
 
 
 def circle_blobs():
-    """(centres (17, 2), probabilities (17,)) of circle's blobs. Each coordinate rounds U(-0.25, 0.25) to one
-    decimal, so takes -0.2, -0.1, 0, 0.1, 0.2 with probability 1/5 each: the 25 grid points have 1/25 each.
+    """(centres (17, 2), probabilities (17,)) of circle's blobs. Each coordinate is round(U(-0.25, 0.25), 1),
+    doubled: -0.2, -0.1, 0, 0.1, 0.2 (before doubling) with probability 1/5 each, so the 25 grid points have 1/25 each.
     Normalizing merges those in one direction: (1, 0) and (2, 0) on the 4 axes and (1, 1) and (2, 2) on the
-    4 diagonals give 2/25 each, the 8 others (1, 2) ... 1/25 each, and (0, 0) stays at the origin (1/25)."""
+    4 diagonals give 2/25 each, the 8 others (1, 2) ... 1/25 each, and (0, 0) stays at the origin (1/25).
+    (The sampler's norm + 1e-10 moves the centres by under 1e-9, which is ignored.)"""
     grid = [(a, b) for a in range(-2, 3) for b in range(-2, 3)]
     centres, probs = {}, {}
     for a, b in grid:

@@ -3,8 +3,8 @@ and app. D.2; the ODE is deterministic DDIM's, Song, Meng & Ermon 2021, arXiv:20
 
 Which density: the one of the deterministic map from the model's start distribution to data, i.e. of points
 drawn by solving this ODE from x_T. It is NOT the density of the DDPM ancestral sampler's samples (a
-different, stochastic process with the same marginals only for a perfect model) and it has no closed form
-for them. With a perfect noise predictor both equal the data density smoothed by the first step's noise.
+different, stochastic process, whose samples' density has no tractable form). For a perfect noise predictor
+and a prior equal to q(x_T), it is the data's density smoothed by N(0, sigma_bar_0^2 I) in model space.
 
 The ODE. In x_bar = x_t / sqrt(ab_t) and sigma_bar = sqrt((1 - ab_t) / ab_t) (ab: alphas_cumprod),
 DDIM's update becomes an Euler step of
@@ -38,16 +38,18 @@ import tinydiff
 EXACT_DIV_MAX_D = 8  # exact divergence up to this many coordinates, Hutchinson above
 
 
-def data_map(model):
-    """(shift (D,), scale (D,)) of the model's affine map x = shift + scale z, or None for the identity.
-    Reads model.data_map.shift / .scale, else model.data_shift / .data_scale."""
+def data_map(model, D):
+    """(shift (D,), scale (D,)) float64 of the model's affine map x = shift + scale z between data units x and
+    its space z: model.data_map.shift / .scale, else model.data_shift / .data_scale, else the identity."""
     net = tinydiff.unwrap(model)
     m = getattr(net, "data_map", None)
     if m is not None and hasattr(m, "shift"):
-        return m.shift, m.scale
-    if hasattr(net, "data_shift"):
-        return net.data_shift, net.data_scale
-    return None
+        shift, scale = m.shift, m.scale
+    elif hasattr(net, "data_shift"):
+        shift, scale = net.data_shift, net.data_scale
+    else:
+        shift, scale = torch.zeros(D), torch.ones(D)
+    return shift.detach().cpu().double(), scale.detach().cpu().double()
 
 
 class ProbabilityFlow:
@@ -89,10 +91,10 @@ class ProbabilityFlow:
                 for i in range(self.D):
                     g = torch.autograd.grad(eps[:, i].sum(), x_t, retain_graph=i + 1 < self.D)[0]
                     div += g[:, i].double()
-            else:  # Hutchinson: E_v[v^T (d eps / dx) v], v Rademacher, fixed over the whole solve
+            else:  # Hutchinson: tr J = E_v[v^T J v], v Rademacher, the same v over the whole solve
                 for k, v in enumerate(self.noise):
-                    g = torch.autograd.grad((eps * v[:n]).sum(), x_t, retain_graph=k + 1 < len(self.noise))[0]
-                    div += (g * v[:n]).sum(1).double() / len(self.noise)
+                    g = torch.autograd.grad((eps * v).sum(), x_t, retain_graph=k + 1 < len(self.noise))[0]
+                    div += (g * v).sum(1).double() / len(self.noise)
         dx = (sigma * eps).detach().double().cpu().numpy().ravel()
         ddelta = (sigma * sqrt_ab * div).cpu().numpy()  # div_xbar f = sigma sqrt(ab) div_x eps
         return np.concatenate([dx, ddelta])
@@ -102,7 +104,16 @@ class ProbabilityFlow:
         return self.param.device if self.param is not None else torch.device("cpu")
 
 
+def points(x):
+    """(x as a float64 CPU tensor, D), refusing anything but (N, D) points in one sentence."""
+    x = torch.as_tensor(x, dtype=torch.float64).cpu()
+    if x.ndim != 2:
+        raise ValueError(f"give points as an (N, D) array, one point per row; got shape {tuple(x.shape)}")
+    return x, x.shape[1]
+
+
 def batches(x, y, batch_size):
+    """(rows of x, the same rows of y or None), batch_size rows at a time."""
     for i in range(0, len(x), batch_size):
         yield x[i:i + batch_size], None if y is None else y[i:i + batch_size]
 
@@ -113,15 +124,12 @@ def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probe
     model(z, t) or model(z, t, y) -> eps in model space; x (N, D) points in data units; y (N,) class labels
     or None. exact_div=None: exact divergence when D <= 8, else Hutchinson with `probes` draws from `seed`.
     """
-    x = torch.as_tensor(x, dtype=torch.float64).cpu()
-    N, D = x.shape
+    x, D = points(x)
     exact_div = D <= EXACT_DIV_MAX_D if exact_div is None else exact_div
     net = tinydiff.unwrap(model)
     mu = getattr(net, "data_mean", torch.zeros(D)).detach().cpu().double()
     cov = getattr(net, "data_cov", torch.eye(D)).detach().cpu().double()
-    affine = data_map(model)
-    shift, scale = (torch.zeros(D), torch.ones(D)) if affine is None else affine
-    shift, scale = shift.detach().cpu().double(), scale.detach().cpu().double()
+    shift, scale = data_map(model, D)
     ab_T = scheduler.alphas_cumprod[-1].detach().cpu().double()
     prior = torch.distributions.MultivariateNormal(ab_T.sqrt() * mu, ab_T * cov + (1 - ab_T) * torch.eye(D, dtype=torch.float64))
 
@@ -148,11 +156,8 @@ def flow(model, scheduler, x, y=None, reverse=False, rtol=1e-5, atol=1e-5, batch
     """Solve the probability-flow ODE without the divergence. reverse=False: data points x (N, D), in data
     units, to x_T = sqrt(ab_T) x_bar_T in model space (where the sampler's prior lives); reverse=True: x_T
     back to data units (deterministic sampling with an adaptive solver)."""
-    x = torch.as_tensor(x, dtype=torch.float64).cpu()
-    N, D = x.shape
-    affine = data_map(model)
-    shift, scale = (torch.zeros(D), torch.ones(D)) if affine is None else affine
-    shift, scale = shift.detach().cpu().double(), scale.detach().cpu().double()
+    x, D = points(x)
+    shift, scale = data_map(model, D)
     sqrt_ab_T = scheduler.alphas_cumprod[-1].detach().cpu().double().sqrt()
     f = ProbabilityFlow(model, scheduler, D)
     s_span = (f.log_sigma[-1], f.log_sigma[0]) if reverse else (f.log_sigma[0], f.log_sigma[-1])

@@ -70,6 +70,40 @@ def test_gaussian_nll_is_the_exact_one(map_as):
     assert np.abs(got - unmapped - np.log(SCALE).sum()).max() < 1e-4 and abs(np.log(SCALE).sum()) > 0.1
 
 
+class ClassGaussianEps(nn.Module):
+    """Class-conditional: z | y ~ N(mus[y], Sigma), eps*(x_t, t, y) as GaussianEps's with mean mus[y]. Its
+    prior, like a conditional Denoiser's, is one Gaussian for all classes: the mixture's mean and covariance."""
+
+    def __init__(self, scheduler, mus, Sigma):
+        super().__init__()
+        self.classes = nn.ModuleList(GaussianEps(scheduler, mu, Sigma) for mu in mus)
+        self.register_buffer("data_mean", torch.tensor(mus.mean(0)))
+        self.register_buffer("data_cov", torch.tensor(Sigma + np.cov(mus.T, bias=True)))
+
+    def forward(self, z, t, y):
+        eps = torch.stack([g(z, t) for g in self.classes], 1)  # (B, classes, D)
+        return eps[torch.arange(len(z)), torch.as_tensor(y)]
+
+
+def test_class_conditional_nll_is_the_prior_pushed_through_the_class_flow():
+    scheduler = tinydiff.NoiseScheduler(100)
+    mus = np.array([[2.0, 0.0], [-1.0, 1.5]])
+    y = np.arange(60) % 2
+    z = mus[y] + np.random.default_rng(4).multivariate_normal([0, 0], SIGMA, 60)
+    model = ClassGaussianEps(scheduler, mus, SIGMA)
+    got = likelihood.nll(model, scheduler, z, y=y, batch_size=25)
+    # class k's flow is linear in x_bar: x_bar(sb) - mu_k = (Sigma + sb^2 I)^1/2 (Sigma + sb_T^2 I)^-1/2 (x_bar_T - mu_k),
+    # and the prior in x_bar is N(data_mean, data_cov + sb_T^2 I), so the density at sb_0 is a Gaussian too
+    ab = scheduler.alphas_cumprod.double().numpy()
+    sb2_0, sb2_T = (1 - ab[0]) / ab[0], (1 - ab[-1]) / ab[-1]
+    lam, V = np.linalg.eigh(SIGMA)
+    A = V @ np.diag(np.sqrt((lam + sb2_0) / (lam + sb2_T))) @ V.T
+    m, C = model.data_mean.numpy(), model.data_cov.numpy() + sb2_T * np.eye(2)
+    exact = -np.array([stats.multivariate_normal(mus[k] + A @ (m - mus[k]), A @ C @ A.T).logpdf(p) for p, k in zip(z, y)])
+    assert np.abs(got - exact).max() < 1e-3
+    assert np.abs(got - likelihood.nll(model, scheduler, z, y=1 - y)).min() > 0.1  # the label reaches the model
+
+
 def test_flow_to_T_and_back_returns_the_point():
     scheduler = tinydiff.NoiseScheduler(100)
     model = GaussianEps(scheduler, MU, SIGMA, SHIFT, SCALE)
@@ -87,10 +121,11 @@ def test_flow_to_T_and_back_returns_the_point():
 
 def test_hutchinson_divergence_is_unbiased_in_3d():
     scheduler = tinydiff.NoiseScheduler(50)
-    mu, Sigma = np.array([0.2, -0.1, 0.5]), np.array([[1.0, 0.7, -0.3], [0.7, 0.9, 0.2], [-0.3, 0.2, 0.4]])
+    mu, Sigma = np.array([0.2, -0.1, 0.5]), np.array([[1.0, 0.5, -0.2], [0.5, 0.8, 0.1], [-0.2, 0.1, 0.4]])
     model = GaussianEps(scheduler, mu, Sigma)
     z = np.random.default_rng(3).multivariate_normal(mu, Sigma, 400)
     exact = likelihood.nll(model, scheduler, z, exact_div=True, batch_size=400)
+    assert np.abs(exact + stats.multivariate_normal(mu, Sigma).logpdf(z)).max() < 0.01  # 3.3e-3: sigma_bar_0's smoothing
     hutch = likelihood.nll(model, scheduler, z, exact_div=False, probes=4, batch_size=400, seed=1)
     d = hutch - exact  # independent across points: each row has its own probe vectors
     assert d.std() > 1e-3  # the estimator is noisy (Sigma is not diagonal) ...
@@ -103,8 +138,11 @@ def test_hutchinson_divergence_is_unbiased_in_3d():
 def test_a_trained_model_nll_is_above_the_data_entropy():
     torch.manual_seed(0)
     scheduler = tinydiff.NoiseScheduler(100)
-    model = tinydiff.Denoiser(tinydiff.DenoiserConfig(hidden=64, hidden_layers=2, emb_dim=32, coord_scale=1.0))
-    X = torch.as_tensor(datasets.load_dataset("ring8", n=50_000), dtype=torch.float32)  # raw coordinates
+    model = tinydiff.Denoiser(tinydiff.DenoiserConfig(hidden=64, hidden_layers=2, emb_dim=32, coord_scale=25.0))
+    X = torch.as_tensor(datasets.load_dataset("ring8", n=50_000), dtype=torch.float32)
+    # raw coordinates, but the prior's moments: at T = 100, x_T keeps sqrt(0.36) of the signal, and a
+    # N(0, I) prior would cost about a bit more than the model's error
+    model.set_data_stats(X, standardize=False)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     steps = 4000
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
