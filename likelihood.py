@@ -118,6 +118,23 @@ def batches(x, y, batch_size):
         yield x[i:i + batch_size], None if y is None else y[i:i + batch_size]
 
 
+def start_log_prob(net, y, x_T, ab_T):
+    """log density of the sampler's start at x_T (n, D): N(sqrt(ab_T) mu, ab_T Sigma + (1 - ab_T) I) with the moments the
+    sampler uses for these conditions (Denoiser.start_moments: per class, or a linear fit on the numbers), else the
+    model's data_mean / data_cov, else 0 and I."""
+    D = x_T.shape[1]
+    if hasattr(net, "start_moments"):
+        mean, cov, groups = net.start_moments(None if y is None else torch.as_tensor(y))
+    else:
+        mean, cov, groups = getattr(net, "data_mean", torch.zeros(D)), getattr(net, "data_cov", torch.eye(D)), None
+    mean, cov = mean.detach().cpu().double(), cov.detach().cpu().double()
+    if groups is not None:
+        groups = groups.cpu()
+        mean, cov = mean[groups], cov[groups] if cov.ndim == 3 else cov
+    start = torch.distributions.MultivariateNormal(ab_T.sqrt() * mean, ab_T * cov + (1 - ab_T) * torch.eye(D, dtype=torch.float64))
+    return start.log_prob(x_T)
+
+
 def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probes=1, batch_size=1000, seed=0):
     """-log p(x) (N,) in nats per point, in data units, of the model's probability-flow ODE (module docstring).
 
@@ -127,11 +144,8 @@ def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probe
     x, D = points(x)
     exact_div = D <= EXACT_DIV_MAX_D if exact_div is None else exact_div
     net = tinydiff.unwrap(model)
-    mu = getattr(net, "data_mean", torch.zeros(D)).detach().cpu().double()
-    cov = getattr(net, "data_cov", torch.eye(D)).detach().cpu().double()
     shift, scale = data_map(model, D)
     ab_T = scheduler.alphas_cumprod[-1].detach().cpu().double()
-    prior = torch.distributions.MultivariateNormal(ab_T.sqrt() * mu, ab_T * cov + (1 - ab_T) * torch.eye(D, dtype=torch.float64))
 
     generator = torch.Generator().manual_seed(seed)
     f = ProbabilityFlow(model, scheduler, D, exact_div)
@@ -147,7 +161,7 @@ def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probe
             raise RuntimeError(f"the probability-flow ODE solver failed ({sol.message}); try a looser rtol/atol")
         end = torch.from_numpy(sol.y[:, -1])
         x_bar_T, delta = end[: n * D].view(n, D), end[n * D:]
-        log_p = prior.log_prob(ab_T.sqrt() * x_bar_T) + D / 2 * torch.log(ab_T) + delta - torch.log(scale).sum()
+        log_p = start_log_prob(net, yb, ab_T.sqrt() * x_bar_T, ab_T) + D / 2 * torch.log(ab_T) + delta - torch.log(scale).sum()
         out.append(-log_p.numpy())
     return np.concatenate(out) if out else np.zeros(0)
 

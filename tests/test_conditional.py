@@ -132,3 +132,19 @@ def test_dcr_ratio_separates_copies_from_fresh_points():
     nearest = lambda x: np.sqrt(((x[:, None] / train.std(0) - train[None] / train.std(0)) ** 2).sum(-1)).min(1)
     assert copied["dcr_ratio"] == pytest.approx(np.median(nearest(copies)) / np.median(nearest(fresh)))
     assert 0.6 < honest["dcr_ratio"] < 1.6 and copied["dcr_ratio"] < 0.1 and copied["near_copy_frac"] > 0.9 > 0.1 > honest["near_copy_frac"]
+
+
+def test_the_conditioning_script_in_the_docs_runs_as_written_and_obeys_its_labels(tmp_path):
+    """The python block in docs/conditioning.md, executed as printed. Reference: the script's own data, class by class."""
+    import os
+    import runpy
+
+    from conftest import ROOT
+
+    text = open(os.path.join(ROOT, "docs", "conditioning.md")).read()
+    (tmp_path / "example.py").write_text(text.split("```python\n", 1)[1].split("```", 1)[0])
+    out = runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
+    x, y, lower = out["x"].numpy(), out["y"].numpy(), out["lower"].numpy()
+    np.testing.assert_allclose(lower.mean(0), x[y == 1].mean(0), atol=0.1)
+    votes = y[cKDTree(x).query(lower, k=10)[1]].mean(1)  # the share of each sample's 10 nearest data points that are "lower"
+    assert (votes > 0.5).mean() > 0.97
