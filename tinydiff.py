@@ -23,7 +23,6 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # 1. Noise scheduler
 
-
 class NoiseScheduler(nn.Module):
     """Forward process q(x_t | x_0) and the reverse steps; names follow diffusers. Schedules are computed in float64 and
     kept as float32 buffers (not saved: they follow from the arguments). At T=100 the linear schedule ends at
@@ -137,7 +136,6 @@ class NoiseScheduler(nn.Module):
 # -----------------------------------------------------------------------------
 # 2. Sinusoidal embedding
 
-
 class SinusoidalEmbedding(nn.Module):
     """(B,) -> (B, dim): [sin(s x w_i), cos(s x w_i)], w_i = exp(-ln(10000) i / (half - 1))."""
 
@@ -154,7 +152,6 @@ class SinusoidalEmbedding(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 3-4. Attention and residual MLP blocks
-
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v over the tokens. q, k, v: (B, nh, L, hs) -> (B, nh, L, hs)."""
@@ -200,7 +197,6 @@ class ResidualBlock(nn.Module):
 # The recurrence h_t = a_t * h_{t-1} + b_t uses products and sums only: the cumsum(log a) / exp trick overflows
 # for long sequences (NaN for L >= 64 at Mamba's init). Mamba's B and C are B_sel and C_sel here ("selective":
 # they depend on the token), so that B stays the batch size.
-
 
 def scan_parallel(a, b):
     """h_t = a_t h_{t-1} + b_t along dim 1 (h_{-1} = 0) by odd/even reduction in 2 log2(L) batched steps (GPUs, long L)."""
@@ -287,7 +283,6 @@ class BiMambaBlock(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 6. Denoiser
-
 
 MODEL_SD = 2.0  # set_data_stats(standardize=True): each coordinate's sd in the model's space (the named datasets' ~1.2-2.3)
 
@@ -473,7 +468,6 @@ class Denoiser(nn.Module):
 # -----------------------------------------------------------------------------
 # 7. Loss
 
-
 def unwrap(model):
     """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), whose data statistics the loss and the
     samplers need; any other module as it is."""
@@ -520,7 +514,6 @@ def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, dr
 
 # -----------------------------------------------------------------------------
 # 8. Samplers
-
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; the others use all T
@@ -606,7 +599,6 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
 
 # -----------------------------------------------------------------------------
 # 9. Fast paths: the same results as the main text, computed faster where it matters
-
 
 def fast_attention(q, k, v):
     """attention(q, k, v), by torch's fused kernel, or for a few tokens on the CPU by plain broadcasts, which beat the fused
