@@ -439,8 +439,7 @@ class Denoiser(nn.Module):
 # 7. Loss
 
 def unwrap(model):
-    """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), whose data statistics the loss and the
-    samplers need; any other module as it is."""
+    """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), for its data statistics; others as they are."""
     while isinstance(model, nn.Module) and not isinstance(model, Denoiser):
         inner = model._modules.get("module", model._modules.get("_orig_mod"))
         if inner is None:
@@ -450,32 +449,27 @@ def unwrap(model):
 
 
 def sample_timesteps(n, T, low_t=2, low_frac=0.25, generator=None, device=None):
-    """t ~ U{0..T-1} for n points, the first round(low_frac n) redrawn from U{0..low_t-1}: more signal for the last
-    steps, where sharp detail forms (docs/tuning.md, "Circle"). The defaults are train.py's; low_frac=0: uniform."""
+    """t ~ U{0..T-1} for n points, the first round(low_frac n) redrawn from U{0..low_t-1}: more signal for the last steps, where
+    sharp detail forms (docs/tuning.md, "Circle"). The defaults are train.py's; low_frac=0: uniform."""
     t = torch.randint(0, T, (n,), device=device, generator=generator)
-    k = round(low_frac * n)
-    if k > 0:
+    if (k := round(low_frac * n)) > 0:
         t[:k] = torch.randint(0, low_t, (k,), device=device, generator=generator)
     return t
 
 
 def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, drop=None, generator=None):
-    """L_simple (Ho et al. eq. 14): the mean squared error between the noise and the model's prediction of it.
-
-    x0: (B, D) points in data units; a Denoiser maps them to its own space (set_data_stats). t (B,) and noise (B, D) are
-    drawn when absent: t ~ U{0..T-1}, noise ~ N(0, I). y: each point's condition, or None. A row gets the null condition
-    with probability p_uncond (or where drop is True), so one network learns both halves of classifier-free guidance."""
+    """L_simple (Ho et al. eq. 14): the mean squared error between the noise and the model's prediction of it. x0: (B, D) points
+    in data units, which a Denoiser maps to its space; t ~ U{0..T-1} and noise ~ N(0, I) are drawn when absent. y: each point's
+    condition, or None; a row gets the null condition with probability p_uncond (or where drop is True), so one network learns
+    both halves of classifier-free guidance."""
     net = unwrap(model)
     if isinstance(net, Denoiser):
         if not net.data_stats_set:
-            raise ValueError("call model.set_data_stats(x_train) before training: it fixes the map from your data's units to"
-                             " the model's (use standardize=False, moments=False for raw coordinates and the N(0, I) start)")
+            raise ValueError("call model.set_data_stats(x_train) before training, to fix the map from your data's units to the model's")
         net.check_points(x0)  # before the map, which would broadcast a (B, 1) batch to (B, D)
         x0 = net.data_map.to_model(x0)
-    if t is None:
-        t = sample_timesteps(len(x0), scheduler.num_train_timesteps, low_frac=0.0, generator=generator, device=x0.device)
-    if noise is None:
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    t = sample_timesteps(len(x0), scheduler.num_train_timesteps, low_frac=0.0, generator=generator, device=x0.device) if t is None else t
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator) if noise is None else noise
     if y is None:
         return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
     drop = torch.rand(len(x0), device=x0.device, generator=generator) < p_uncond if drop is None else drop
@@ -514,15 +508,13 @@ def guided_eps(model, x, t, y=None, guidance=1.0):
 @torch.no_grad()
 def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device=None, y=None, guidance=1.0,
            return_trajectory=False, batch_size=None, dim=None, callback=None):
-    """Draw n points in data units (float64; float32 on MPS), from x_T ~ scheduler.prior with the model's moments.
-
-    sampler="ddpm": ancestral over all T steps (steps < T: DDIM with eta=1); "ddim": strided DDIM with the given eta
-    (0: deterministic); "dpm++": DPM-Solver++(2M) SDE, steps (default 20) even in log-SNR. One network evaluation per
-    timestep; the last (t = 0) returns its predicted x_0. y: each point's condition; None draws labels in the training
-    shares (draw_labels), or is the unconditional model for numbers. guidance: w of guided_eps. Returns (n, D), or the
-    (steps + 1, n, D) trajectory on the CPU (return_trajectory). A module other than a Denoiser starts from its
-    data_mean / data_cov if any, else N(0, I) in `dim` coordinates. batch_size: rows per network call (default 1024 on
-    CPU, else n), which changes the speed, not the samples. callback(i, steps) follows each step."""
+    """Draw n points in data units (float64; float32 on MPS), from x_T ~ scheduler.prior with the model's moments, one network
+    evaluation per timestep; the last (t = 0) returns its predicted x_0. sampler="ddpm": ancestral over all T steps (steps < T:
+    DDIM with eta=1); "ddim": strided DDIM with the given eta (0: deterministic); "dpm++": DPM-Solver++(2M) SDE, steps (default
+    20) even in log-SNR. y: each point's condition; None draws labels in the training shares (draw_labels), or is unconditional
+    for numbers. guidance: w of guided_eps. Returns (n, D), or the (steps + 1, n, D) trajectory on the CPU (return_trajectory).
+    A module other than a Denoiser starts from its data_mean / data_cov if any, else N(0, I) in `dim` coordinates. batch_size:
+    rows per network call (default 1024 on CPU, else n; it changes the speed, not the samples). callback(i, steps) follows each step."""
     T, net = scheduler.num_train_timesteps, unwrap(model)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
