@@ -22,9 +22,8 @@ import torch.nn.functional as F
 # 1. Noise scheduler
 
 class NoiseScheduler(nn.Module):
-    """Forward process q(x_t | x_0) and the reverse steps, named as in diffusers; schedules in float64, kept as float32 buffers
-    (not saved: they follow from the arguments). At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T keeps 60%
-    of the data's signal, so `prior` starts from q(x_T)'s moments."""
+    """Forward process q(x_t | x_0) and the reverse steps (diffusers' names); schedules in float64, kept as unsaved float32 buffers.
+    At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T keeps 60% of the signal, so `prior` matches q(x_T)'s moments."""
 
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
         super().__init__()
@@ -53,8 +52,7 @@ class NoiseScheduler(nn.Module):
         return self.alphas_cumprod[-1].item()
 
     def prior(self, n, mean=None, cov=None, generator=None, device="cpu", dim=None):
-        """n starting points x_T ~ N(sqrt(ab_T) mean, ab_T cov + (1 - ab_T) I), q(x_T)'s moments for data of that mean (D,) and
-        cov (D, D); without them, N(0, I) in dim coordinates."""
+        """n points x_T ~ N(sqrt(ab_T) mean, ab_T cov + (1 - ab_T) I): q(x_T)'s moments for data of that mean and cov; else N(0, I_dim)."""
         if mean is None and dim is None:
             raise ValueError("prior needs the data's mean and cov, or dim (coordinates per point) for the N(0, I) start")
         z = torch.randn((n, dim if mean is None else len(mean)), generator=generator, device=device)
@@ -81,8 +79,7 @@ class NoiseScheduler(nn.Module):
         return mean + self.posterior_variance[t].sqrt() * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
 
     def set_timesteps(self, num_inference_steps, spacing="linear"):
-        """num_inference_steps distinct timesteps from T-1 down to 0, evenly spaced in t (spacing="linear") or in log-SNR
-        lambda_t ("logsnr": more steps at low noise, where detail forms)."""
+        """Distinct timesteps from T-1 down to 0, even in t ("linear") or in log-SNR ("logsnr": more steps at low noise, where detail forms)."""
         T, n = self.num_train_timesteps, num_inference_steps
         if not 1 <= n <= T:
             raise ValueError(f"steps must be in 1..{T}, got {n}")
@@ -92,15 +89,13 @@ class NoiseScheduler(nn.Module):
             raise ValueError(f"unknown spacing {spacing!r}; use linear or logsnr")
         lam = self.log_snr.double()
         targets = torch.linspace(lam[-1].item(), lam[0].item(), n, dtype=torch.float64)
-        ts = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()
-        ts = [max(t, n - 1 - i) for i, t in enumerate(ts)]  # distinct: leave room below each, then step down by at least 1
-        for i in range(1, n):
+        ts = [max(t, n - 1 - i) for i, t in enumerate((lam[None, :] - targets[:, None]).abs().argmin(1).tolist())]  # nearest, with room below
+        for i in range(1, n):  # distinct: step down by at least 1
             ts[i] = min(ts[i], ts[i - 1] - 1)
         return ts
 
     def ddim_step(self, model_output, t, t_prev, x_t, eta=0.0, generator=None):
-        """One DDIM step x_t -> x_{t_prev} (eq. 12; t_prev = -1 means the clean sample, alpha_bar = 1). sigma_t(eta) is eq. 16:
-        eta = 1 gives the DDPM posterior variance, eta = 0 is deterministic."""
+        """One DDIM step x_t -> x_{t_prev} (eq. 12; t_prev = -1: the clean sample). eta = 1: DDPM's variance (eq. 16); 0: deterministic."""
         ab_t = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(ab_t)
         x0 = self.predict_x0(model_output, t, x_t)
@@ -194,9 +189,8 @@ def scan_parallel(a, b):
 
 
 def selective_scan(dt, A, B_sel, C_sel, x, parallel=None):
-    """Mamba's selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_sel_t x_t,  y_t = C_sel_t h_t. dt, x: (B, L, d_inner); A: (N, d_inner);
-    B_sel, C_sel: (B, L, N) -> y: (B, L, d_inner). The state h is (B, N, d_inner), channels last for contiguous broadcasts.
-    parallel=None: the parallel scan on GPU for L > 16, else the loop (docs/performance.md)."""
+    """Mamba's h_t = exp(dt_t A) h_{t-1} + dt_t B_sel_t x_t, y_t = C_sel_t h_t. dt, x: (B, L, d_inner); A: (N, d_inner); B_sel, C_sel:
+    (B, L, N); h: (B, N, d_inner), channels last. parallel=None: the parallel scan on GPU for L > 16, else the loop (docs/performance.md)."""
     parallel = x.is_cuda and x.shape[1] > 16 if parallel is None else parallel
     a = lambda dt_: torch.exp(dt_.unsqueeze(-2) * A)  # zero-order hold of A, in (0, 1]
     b = lambda dt_, B_, x_: (dt_ * x_).unsqueeze(-2) * B_.unsqueeze(-1)  # Euler step for B, as in Mamba
@@ -234,8 +228,7 @@ class SelectiveSSM(nn.Module):
         xp = F.pad(x, (0, 0, K - 1, 0))  # (B, K-1+L, d_inner): left padding makes the conv causal
         x = F.silu(self.conv_bias + sum(self.conv_weight[k] * xp[:, k : k + L] for k in range(K)))
         dt, B_sel, C_sel = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))  # (B, L, d_inner)
-        return selective_scan(dt, -torch.exp(self.A_log), B_sel.contiguous(), C_sel.contiguous(), x) + self.skip * x
+        return selective_scan(F.softplus(self.dt_proj(dt)), -torch.exp(self.A_log), B_sel.contiguous(), C_sel.contiguous(), x) + self.skip * x
 
 
 class BiMambaBlock(nn.Module):
@@ -307,13 +300,11 @@ class DenoiserConfig:
 
 
 class Denoiser(nn.Module):
-    """eps_theta(z_t, t, y): (B, D), (B,), condition -> (B, D), in the model's space z (see set_data_stats).
-
-    Each coordinate, t and the condition (if any) become a token of width E; optional attention and SSM blocks (DiS, with U-ViT's
-    long skips, concat + Linear, from the first half of the blocks to the second) mix them, then the residual MLP reads them
-    flattened (D = 2, no mixers: block="relu" is the study's MLPDenoiser, "gelu" tiny-diffusion's). y is (B,) labels (num_classes
-    = K) or (B, C) numbers (cond_dim = C: standardized, then Linear-SiLU-Linear, as DiT embeds its timestep). Rows where drop is
-    True, and all rows when y is None, get the learned null condition: guidance's other half."""
+    """eps_theta(z_t, t, y): (B, D), (B,), condition -> (B, D), in the model's space z (set_data_stats). Each coordinate, t and the
+    condition become tokens of width E, mixed by optional attention and SSM blocks (DiS, with U-ViT's long skips), then flattened into
+    the residual MLP (D = 2 without mixers: the study's MLPDenoiser for block="relu", tiny-diffusion's for "gelu"). y: (B,) labels
+    or (B, C) numbers (standardized, then Linear-SiLU-Linear as DiT embeds t). Rows where drop is True, or all if y is None, get
+    the learned null condition."""
 
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
@@ -343,8 +334,7 @@ class Denoiser(nn.Module):
             self.cond_emb = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
             self.null_cond = nn.Parameter(0.02 * torch.randn(E))
             self.cond_map = AffineMap(C)
-        # What the model knows about its training data, saved with the weights (set_data_stats): the map between data units and
-        # its space, z's moments for the sampler's start (NoiseScheduler.prior), the classes' shares.
+        # what set_data_stats learns about the training data, saved with the weights: units map, z's moments (prior), class shares
         self.data_map = AffineMap(D)
         for name, value in (("data_mean", torch.zeros(D)), ("data_cov", torch.eye(D)), ("class_freq", torch.full((K,), 1.0 / max(K, 1))),
                             ("data_stats_set", torch.tensor(False))):
@@ -357,8 +347,7 @@ class Denoiser(nn.Module):
     def check_points(self, x):
         D = self.cfg.data_dim
         if x.ndim != 2 or x.shape[1] != D:
-            raise ValueError(f"this Denoiser takes {D}-D points, (B, {D}) (DenoiserConfig.data_dim={D}), but got shape {tuple(x.shape)};"
-                             f" give it {D} coordinates per point, or build a model with DenoiserConfig(data_dim=...) for yours")
+            raise ValueError(f"this Denoiser takes {D}-D points, (B, {D}) (DenoiserConfig.data_dim={D}), not {tuple(x.shape)}; build one for yours")
 
     def check_condition(self, y, n):
         K, C = self.cfg.num_classes, self.cfg.cond_dim
@@ -375,11 +364,10 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def set_data_stats(self, x, y=None, standardize=True, moments=True):
-        """Keep what the loss and the samplers need to know about the training points x (N, D, in data units) and their conditions
-        y, in float64, before AveragedModel copies the model. standardize: the model works on z = (x - shift) / scale, each coordinate
-        at mean 0 and sd MODEL_SD, so that points at any offset and scale meet the settings tuned on the study's data (False: raw
-        coordinates). moments: z's mean and covariance for NoiseScheduler.prior (False: 0 and I). Labels y give class_freq (for
-        draw_labels); numbers y their own standardization (cond_map)."""
+        """Learn, in float64 and before AveragedModel copies the model, what the loss and samplers need about the training points x
+        (N, D, data units) and conditions y. standardize: work on z = (x - shift) / scale, each coordinate at mean 0, sd MODEL_SD, so any
+        offset and scale meet the settings tuned on the study's data. moments: z's mean and covariance for NoiseScheduler.prior (False:
+        0 and I). Labels y give class_freq (draw_labels); numbers y their own standardization (cond_map)."""
         x = torch.as_tensor(x).detach().cpu().double()
         self.check_points(x)
         D, sd = x.shape[1], x.std(0, correction=0)
@@ -458,10 +446,9 @@ def sample_timesteps(n, T, low_t=2, low_frac=0.25, generator=None, device=None):
 
 
 def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, drop=None, generator=None):
-    """L_simple (Ho et al. eq. 14): the mean squared error between the noise and the model's prediction of it. x0: (B, D) points
-    in data units, which a Denoiser maps to its space; t ~ U{0..T-1} and noise ~ N(0, I) are drawn when absent. y: each point's
-    condition, or None; a row gets the null condition with probability p_uncond (or where drop is True), so one network learns
-    both halves of classifier-free guidance."""
+    """L_simple (Ho et al. eq. 14): MSE between the noise and its prediction, for x0 (B, D) in data units; t ~ U{0..T-1} and noise ~
+    N(0, I) unless given. With conditions y, a row gets the null condition with probability p_uncond (or where drop is True), so one
+    network learns both halves of classifier-free guidance."""
     net = unwrap(model)
     if isinstance(net, Denoiser):
         if not net.data_stats_set:
@@ -508,13 +495,11 @@ def guided_eps(model, x, t, y=None, guidance=1.0):
 @torch.no_grad()
 def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device=None, y=None, guidance=1.0,
            return_trajectory=False, batch_size=None, dim=None, callback=None):
-    """Draw n points in data units (float64; float32 on MPS), from x_T ~ scheduler.prior with the model's moments, one network
-    evaluation per timestep; the last (t = 0) returns its predicted x_0. sampler="ddpm": ancestral over all T steps (steps < T:
-    DDIM with eta=1); "ddim": strided DDIM with the given eta (0: deterministic); "dpm++": DPM-Solver++(2M) SDE, steps (default
-    20) even in log-SNR. y: each point's condition; None draws labels in the training shares (draw_labels), or is unconditional
-    for numbers. guidance: w of guided_eps. Returns (n, D), or the (steps + 1, n, D) trajectory on the CPU (return_trajectory).
-    A module other than a Denoiser starts from its data_mean / data_cov if any, else N(0, I) in `dim` coordinates. batch_size:
-    rows per network call (default 1024 on CPU, else n; it changes the speed, not the samples). callback(i, steps) follows each step."""
+    """n points (n, D) in data units (float64; float32 on MPS), or their (steps + 1, n, D) trajectory on the CPU, from scheduler.prior
+    with the model's moments (else N(0, I_dim)); one network call per timestep, the last returning its x_0. sampler: "ddpm" ancestral
+    (DDIM with eta=1 if steps < T), "ddim" strided with eta, "dpm++" DPM-Solver++(2M) SDE, 20 steps even in log-SNR. y: conditions;
+    None draws labels in the training shares (draw_labels). guidance: w of guided_eps. batch_size: rows per network call (default 1024
+    on CPU, else n), which changes the speed, not the samples. callback(i, steps) follows each step."""
     T, net = scheduler.num_train_timesteps, unwrap(model)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
@@ -563,8 +548,7 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
 # 9. Fast paths: the same results as the main text, computed faster where it matters
 
 def fast_attention(q, k, v):
-    """attention(q, k, v), by torch's fused kernel, or for a few tokens on the CPU by plain broadcasts, which beat the fused
-    kernels there (the denoiser's 3 tokens; docs/performance.md)."""
+    """attention(q, k, v) by torch's fused kernel, or for a few tokens on the CPU by broadcasts, faster there (docs/performance.md)."""
     if q.shape[2] <= 4 and q.device.type == "cpu":
         q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, L, nh, hs)
         weights = ((q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * q.shape[-1] ** -0.5).softmax(2)  # (B, Lq, Lk, nh)
