@@ -1,8 +1,6 @@
-"""tinydiff: denoising diffusion on D-dimensional points, in one file that needs only torch and the Python standard library.
+"""tinydiff: denoising diffusion on D-dimensional points, in one file needing only torch and the standard library; in the order of the math:
 
-Contents, top to bottom in the order of the math:
-  1. NoiseScheduler    DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2021, arXiv:2010.02502), cosine schedule
-                       (Nichol & Dhariwal 2021, arXiv:2102.09672)
+  1. NoiseScheduler    DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2021, arXiv:2010.02502), cosine (arXiv:2102.09672)
   2. SinusoidalEmbedding (Vaswani et al. 2017), as tiny-diffusion's MLP denoiser uses it
   3-4. SelfAttention   multi-head, pre-norm, over the tokens [x1, ..., xD, t, c]; ResidualBlock: tiny-diffusion's or the study's
   5. BiMambaBlock      bidirectional selective SSM (Mamba arXiv:2312.00752, Vision Mamba arXiv:2401.09417, DiS arXiv:2402.05608)
@@ -138,8 +136,7 @@ class SinusoidalEmbedding(nn.Module):
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v over the tokens. q, k, v: (B, nh, L, hs) -> (B, nh, L, hs)."""
-    weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, nh, L, L)
-    return weights @ v
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v  # weights (B, nh, L, L)
 
 
 class SelfAttention(nn.Module):
@@ -171,7 +168,6 @@ class ResidualBlock(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 5. Bidirectional selective state space block
-#
 # h_t = a_t h_{t-1} + b_t is computed by products and sums only: the cumsum(log a) / exp trick overflows for long sequences
 # (NaN for L >= 64 at Mamba's init). Mamba's B and C are B_sel and C_sel here ("selective": per token), so B stays the batch size.
 
@@ -244,8 +240,7 @@ class BiMambaBlock(nn.Module):
 
     def forward(self, x):  # (B, L, dim)
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # each (B, L, d_inner)
-        y = 0.5 * (self.forward_ssm(u) + self.backward_ssm(u.flip(1)).flip(1))
-        return x + self.out_proj(y * F.silu(z))
+        return x + self.out_proj(0.5 * (self.forward_ssm(u) + self.backward_ssm(u.flip(1)).flip(1)) * F.silu(z))  # mean of the directions, gated
 
 
 # -----------------------------------------------------------------------------
@@ -523,11 +518,10 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     trajectory = [to_data(x).cpu()] if return_trajectory else None
     x0_last = t_last = None
     batch_size = batch_size or (1024 if x.device.type == "cpu" else n)
-    for i, t in enumerate(timesteps):
+    for i, (t, t_prev) in enumerate(zip(timesteps, timesteps[1:] + [-1])):
         t_rows = torch.full((batch_size,), t, device=device, dtype=torch.long)
         eps = torch.cat([guided_eps(model, rows, t_rows[: len(rows)], None if y is None else y[j : j + len(rows)], guidance)
                          for j, rows in zip(range(0, n, batch_size), x.split(batch_size))])
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         if sampler == "ddpm" and steps == T:
             x = scheduler.step(eps, t, x, generator=generator)
         elif sampler == "dpm++":
