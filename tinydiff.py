@@ -1,17 +1,13 @@
-"""tinydiff: denoising diffusion on low-dimensional points (2-D, 3-D, ... D-D), in one file.
+"""tinydiff: denoising diffusion on D-dimensional points, in one file needing only torch and the standard library; in the order of the math:
 
-Read top to bottom, in the order of the math:
-  1. NoiseScheduler      DDPM forward process and posterior step (Ho et al. 2020, arXiv:2006.11239), DDIM step (Song et al.
-                         2021, arXiv:2010.02502), cosine schedule (Nichol & Dhariwal 2021, arXiv:2102.09672)
-  2. SinusoidalEmbedding (Vaswani et al. 2017), as the 2-D MLP denoiser of tiny-diffusion uses it
-  3. SelfAttention       multi-head, pre-norm, over the tokens [x1, ..., xD, t, c]
-  4. ResidualBlock       x + GELU(Linear(x)) (tiny-diffusion), or the study's x + Linear(ReLU(x))
-  5. BiMambaBlock        bidirectional selective state space (Mamba: arXiv:2312.00752; Vision Mamba: arXiv:2401.09417; DiS: arXiv:2402.05608)
-  6. Denoiser            eps_theta(x_t, t, c): coordinate, time and condition tokens -> attention / SSM mixers -> residual MLP
-  7. ddpm_loss           simple noise-prediction MSE (Ho et al. eq. 14) with condition dropout; sample_timesteps
-  8. sample              DDPM, strided DDIM and DPM-Solver++(2M), classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598)
-  9. Fast paths          the same attention, computed faster on small CPU batches
-Depends on torch and the Python standard library only, so that it can be copied alone.
+  1. NoiseScheduler    DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2021, arXiv:2010.02502), cosine (arXiv:2102.09672)
+  2. SinusoidalEmbedding (Vaswani et al. 2017), as tiny-diffusion's MLP denoiser uses it
+  3-4. SelfAttention   multi-head, pre-norm, over the tokens [x1, ..., xD, t, c]; ResidualBlock: tiny-diffusion's or the study's
+  5. BiMambaBlock      bidirectional selective SSM (Mamba arXiv:2312.00752, Vision Mamba arXiv:2401.09417, DiS arXiv:2402.05608)
+  6. Denoiser          eps_theta(x_t, t, c): coordinate, time and condition tokens -> attention / SSM mixers -> residual MLP
+  7. ddpm_loss         noise-prediction MSE (Ho et al. eq. 14) with condition dropout
+  8. sample            DDPM, DDIM, DPM-Solver++(2M) (Lu et al. 2022); classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598)
+  9. fast_attention    section 3's attention, faster on small CPU batches
 """
 import math
 from dataclasses import dataclass
@@ -23,11 +19,9 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # 1. Noise scheduler
 
-
 class NoiseScheduler(nn.Module):
-    """Forward process q(x_t | x_0) and the reverse steps; names follow diffusers. Schedules are computed in float64 and
-    kept as float32 buffers (not saved: they follow from the arguments). At T=100 the linear schedule ends at
-    alpha_bar_T ~ 0.36, not ~0: x_T still holds 60% of the data's signal, so `prior` starts from q(x_T)'s moments."""
+    """Forward process q(x_t | x_0) and the reverse steps (diffusers' names); schedules in float64, kept as unsaved float32 buffers.
+    At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T keeps 60% of the signal, so `prior` matches q(x_T)'s moments."""
 
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
         super().__init__()
@@ -56,16 +50,14 @@ class NoiseScheduler(nn.Module):
         return self.alphas_cumprod[-1].item()
 
     def prior(self, n, mean=None, cov=None, generator=None, device="cpu", dim=None):
-        """x_T (n, D) for sampling, from the Gaussian with q(x_T)'s moments: mean sqrt(ab_T) mean and covariance
-        ab_T cov + (1 - ab_T) I, given the data's mean (D,) and cov (D, D). Without them (give dim = D): N(0, I)."""
+        """n points x_T ~ N(sqrt(ab_T) mean, ab_T cov + (1 - ab_T) I): q(x_T)'s moments for data of that mean and cov; else N(0, I_dim)."""
         if mean is None and dim is None:
-            raise ValueError("prior needs the data's mean and cov, or dim (coordinates per point) for the standard N(0, I) start")
-        D = dim if mean is None else len(mean)
-        z = torch.randn((n, D), generator=generator, device=device)
+            raise ValueError("prior needs the data's mean and cov, or dim (coordinates per point) for the N(0, I) start")
+        z = torch.randn((n, dim if mean is None else len(mean)), generator=generator, device=device)
         if mean is None:
             return z
-        ab, mean, cov = (v.detach().cpu().double() for v in (self.alphas_cumprod[-1], mean, cov))  # small: on the CPU (MPS has no float64)
-        L = torch.linalg.cholesky(ab * cov + (1 - ab) * torch.eye(D, dtype=torch.float64))
+        ab, mean, cov = (v.detach().cpu().double() for v in (self.alphas_cumprod[-1], mean, cov))  # on the CPU: MPS has no float64
+        L = torch.linalg.cholesky(ab * cov + (1 - ab) * torch.eye(len(mean), dtype=torch.float64))
         return (ab.sqrt() * mean).float().to(device) + z @ L.T.float().to(device)
 
     def add_noise(self, x0, noise, t):
@@ -78,45 +70,35 @@ class NoiseScheduler(nn.Module):
 
     def step(self, model_output, t, x_t, generator=None):
         """One DDPM ancestral step x_t -> x_{t-1} with the fixed_small variance beta_tilde_t."""
-        # 1. predicted original sample (eq. 15)
-        x0 = self.predict_x0(model_output, t, x_t)
-        # 2. posterior mean (eq. 7)
-        mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x_t
+        x0 = self.predict_x0(model_output, t, x_t)  # eq. 15
+        mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x_t  # eq. 7
         if t == 0:  # beta_tilde_0 = 0
             return mean
-        # 3. add noise with variance beta_tilde_t
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return mean + self.posterior_variance[t].sqrt() * noise
+        return mean + self.posterior_variance[t].sqrt() * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
 
     def set_timesteps(self, num_inference_steps, spacing="linear"):
-        """num_inference_steps distinct timesteps from T-1 down to 0, evenly spaced in t (spacing="linear") or in log-SNR
-        lambda_t ("logsnr": more steps at low noise, where detail forms)."""
-        T = self.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"steps must be in 1..{T}, got {num_inference_steps}")
+        """Distinct timesteps from T-1 down to 0, even in t ("linear") or in log-SNR ("logsnr": more steps at low noise, where detail forms)."""
+        T, n = self.num_train_timesteps, num_inference_steps
+        if not 1 <= n <= T:
+            raise ValueError(f"steps must be in 1..{T}, got {n}")
         if spacing == "linear":
-            return torch.linspace(T - 1, 0, num_inference_steps).round().long().tolist()
+            return torch.linspace(T - 1, 0, n).round().long().tolist()
         if spacing != "logsnr":
             raise ValueError(f"unknown spacing {spacing!r}; use linear or logsnr")
         lam = self.log_snr.double()
-        targets = torch.linspace(lam[-1].item(), lam[0].item(), num_inference_steps, dtype=torch.float64)
-        ts = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()
-        n = len(ts)  # make them distinct: leave room below each, then step down by at least 1
-        ts = [max(t, n - 1 - i) for i, t in enumerate(ts)]
-        for i in range(1, n):
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), n, dtype=torch.float64)
+        ts = [max(t, n - 1 - i) for i, t in enumerate((lam[None, :] - targets[:, None]).abs().argmin(1).tolist())]  # nearest, with room below
+        for i in range(1, n):  # distinct: step down by at least 1
             ts[i] = min(ts[i], ts[i - 1] - 1)
         return ts
 
     def ddim_step(self, model_output, t, t_prev, x_t, eta=0.0, generator=None):
-        """One DDIM step x_t -> x_{t_prev} (t_prev = -1 means the clean sample, alpha_bar = 1)."""
+        """One DDIM step x_t -> x_{t_prev} (eq. 12; t_prev = -1: the clean sample). eta = 1: DDPM's variance (eq. 16); 0: deterministic."""
         ab_t = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(ab_t)
-        # 1. predicted original sample (eq. 12)
         x0 = self.predict_x0(model_output, t, x_t)
-        # 2. sigma_t(eta) (eq. 16): eta = 1 gives the DDPM posterior variance, eta = 0 is deterministic
         sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
-        # 3. direction pointing to x_t, then the update (eq. 12)
-        prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * model_output
+        prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * model_output  # x_0 part + direction to x_t
         if eta > 0 and t_prev >= 0:
             prev = prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return prev
@@ -125,26 +107,23 @@ class NoiseScheduler(nn.Module):
         """One DPM-Solver++(2M) SDE step x_t -> x_s, s < t (Lu et al. 2022, data prediction). With h = lambda_s - lambda_t, the
         linear part is exact: x_s = sigma_s/sigma_t e^-h x_t + alpha_s (1 - e^-2h) x0_hat + sigma_s sqrt(1 - e^-2h) z, where
         x0_hat is x0 extrapolated linearly in lambda through x0_last (at t_last); without it, the DDPM posterior step t -> s."""
-        lam = self.log_snr
+        lam, sigma = self.log_snr, self.sqrt_one_minus_alphas_cumprod
         h = lam[s] - lam[t]
         x0_hat = x0 if x0_last is None else x0 + (x0 - x0_last) * h / (2 * (lam[t] - lam[t_last]))
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        sigma_s = self.sqrt_one_minus_alphas_cumprod[s]
-        return (sigma_s / self.sqrt_one_minus_alphas_cumprod[t] * torch.exp(-h) * x_t
-                - self.sqrt_alphas_cumprod[s] * torch.expm1(-2 * h) * x0_hat + sigma_s * (-torch.expm1(-2 * h)).sqrt() * z)
+        return (sigma[s] / sigma[t] * torch.exp(-h) * x_t
+                - self.sqrt_alphas_cumprod[s] * torch.expm1(-2 * h) * x0_hat + sigma[s] * (-torch.expm1(-2 * h)).sqrt() * z)
 
 
 # -----------------------------------------------------------------------------
 # 2. Sinusoidal embedding
-
 
 class SinusoidalEmbedding(nn.Module):
     """(B,) -> (B, dim): [sin(s x w_i), cos(s x w_i)], w_i = exp(-ln(10000) i / (half - 1))."""
 
     def __init__(self, dim, scale=1.0):
         super().__init__()
-        half = dim // 2
-        self.scale = scale
+        half, self.scale = dim // 2, scale
         self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half) / (half - 1)), persistent=False)
 
     def forward(self, x):
@@ -155,11 +134,9 @@ class SinusoidalEmbedding(nn.Module):
 # -----------------------------------------------------------------------------
 # 3-4. Attention and residual MLP blocks
 
-
 def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v over the tokens. q, k, v: (B, nh, L, hs) -> (B, nh, L, hs)."""
-    weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, nh, L, L)
-    return weights @ v
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v  # weights (B, nh, L, L)
 
 
 class SelfAttention(nn.Module):
@@ -170,16 +147,12 @@ class SelfAttention(nn.Module):
         if heads < 1 or dim % heads:
             divisors = [h for h in range(1, dim + 1) if dim % h == 0]
             raise ValueError(f"heads {heads} must divide the token width {dim}; use one of {', '.join(map(str, divisors))}")
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.heads, self.norm, self.qkv, self.proj = heads, nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, L, E = x.shape
         q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, E // self.heads).transpose(1, 3).unbind(2)  # each (B, nh, L, hs)
-        y = fast_attention(q, k, v)  # = attention(q, k, v), section 9
-        return x + self.proj(y.transpose(1, 2).reshape(B, L, E))
+        return x + self.proj(fast_attention(q, k, v).transpose(1, 2).reshape(B, L, E))  # fast_attention = attention, section 9
 
 
 class ResidualBlock(nn.Module):
@@ -187,8 +160,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, dim, block="gelu"):
         super().__init__()
-        self.ff = nn.Linear(dim, dim)
-        self.block = block
+        self.ff, self.block = nn.Linear(dim, dim), block
 
     def forward(self, x):
         return x + self.ff(F.relu(x)) if self.block == "relu" else x + F.gelu(self.ff(x))
@@ -196,11 +168,8 @@ class ResidualBlock(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 5. Bidirectional selective state space block
-#
-# The recurrence h_t = a_t * h_{t-1} + b_t uses products and sums only: the cumsum(log a) / exp trick overflows
-# for long sequences (NaN for L >= 64 at Mamba's init). Mamba's B and C are B_sel and C_sel here ("selective":
-# they depend on the token), so that B stays the batch size.
-
+# h_t = a_t h_{t-1} + b_t is computed by products and sums only: the cumsum(log a) / exp trick overflows for long sequences
+# (NaN for L >= 64 at Mamba's init). Mamba's B and C are B_sel and C_sel here ("selective": per token), so B stays the batch size.
 
 def scan_parallel(a, b):
     """h_t = a_t h_{t-1} + b_t along dim 1 (h_{-1} = 0) by odd/even reduction in 2 log2(L) batched steps (GPUs, long L)."""
@@ -210,19 +179,15 @@ def scan_parallel(a, b):
     if L % 2:  # pad with the identity element (a=1, b=0)
         a, b = torch.cat([a, torch.ones_like(a[:, :1])], 1), torch.cat([b, torch.zeros_like(b[:, :1])], 1)
     a_even, a_odd, b_even, b_odd = a[:, 0::2], a[:, 1::2], b[:, 0::2], b[:, 1::2]
-    # composing steps 2i and 2i+1 gives a recurrence over pairs whose states are h_1, h_3, ...
-    h_odd = scan_parallel(a_odd * a_even, a_odd * b_even + b_odd)
-    # then h_{2i} = a_{2i} h_{2i-1} + b_{2i}, with h_0 = b_0
-    h_even = torch.cat([b_even[:, :1], a_even[:, 1:] * h_odd[:, :-1] + b_even[:, 1:]], 1)
+    h_odd = scan_parallel(a_odd * a_even, a_odd * b_even + b_odd)  # steps 2i, 2i+1 composed: a scan over h_1, h_3, ...
+    h_even = torch.cat([b_even[:, :1], a_even[:, 1:] * h_odd[:, :-1] + b_even[:, 1:]], 1)  # h_{2i} = a_{2i} h_{2i-1} + b_{2i}, h_0 = b_0
     return torch.stack([h_even, h_odd], 2).flatten(1, 2)[:, :L]  # interleave -> (B, L, ...)
 
 
 def selective_scan(dt, A, B_sel, C_sel, x, parallel=None):
-    """Mamba's selective scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_sel_t x_t,  y_t = C_sel_t h_t. dt, x: (B, L, d_inner);
-    A: (N, d_inner); B_sel, C_sel: (B, L, N) -> y: (B, L, d_inner). The state h is (B, N, d_inner), channels last for
-    contiguous broadcasts. parallel=None: the parallel scan on GPU for L > 16, else the loop (docs/performance.md)."""
-    if parallel is None:
-        parallel = x.is_cuda and x.shape[1] > 16
+    """Mamba's h_t = exp(dt_t A) h_{t-1} + dt_t B_sel_t x_t, y_t = C_sel_t h_t. dt, x: (B, L, d_inner); A: (N, d_inner); B_sel, C_sel:
+    (B, L, N); h: (B, N, d_inner), channels last. parallel=None: the parallel scan on GPU for L > 16, else the loop (docs/performance.md)."""
+    parallel = x.is_cuda and x.shape[1] > 16 if parallel is None else parallel
     a = lambda dt_: torch.exp(dt_.unsqueeze(-2) * A)  # zero-order hold of A, in (0, 1]
     b = lambda dt_, B_, x_: (dt_ * x_).unsqueeze(-2) * B_.unsqueeze(-1)  # Euler step for B, as in Mamba
     if parallel:
@@ -247,9 +212,8 @@ class SelectiveSSM(nn.Module):
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner)
         nn.init.uniform_(self.dt_proj.weight, -(dt_rank**-0.5), dt_rank**-0.5)
-        # dt ~ log-uniform [dt_min, dt_max]; the bias is its inverse softplus, so softplus(bias) = dt
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        with torch.no_grad():
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))  # log-uniform
+        with torch.no_grad():  # the bias is dt's inverse softplus, so softplus(bias) = dt
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         # S4D-real init A = -(1..N) for every channel, stored as (N, d_inner) to match the state layout
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32))[:, None].repeat(1, d_inner))
@@ -260,34 +224,27 @@ class SelectiveSSM(nn.Module):
         xp = F.pad(x, (0, 0, K - 1, 0))  # (B, K-1+L, d_inner): left padding makes the conv causal
         x = F.silu(self.conv_bias + sum(self.conv_weight[k] * xp[:, k : k + L] for k in range(K)))
         dt, B_sel, C_sel = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))  # (B, L, d_inner)
-        y = selective_scan(dt, -torch.exp(self.A_log), B_sel.contiguous(), C_sel.contiguous(), x)
-        return y + self.skip * x
+        return selective_scan(F.softplus(self.dt_proj(dt)), -torch.exp(self.A_log), B_sel.contiguous(), C_sel.contiguous(), x) + self.skip * x
 
 
 class BiMambaBlock(nn.Module):
-    """Pre-norm residual bidirectional Mamba block (Vision Mamba v2 / DiS). in_proj and out_proj are shared; each
-    direction has its own conv, x_proj, dt_proj, A and skip. The directions are averaged (the output scale does not
-    depend on their number), gated with SiLU(z) and projected out."""
+    """Pre-norm residual bidirectional Mamba block (Vision Mamba v2 / DiS): in_proj and out_proj are shared, each direction has
+    its own SelectiveSSM. The directions are averaged (the output scale does not depend on their number), gated with SiLU(z)."""
 
     def __init__(self, dim, d_state=8, expand=2, d_conv=4):
         super().__init__()
         d_inner, dt_rank = expand * dim, math.ceil(dim / 16)
-        self.norm = nn.LayerNorm(dim)
-        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        self.forward_ssm = SelectiveSSM(d_inner, d_state, dt_rank, d_conv)
-        self.backward_ssm = SelectiveSSM(d_inner, d_state, dt_rank, d_conv)
+        self.norm, self.in_proj = nn.LayerNorm(dim), nn.Linear(dim, 2 * d_inner, bias=False)
+        self.forward_ssm, self.backward_ssm = (SelectiveSSM(d_inner, d_state, dt_rank, d_conv) for _ in range(2))
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def forward(self, x):  # (B, L, dim)
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # each (B, L, d_inner)
-        y = 0.5 * (self.forward_ssm(u) + self.backward_ssm(u.flip(1)).flip(1))
-        return x + self.out_proj(y * F.silu(z))
+        return x + self.out_proj(0.5 * (self.forward_ssm(u) + self.backward_ssm(u.flip(1)).flip(1)) * F.silu(z))  # mean of the directions, gated
 
 
 # -----------------------------------------------------------------------------
 # 6. Denoiser
-
 
 MODEL_SD = 2.0  # set_data_stats(standardize=True): each coordinate's sd in the model's space (the named datasets' ~1.2-2.3)
 
@@ -338,14 +295,11 @@ class DenoiserConfig:
 
 
 class Denoiser(nn.Module):
-    """eps_theta(z_t, t, y): (B, D), (B,), condition -> (B, D), in the model's space z (see set_data_stats).
-
-    Each coordinate, t, and the condition (if any) become a token of width E; optional attention and SSM blocks mix the
-    tokens [x1, ..., xD, t, c], which are then flattened into the residual MLP (at D = 2, no mixers, block="relu": the
-    study's MLPDenoiser; "gelu": tiny-diffusion's). The SSM stack follows DiS, with U-ViT's long skips (concat + Linear)
-    from the first half of the blocks to the second. y is (B,) labels (num_classes = K) or (B, C) numbers (cond_dim = C:
-    standardized, then Linear-SiLU-Linear, as DiT embeds its timestep). Rows where drop is True, and all rows when y is
-    None, get the learned null condition: guidance's other half."""
+    """eps_theta(z_t, t, y): (B, D), (B,), condition -> (B, D), in the model's space z (set_data_stats). Each coordinate, t and the
+    condition become tokens of width E, mixed by optional attention and SSM blocks (DiS, with U-ViT's long skips), then flattened into
+    the residual MLP (D = 2 without mixers: the study's MLPDenoiser for block="relu", tiny-diffusion's for "gelu"). y: (B,) labels
+    or (B, C) numbers (standardized, then Linear-SiLU-Linear as DiT embeds t). Rows where drop is True, or all if y is None, get
+    the learned null condition."""
 
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
@@ -357,8 +311,7 @@ class Denoiser(nn.Module):
             raise ValueError(f"use num_classes=K > 0 (labels) or cond_dim=C > 0 (numbers), not both: got num_classes={K}, cond_dim={C}")
         if cfg.block not in ("gelu", "relu"):
             raise ValueError(f"unknown block {cfg.block!r}; use gelu or relu")
-        self.coord_emb = SinusoidalEmbedding(E, cfg.coord_scale)
-        self.time_emb = SinusoidalEmbedding(E, cfg.time_scale)
+        self.coord_emb, self.time_emb = SinusoidalEmbedding(E, cfg.coord_scale), SinusoidalEmbedding(E, cfg.time_scale)
         self.attn = nn.ModuleList(SelfAttention(E, cfg.heads) for _ in range(cfg.attn_layers))
         if cfg.ssm_layers:  # the SSM stack runs at width ssm_dim, as a residual branch on the tokens
             self.ssm_in, self.ssm_out = nn.Linear(E, cfg.ssm_dim), nn.Linear(cfg.ssm_dim, E)
@@ -376,13 +329,11 @@ class Denoiser(nn.Module):
             self.cond_emb = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
             self.null_cond = nn.Parameter(0.02 * torch.randn(E))
             self.cond_map = AffineMap(C)
-        # What the model knows about its training data, saved with the weights (set_data_stats): the map between
-        # data units and its space, z's moments for the sampler's start (NoiseScheduler.prior), the classes' shares.
+        # what set_data_stats learns about the training data, saved with the weights: units map, z's moments (prior), class shares
         self.data_map = AffineMap(D)
-        self.register_buffer("data_mean", torch.zeros(D))
-        self.register_buffer("data_cov", torch.eye(D))
-        self.register_buffer("class_freq", torch.full((K,), 1.0 / max(K, 1)))
-        self.register_buffer("data_stats_set", torch.tensor(False))
+        for name, value in (("data_mean", torch.zeros(D)), ("data_cov", torch.eye(D)), ("class_freq", torch.full((K,), 1.0 / max(K, 1))),
+                            ("data_stats_set", torch.tensor(False))):
+            self.register_buffer(name, value)
 
     @property
     def conditional(self):
@@ -391,29 +342,27 @@ class Denoiser(nn.Module):
     def check_points(self, x):
         D = self.cfg.data_dim
         if x.ndim != 2 or x.shape[1] != D:
-            raise ValueError(f"this Denoiser takes {D}-D points, (B, {D}) (DenoiserConfig.data_dim={D}), but got shape {tuple(x.shape)};"
-                             f" give it points with {D} coordinates, or build a model for yours with DenoiserConfig(data_dim=...)")
+            raise ValueError(f"this Denoiser takes {D}-D points, (B, {D}) (DenoiserConfig.data_dim={D}), not {tuple(x.shape)}; build one for yours")
 
     def check_condition(self, y, n):
         K, C = self.cfg.num_classes, self.cfg.cond_dim
-        if y is not None and not self.conditional:
-            raise ValueError("this Denoiser is unconditional (num_classes=0, cond_dim=0), so it takes no y;"
-                             " build it with DenoiserConfig(num_classes=K) or DenoiserConfig(cond_dim=C) to condition it")
-        if y is not None and K and (y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool):
-            raise ValueError(f"y must be ({n},) integer labels in 0..{K - 1} for num_classes={K}, but got {y.dtype} of shape {tuple(y.shape)}")
-        if y is not None and K and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= K:
+        if y is None:
+            return
+        if not self.conditional:
+            raise ValueError("this Denoiser is unconditional (num_classes=0, cond_dim=0), so it takes no y; build one with num_classes or cond_dim")
+        shape, kind = ((n,), f"integer labels in 0..{K - 1} for num_classes={K}") if K else ((n, C), f"float conditions for cond_dim={C}")
+        if y.shape != shape or y.dtype.is_floating_point != bool(C) or y.dtype == torch.bool:
+            raise ValueError(f"y must be {shape} {kind}, but got {y.dtype} of shape {tuple(y.shape)}")
+        if K and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= K:
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise ValueError(f"label {bad} is out of range for num_classes={K}: use 0..{K - 1} (or {K}, the null label)")
-        if y is not None and C and (y.shape != (n, C) or not y.dtype.is_floating_point):
-            raise ValueError(f"y must be ({n}, {C}) float conditions for cond_dim={C}, but got {y.dtype} of shape {tuple(y.shape)}")
 
     @torch.no_grad()
     def set_data_stats(self, x, y=None, standardize=True, moments=True):
-        """Keep what the loss and the samplers need to know about the training points x (N, D), in data units, and their
-        conditions y; in float64, before AveragedModel copies the model. standardize=True: the model works on z = (x - shift)
-        / scale, each coordinate at mean 0 and sd MODEL_SD, so points at any offset and scale meet the settings tuned on the
-        study's data (False: raw coordinates). moments=True: z's mean and covariance for NoiseScheduler.prior (False: 0 and
-        I). Labels y give class_freq (for draw_labels); numbers y their own standardization (cond_map)."""
+        """Learn, in float64 and before AveragedModel copies the model, what the loss and samplers need about the training points x
+        (N, D, data units) and conditions y. standardize: work on z = (x - shift) / scale, each coordinate at mean 0, sd MODEL_SD, so any
+        offset and scale meet the settings tuned on the study's data. moments: z's mean and covariance for NoiseScheduler.prior (False:
+        0 and I). Labels y give class_freq (draw_labels); numbers y their own standardization (cond_map)."""
         x = torch.as_tensor(x).detach().cpu().double()
         self.check_points(x)
         D, sd = x.shape[1], x.std(0, correction=0)
@@ -438,8 +387,7 @@ class Denoiser(nn.Module):
         null = torch.ones(n, dtype=torch.bool, device=self.data_mean.device)
         drop = null if y is None else (~null if drop is None else drop.to(null.device))
         if self.cfg.num_classes:
-            labels = torch.where(drop, self.cfg.num_classes, 0 if y is None else y.long())
-            return self.label_emb(labels)
+            return self.label_emb(torch.where(drop, self.cfg.num_classes, 0 if y is None else y.long()))
         c = torch.zeros(n, self.cfg.cond_dim, device=null.device) if y is None else self.cond_map.to_model(y)
         return torch.where(drop[:, None], self.null_cond, self.cond_emb(c))
 
@@ -473,10 +421,8 @@ class Denoiser(nn.Module):
 # -----------------------------------------------------------------------------
 # 7. Loss
 
-
 def unwrap(model):
-    """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), whose data statistics the loss and the
-    samplers need; any other module as it is."""
+    """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), for its data statistics; others as they are."""
     while isinstance(model, nn.Module) and not isinstance(model, Denoiser):
         inner = model._modules.get("module", model._modules.get("_orig_mod"))
         if inner is None:
@@ -486,32 +432,26 @@ def unwrap(model):
 
 
 def sample_timesteps(n, T, low_t=2, low_frac=0.25, generator=None, device=None):
-    """t ~ U{0..T-1} for n points, the first round(low_frac n) redrawn from U{0..low_t-1}: more signal for the last
-    steps, where sharp detail forms (docs/tuning.md, "Circle"). The defaults are train.py's; low_frac=0: uniform."""
+    """t ~ U{0..T-1} for n points, the first round(low_frac n) redrawn from U{0..low_t-1}: more signal for the last steps, where
+    sharp detail forms (docs/tuning.md, "Circle"). The defaults are train.py's; low_frac=0: uniform."""
     t = torch.randint(0, T, (n,), device=device, generator=generator)
-    k = round(low_frac * n)
-    if k > 0:
+    if (k := round(low_frac * n)) > 0:
         t[:k] = torch.randint(0, low_t, (k,), device=device, generator=generator)
     return t
 
 
 def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, drop=None, generator=None):
-    """L_simple (Ho et al. eq. 14): the mean squared error between the noise and the model's prediction of it.
-
-    x0: (B, D) points in data units; a Denoiser maps them to its own space (set_data_stats). t (B,) and noise (B, D) are
-    drawn when absent: t ~ U{0..T-1}, noise ~ N(0, I). y: each point's condition, or None. A row gets the null condition
-    with probability p_uncond (or where drop is True), so one network learns both halves of classifier-free guidance."""
+    """L_simple (Ho et al. eq. 14): MSE between the noise and its prediction, for x0 (B, D) in data units; t ~ U{0..T-1} and noise ~
+    N(0, I) unless given. With conditions y, a row gets the null condition with probability p_uncond (or where drop is True), so one
+    network learns both halves of classifier-free guidance."""
     net = unwrap(model)
     if isinstance(net, Denoiser):
         if not net.data_stats_set:
-            raise ValueError("call model.set_data_stats(x_train) before training: it fixes the map from your data's units to"
-                             " the model's (use standardize=False, moments=False for raw coordinates and the N(0, I) start)")
+            raise ValueError("call model.set_data_stats(x_train) before training, to fix the map from your data's units to the model's")
         net.check_points(x0)  # before the map, which would broadcast a (B, 1) batch to (B, D)
         x0 = net.data_map.to_model(x0)
-    if t is None:
-        t = sample_timesteps(len(x0), scheduler.num_train_timesteps, low_frac=0.0, generator=generator, device=x0.device)
-    if noise is None:
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    t = sample_timesteps(len(x0), scheduler.num_train_timesteps, low_frac=0.0, generator=generator, device=x0.device) if t is None else t
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator) if noise is None else noise
     if y is None:
         return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t), noise)
     drop = torch.rand(len(x0), device=x0.device, generator=generator) < p_uncond if drop is None else drop
@@ -520,7 +460,6 @@ def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, dr
 
 # -----------------------------------------------------------------------------
 # 8. Samplers
-
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; the others use all T
@@ -551,15 +490,11 @@ def guided_eps(model, x, t, y=None, guidance=1.0):
 @torch.no_grad()
 def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device=None, y=None, guidance=1.0,
            return_trajectory=False, batch_size=None, dim=None, callback=None):
-    """Draw n points in data units (float64; float32 on MPS), from x_T ~ scheduler.prior with the model's moments.
-
-    sampler="ddpm": ancestral over all T steps (steps < T: DDIM with eta=1); "ddim": strided DDIM with the given eta
-    (0: deterministic); "dpm++": DPM-Solver++(2M) SDE, steps (default 20) even in log-SNR. One network evaluation per
-    timestep; the last (t = 0) returns its predicted x_0. y: each point's condition; None draws labels in the training
-    shares (draw_labels), or is the unconditional model for numbers. guidance: w of guided_eps. Returns (n, D), or the
-    (steps + 1, n, D) trajectory on the CPU (return_trajectory). A module other than a Denoiser starts from its
-    data_mean / data_cov if any, else N(0, I) in `dim` coordinates. batch_size: rows per network call (default 1024 on
-    CPU, else n), which changes the speed, not the samples. callback(i, steps) follows each step."""
+    """n points (n, D) in data units (float64; float32 on MPS), or their (steps + 1, n, D) trajectory on the CPU, from scheduler.prior
+    with the model's moments (else N(0, I_dim)); one network call per timestep, the last returning its x_0. sampler: "ddpm" ancestral
+    (DDIM with eta=1 if steps < T), "ddim" strided with eta, "dpm++" DPM-Solver++(2M) SDE, 20 steps even in log-SNR. y: conditions;
+    None draws labels in the training shares (draw_labels). guidance: w of guided_eps. batch_size: rows per network call (default 1024
+    on CPU, else n), which changes the speed, not the samples. callback(i, steps) follows each step."""
     T, net = scheduler.num_train_timesteps, unwrap(model)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
@@ -583,11 +518,10 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     trajectory = [to_data(x).cpu()] if return_trajectory else None
     x0_last = t_last = None
     batch_size = batch_size or (1024 if x.device.type == "cpu" else n)
-    for i, t in enumerate(timesteps):
+    for i, (t, t_prev) in enumerate(zip(timesteps, timesteps[1:] + [-1])):
         t_rows = torch.full((batch_size,), t, device=device, dtype=torch.long)
         eps = torch.cat([guided_eps(model, rows, t_rows[: len(rows)], None if y is None else y[j : j + len(rows)], guidance)
                          for j, rows in zip(range(0, n, batch_size), x.split(batch_size))])
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         if sampler == "ddpm" and steps == T:
             x = scheduler.step(eps, t, x, generator=generator)
         elif sampler == "dpm++":
@@ -607,10 +541,8 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
 # -----------------------------------------------------------------------------
 # 9. Fast paths: the same results as the main text, computed faster where it matters
 
-
 def fast_attention(q, k, v):
-    """attention(q, k, v), by torch's fused kernel, or for a few tokens on the CPU by plain broadcasts, which beat the fused
-    kernels there (the denoiser's 3 tokens; docs/performance.md)."""
+    """attention(q, k, v) by torch's fused kernel, or for a few tokens on the CPU by broadcasts, faster there (docs/performance.md)."""
     if q.shape[2] <= 4 and q.device.type == "cpu":
         q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, L, nh, hs)
         weights = ((q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * q.shape[-1] ** -0.5).softmax(2)  # (B, Lq, Lk, nh)
