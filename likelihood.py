@@ -19,7 +19,8 @@ Change of variables (instantaneous, Chen et al. 2018, arXiv:1806.07366, thm. 1):
     log p(z) = log p_xbar(x_bar_T) + int_{s_0}^{s_T} div_xbar f ds,    f = sigma_bar eps_theta,
     div_xbar f = sigma_bar sqrt(ab) div_x eps_theta,
     log p_xbar(x_bar_T) = log N(x_T; sqrt(ab_T) mu, ab_T Sigma + (1 - ab_T) I) + (D/2) log ab_T,  x_T = sqrt(ab_T) x_bar_T,
-with mu, Sigma the model's data_mean, data_cov (its sampler's start, NoiseScheduler.prior), and finally
+with mu, Sigma the moments the sampler starts from (Denoiser.start_moments: per class, a linear fit on numbers, or the
+data's), and finally
 log p(x) = log p(z) - sum log scale for the affine map x = shift + scale z (data_map).
 
 Solver: scipy.integrate.solve_ivp, RK45, rtol = atol = 1e-5 by default, on each batch of points flattened into

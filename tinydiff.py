@@ -49,16 +49,23 @@ class NoiseScheduler(nn.Module):
     def alpha_bar_T(self):
         return self.alphas_cumprod[-1].item()
 
-    def prior(self, n, mean=None, cov=None, generator=None, device="cpu", dim=None):
-        """n points x_T ~ N(sqrt(ab_T) mean, ab_T cov + (1 - ab_T) I): q(x_T)'s moments for data of that mean and cov; else N(0, I_dim)."""
+    def prior(self, n, mean=None, cov=None, generator=None, device="cpu", dim=None, groups=None):
+        """n points x_T ~ N(sqrt(ab_T) mean, ab_T cov + (1 - ab_T) I): q(x_T)'s moments for data of that mean and cov; else N(0, I_dim).
+        With groups (n,), row i takes mean[groups[i]] from (K, D) means, and cov[groups[i]] from (K, D, D) covariances."""
         if mean is None and dim is None:
             raise ValueError("prior needs the data's mean and cov, or dim (coordinates per point) for the N(0, I) start")
-        z = torch.randn((n, dim if mean is None else len(mean)), generator=generator, device=device)
+        z = torch.randn((n, dim if mean is None else mean.shape[-1]), generator=generator, device=device)
         if mean is None:
             return z
         ab, mean, cov = (v.detach().cpu().double() for v in (self.alphas_cumprod[-1], mean, cov))  # on the CPU: MPS has no float64
-        L = torch.linalg.cholesky(ab * cov + (1 - ab) * torch.eye(len(mean), dtype=torch.float64))
-        return (ab.sqrt() * mean).float().to(device) + z @ L.T.float().to(device)
+        L = torch.linalg.cholesky(ab * cov + (1 - ab) * torch.eye(mean.shape[-1], dtype=torch.float64)).float().to(device)
+        if groups is None:
+            return (ab.sqrt() * mean).float().to(device) + z @ L.T
+        groups = groups.to(device)
+        x = (ab.sqrt() * mean).float().to(device)[groups] + (z @ L.T if L.ndim == 2 else 0)
+        for k in groups.unique() if L.ndim == 3 else ():  # one Cholesky factor per group, never one per row
+            x[groups == k] += z[groups == k] @ L[k].T
+        return x
 
     def add_noise(self, x0, noise, t):
         """Sample q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I)   (eq. 4). t: (B,) long."""
@@ -323,12 +330,16 @@ class Denoiser(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(inputs, cfg.hidden), *blocks, nn.ReLU(), nn.Linear(cfg.hidden, D))
         else:
             self.mlp = nn.Sequential(nn.Linear(inputs, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, D))
-        if K:  # created last, so that an unconditional model draws the same initial weights
+        if K:  # created last, so that an unconditional model draws the same initial weights; row K of class_*: the data's
             self.label_emb = nn.Embedding(K + 1, E)
+            self.register_buffer("class_mean", torch.zeros(K + 1, D))
+            self.register_buffer("class_cov", torch.eye(D).repeat(K + 1, 1, 1))
         if C:
             self.cond_emb = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
             self.null_cond = nn.Parameter(0.02 * torch.randn(E))
             self.cond_map = AffineMap(C)
+            self.register_buffer("cond_coef", torch.zeros(C, D))  # z's mean = data_mean + c cond_coef, c standardised
+            self.register_buffer("cond_cov", torch.eye(D))  # the residuals' covariance
         # what set_data_stats learns about the training data, saved with the weights: units map, z's moments (prior), class shares
         self.data_map = AffineMap(D)
         for name, value in (("data_mean", torch.zeros(D)), ("data_cov", torch.eye(D)), ("class_freq", torch.full((K,), 1.0 / max(K, 1))),
@@ -362,25 +373,43 @@ class Denoiser(nn.Module):
         """Learn, in float64 and before AveragedModel copies the model, what the loss and samplers need about the training points x
         (N, D, data units) and conditions y. standardize: work on z = (x - shift) / scale, each coordinate at mean 0, sd MODEL_SD, so any
         offset and scale meet the settings tuned on the study's data. moments: z's mean and covariance for NoiseScheduler.prior (False:
-        0 and I). Labels y give class_freq (draw_labels); numbers y their own standardization (cond_map)."""
+        0 and I). Labels y give class_freq (draw_labels) and each class's moments; numbers y their own standardization (cond_map)
+        and a linear fit of z's mean on them: the sampler starts from the condition's moments, as q(x_T | c) has them."""
         x = torch.as_tensor(x).detach().cpu().double()
         self.check_points(x)
         D, sd = x.shape[1], x.std(0, correction=0)
         sd = torch.where(sd > 0, sd, sd.max() if sd.max() > 0 else 1.0)
         self.data_map.set(*((x.mean(0), sd / MODEL_SD) if standardize else (torch.zeros(D), torch.ones(D))))
         z = self.data_map.to_model(x).double()
-        mean = z.mean(0) if moments else torch.zeros(D, dtype=torch.float64)
+        stats = lambda z: (z.mean(0), (z - z.mean(0)).T @ (z - z.mean(0)) / len(z)) if moments and len(z) else (torch.zeros(D), torch.eye(D))
+        mean, cov = stats(z)
         self.data_mean.copy_(mean)
-        self.data_cov.copy_((z - mean).T @ (z - mean) / len(z) if moments else torch.eye(D))
+        self.data_cov.copy_(cov)
         if y is not None:
             y = torch.as_tensor(y).detach().cpu()
             self.check_condition(y, len(x))
             if self.cfg.num_classes:
                 self.class_freq.copy_(torch.bincount(y, minlength=self.cfg.num_classes + 1)[:-1] / len(y))
+                for k in range(self.cfg.num_classes + 1):
+                    self.class_mean[k], self.class_cov[k] = stats(z[y == k]) if k < self.cfg.num_classes and (y == k).sum() > 1 else (mean, cov)
             else:
                 sd = y.double().std(0, correction=0)
                 self.cond_map.set(y.double().mean(0), torch.where(sd > 0, sd, 1.0))
+                c = self.cond_map.to_model(y.double()).double()
+                coef = torch.linalg.lstsq(c, z - mean).solution if moments else torch.zeros(c.shape[1], D, dtype=torch.float64)
+                self.cond_coef.copy_(coef)
+                self.cond_cov.copy_(stats(z - c @ coef)[1] if moments else torch.eye(D))
         self.data_stats_set.fill_(True)
+
+    def start_moments(self, y=None):
+        """(mean, cov, groups) of z for NoiseScheduler.prior given conditions y: each label's class moments, a linear fit on the
+        numbers, or (y None) the data's. At T = 100, x_T still holds 60% of the signal: a start with the data's moments would pull
+        every class towards the others."""
+        if y is None or not self.conditional:
+            return self.data_mean, self.data_cov, None
+        if self.cfg.num_classes:
+            return self.class_mean, self.class_cov, y
+        return self.data_mean + self.cond_map.to_model(y) @ self.cond_coef, self.cond_cov, torch.arange(len(y), device=y.device)
 
     def condition_token(self, y, drop, n):
         """(B, E): the condition's token; the learned null condition where drop is True, or everywhere if y is None."""
@@ -508,12 +537,13 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     device = device or next(iter(model.parameters()), torch.empty(0)).device
     steps = steps or DEFAULT_STEPS.get(sampler, T)
     timesteps = scheduler.set_timesteps(steps, "logsnr" if sampler == "dpm++" else "linear")
-    x = scheduler.prior(n, getattr(net, "data_mean", None), getattr(net, "data_cov", None), generator, device, dim)
     if conditional and y is None and net.cfg.num_classes:
         y = draw_labels(net, n, generator, device)
     if y is not None:
         net.check_condition(y, n)
         y = y.to(device)
+    start = net.start_moments(y if guidance > 0 else None) if isinstance(net, Denoiser) else (getattr(net, "data_mean", None), getattr(net, "data_cov", None), None)
+    x = scheduler.prior(n, start[0], start[1], generator, device, dim, start[2])
     to_data = net.data_map.to_data if isinstance(net, Denoiser) else (lambda z: z)
     trajectory = [to_data(x).cpu()] if return_trajectory else None
     x0_last = t_last = None

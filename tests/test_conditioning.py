@@ -183,3 +183,41 @@ def test_every_sampler_runs_with_guidance_in_float64(kind, sampler):
     assert not torch.allclose(x1, x3) and not torch.allclose(x0, x1)
     if kind == "numbers":  # guidance 0 with numbers is the unconditional model, which y=None also gives
         torch.testing.assert_close(x0, td.sample(model, s, 24, sampler, steps=4, generator=torch.Generator().manual_seed(0)), atol=1e-6, rtol=1e-6)
+
+
+def test_the_sampler_starts_each_class_from_its_own_moments():
+    """x_T of class k: the Gaussian with q(x_T | k)'s moments, sqrt(ab) mu_k and ab Sigma_k + (1 - ab) I, from numpy's class moments."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, K, (3000,), generator=g)
+    X = torch.randn(3000, 2, generator=g, dtype=torch.float64) * torch.tensor([[0.5, 2.0]], dtype=torch.float64) + 3.0 * y[:, None]
+    model = td.Denoiser(td.DenoiserConfig(num_classes=K))
+    model.set_data_stats(X, y, standardize=False)
+    scheduler, ab = td.NoiseScheduler(), td.NoiseScheduler().alphas_cumprod[-1].double()
+    labels = torch.arange(K).repeat_interleave(20_000)
+    mean, cov, groups = model.start_moments(labels)
+    x_T = scheduler.prior(len(labels), mean, cov, torch.Generator().manual_seed(4), groups=groups).double()
+    for k in range(K):
+        Xk = X[y == k].numpy()
+        np.testing.assert_allclose(model.class_mean[k].numpy(), Xk.mean(0), atol=1e-5)
+        np.testing.assert_allclose(model.class_cov[k].numpy(), np.cov(Xk.T, bias=True), atol=1e-5)
+        xk = x_T[labels == k].numpy()
+        np.testing.assert_allclose(xk.mean(0), ab.sqrt().item() * Xk.mean(0), atol=0.05)
+        np.testing.assert_allclose(np.cov(xk.T), ab.item() * np.cov(Xk.T, bias=True) + (1 - ab.item()) * np.eye(2), atol=0.05)
+    mean, cov, groups = model.start_moments(None)  # no condition: the data's moments
+    assert groups is None and torch.allclose(mean.double(), X.mean(0), atol=1e-5)
+
+
+def test_numbers_start_from_a_linear_fit_of_the_data_on_them():
+    """Data z = A c + b + noise: cond_coef and cond_cov are numpy's least squares on the standardised c and its residuals."""
+    g = np.random.default_rng(5)
+    c = g.normal(size=(4000, C)) * [2.0, 0.5] + [1.0, -3.0]
+    z = c @ np.array([[1.0, -0.5], [2.0, 0.3]]) + 0.2 * g.normal(size=(4000, 2)) + 4.0
+    model = td.Denoiser(td.DenoiserConfig(cond_dim=C))
+    model.set_data_stats(torch.as_tensor(z), torch.as_tensor(c), standardize=False)
+    cs = (c - c.mean(0)) / c.std(0)
+    coef, *_ = np.linalg.lstsq(np.column_stack([cs, np.ones(len(cs))]), z, rcond=None)
+    np.testing.assert_allclose(model.cond_coef.numpy(), coef[:C], rtol=1e-4, atol=1e-4)
+    resid = z - np.column_stack([cs, np.ones(len(cs))]) @ coef
+    np.testing.assert_allclose(model.cond_cov.numpy(), np.cov(resid.T, bias=True), atol=1e-4)
+    mean, _, _ = model.start_moments(torch.as_tensor(c[:5], dtype=torch.float32))
+    np.testing.assert_allclose(mean.numpy(), z.mean(0) + cs[:5] @ coef[:C], atol=1e-3)
