@@ -1,12 +1,9 @@
 """tinydiff: denoising diffusion on D-dimensional points, in one file needing only torch and the standard library; in the order of the math:
-
   1. NoiseScheduler    DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2021, arXiv:2010.02502), cosine (arXiv:2102.09672)
-  2. SinusoidalEmbedding (Vaswani et al. 2017), as tiny-diffusion's MLP denoiser uses it
-  3-4. SelfAttention   multi-head, pre-norm, over the tokens [x1, ..., xD, t, c]; ResidualBlock: tiny-diffusion's or the study's
+  2-4. SinusoidalEmbedding (Vaswani et al. 2017); SelfAttention over the tokens [x1, ..., xD, t, c]; ResidualBlock (tiny-diffusion's)
   5. BiMambaBlock      bidirectional selective SSM (Mamba arXiv:2312.00752, Vision Mamba arXiv:2401.09417, DiS arXiv:2402.05608)
   6. Denoiser          eps_theta(x_t, t, c): coordinate, time and condition tokens -> attention / SSM mixers -> residual MLP
-  7. ddpm_loss         noise-prediction MSE (Ho et al. eq. 14) with condition dropout
-  8. sample            DDPM, DDIM, DPM-Solver++(2M) (Lu et al. 2022); classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598)
+  7-8. ddpm_loss (Ho et al. eq. 14); samplers: DDPM, DDIM, DPM-Solver++(2M) (Lu et al. 2022); classifier-free guidance (arXiv:2207.12598)
   9. fast_attention    section 3's attention, faster on small CPU batches
 """
 import math
@@ -22,7 +19,6 @@ import torch.nn.functional as F
 class NoiseScheduler(nn.Module):
     """Forward process q(x_t | x_0) and the reverse steps (diffusers' names); schedules in float64, kept as unsaved float32 buffers.
     At T=100 the linear schedule ends at alpha_bar_T ~ 0.36, not ~0: x_T keeps 60% of the signal, so `prior` matches q(x_T)'s moments."""
-
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
         super().__init__()
         T = self.num_train_timesteps = num_train_timesteps
@@ -44,10 +40,7 @@ class NoiseScheduler(nn.Module):
                        posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab), log_snr=0.5 * torch.log(ab / (1 - ab)))
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
-
-    @property
-    def alpha_bar_T(self):
-        return self.alphas_cumprod[-1].item()
+        self.alpha_bar_T = self.alphas_cumprod[-1].item()
 
     def prior(self, n, mean=None, cov=None, generator=None, device="cpu", dim=None, groups=None):
         """n points x_T ~ N(sqrt(ab_T) mean, ab_T cov + (1 - ab_T) I): q(x_T)'s moments for data of that mean and cov; else N(0, I_dim).
@@ -59,10 +52,11 @@ class NoiseScheduler(nn.Module):
             return z
         ab, mean, cov = (v.detach().cpu().double() for v in (self.alphas_cumprod[-1], mean, cov))  # on the CPU: MPS has no float64
         L = torch.linalg.cholesky(ab * cov + (1 - ab) * torch.eye(mean.shape[-1], dtype=torch.float64)).float().to(device)
+        mean = (ab.sqrt() * mean).float().to(device)
         if groups is None:
-            return (ab.sqrt() * mean).float().to(device) + z @ L.T
+            return mean + z @ L.T
         groups = groups.to(device)
-        x = (ab.sqrt() * mean).float().to(device)[groups] + (z @ L.T if L.ndim == 2 else 0)
+        x = mean[groups] + (z @ L.T if L.ndim == 2 else 0)
         for k in groups.unique() if L.ndim == 3 else ():  # one Cholesky factor per group, never one per row
             x[groups == k] += z[groups == k] @ L[k].T
         return x
@@ -79,9 +73,8 @@ class NoiseScheduler(nn.Module):
         """One DDPM ancestral step x_t -> x_{t-1} with the fixed_small variance beta_tilde_t."""
         x0 = self.predict_x0(model_output, t, x_t)  # eq. 15
         mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x_t  # eq. 7
-        if t == 0:  # beta_tilde_0 = 0
-            return mean
-        return mean + self.posterior_variance[t].sqrt() * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype) if t > 0 else 0  # beta_tilde_0 = 0
+        return mean + self.posterior_variance[t].sqrt() * noise
 
     def set_timesteps(self, num_inference_steps, spacing="linear"):
         """Distinct timesteps from T-1 down to 0, even in t ("linear") or in log-SNR ("logsnr": more steps at low noise, where detail forms)."""
@@ -101,8 +94,7 @@ class NoiseScheduler(nn.Module):
 
     def ddim_step(self, model_output, t, t_prev, x_t, eta=0.0, generator=None):
         """One DDIM step x_t -> x_{t_prev} (eq. 12; t_prev = -1: the clean sample). eta = 1: DDPM's variance (eq. 16); 0: deterministic."""
-        ab_t = self.alphas_cumprod[t]
-        ab_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(ab_t)
+        ab_t, ab_prev = self.alphas_cumprod[t], self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(self.alphas_cumprod[t])
         x0 = self.predict_x0(model_output, t, x_t)
         sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
         prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * model_output  # x_0 part + direction to x_t
@@ -127,7 +119,6 @@ class NoiseScheduler(nn.Module):
 
 class SinusoidalEmbedding(nn.Module):
     """(B,) -> (B, dim): [sin(s x w_i), cos(s x w_i)], w_i = exp(-ln(10000) i / (half - 1))."""
-
     def __init__(self, dim, scale=1.0):
         super().__init__()
         half, self.scale = dim // 2, scale
@@ -145,15 +136,13 @@ def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v over the tokens. q, k, v: (B, nh, L, hs) -> (B, nh, L, hs)."""
     return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v  # weights (B, nh, L, L)
 
-
 class SelfAttention(nn.Module):
     """Pre-norm multi-head self-attention with a residual: x + proj(attention(LN(x)))."""
-
     def __init__(self, dim, heads):
         super().__init__()
         if heads < 1 or dim % heads:
-            divisors = [h for h in range(1, dim + 1) if dim % h == 0]
-            raise ValueError(f"heads {heads} must divide the token width {dim}; use one of {', '.join(map(str, divisors))}")
+            divisors = ", ".join(str(h) for h in range(1, dim + 1) if dim % h == 0)
+            raise ValueError(f"heads {heads} must divide the token width {dim}; use one of {divisors}")
         self.heads, self.norm, self.qkv, self.proj = heads, nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -161,10 +150,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, E // self.heads).transpose(1, 3).unbind(2)  # each (B, nh, L, hs)
         return x + self.proj(fast_attention(q, k, v).transpose(1, 2).reshape(B, L, E))  # fast_attention = attention, section 9
 
-
 class ResidualBlock(nn.Module):
     """x + GELU(Linear(x)) (block="gelu", tiny-diffusion's) or x + Linear(ReLU(x)) (block="relu", the study's)."""
-
     def __init__(self, dim, block="gelu"):
         super().__init__()
         self.ff, self.block = nn.Linear(dim, dim), block
@@ -175,8 +162,7 @@ class ResidualBlock(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 5. Bidirectional selective state space block
-# h_t = a_t h_{t-1} + b_t is computed by products and sums only: the cumsum(log a) / exp trick overflows for long sequences
-# (NaN for L >= 64 at Mamba's init). Mamba's B and C are B_sel and C_sel here ("selective": per token), so B stays the batch size.
+# h_t = a_t h_{t-1} + b_t by products and sums only (cumsum(log a) overflows: NaN for L >= 64); Mamba's B, C are B_sel, C_sel here
 
 def scan_parallel(a, b):
     """h_t = a_t h_{t-1} + b_t along dim 1 (h_{-1} = 0) by odd/even reduction in 2 log2(L) batched steps (GPUs, long L)."""
@@ -189,7 +175,6 @@ def scan_parallel(a, b):
     h_odd = scan_parallel(a_odd * a_even, a_odd * b_even + b_odd)  # steps 2i, 2i+1 composed: a scan over h_1, h_3, ...
     h_even = torch.cat([b_even[:, :1], a_even[:, 1:] * h_odd[:, :-1] + b_even[:, 1:]], 1)  # h_{2i} = a_{2i} h_{2i-1} + b_{2i}, h_0 = b_0
     return torch.stack([h_even, h_odd], 2).flatten(1, 2)[:, :L]  # interleave -> (B, L, ...)
-
 
 def selective_scan(dt, A, B_sel, C_sel, x, parallel=None):
     """Mamba's h_t = exp(dt_t A) h_{t-1} + dt_t B_sel_t x_t, y_t = C_sel_t h_t. dt, x: (B, L, d_inner); A: (N, d_inner); B_sel, C_sel:
@@ -206,10 +191,8 @@ def selective_scan(dt, A, B_sel, C_sel, x, parallel=None):
         ys.append((h * C_t.unsqueeze(-1)).sum(-2))
     return torch.stack(ys, 1)
 
-
 class SelectiveSSM(nn.Module):
     """One direction of Mamba's mixer after in_proj: causal depthwise conv -> SiLU -> selective scan."""
-
     def __init__(self, d_inner, d_state, dt_rank, d_conv=4, dt_min=1e-3, dt_max=1e-1):
         super().__init__()
         self.dt_rank, self.d_state = dt_rank, d_state
@@ -233,11 +216,9 @@ class SelectiveSSM(nn.Module):
         dt, B_sel, C_sel = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return selective_scan(F.softplus(self.dt_proj(dt)), -torch.exp(self.A_log), B_sel.contiguous(), C_sel.contiguous(), x) + self.skip * x
 
-
 class BiMambaBlock(nn.Module):
     """Pre-norm residual bidirectional Mamba block (Vision Mamba v2 / DiS): in_proj and out_proj are shared, each direction has
     its own SelectiveSSM. The directions are averaged (the output scale does not depend on their number), gated with SiLU(z)."""
-
     def __init__(self, dim, d_state=8, expand=2, d_conv=4):
         super().__init__()
         d_inner, dt_rank = expand * dim, math.ceil(dim / 16)
@@ -255,11 +236,9 @@ class BiMambaBlock(nn.Module):
 
 MODEL_SD = 2.0  # set_data_stats(standardize=True): each coordinate's sd in the model's space (the named datasets' ~1.2-2.3)
 
-
 class AffineMap(nn.Module):
     """x = shift + scale * z per coordinate, between data units x and a model's space z. The shift is a float32 pair (shift +
     shift_lo) adding up to its float64 value: data at an offset of 1e9 times their spread map exactly, even on MPS (no float64)."""
-
     def __init__(self, dim):
         super().__init__()
         for name, value in (("shift", torch.zeros(dim)), ("shift_lo", torch.zeros(dim)), ("scale", torch.ones(dim))):
@@ -267,21 +246,15 @@ class AffineMap(nn.Module):
 
     def set(self, shift, scale):
         shift = torch.as_tensor(shift, dtype=torch.float64)
-        self.shift.copy_(shift.float())
-        self.shift_lo.copy_((shift - self.shift.double()).float())
-        self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64).float())
+        self.shift.copy_(shift), self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))  # rounded to float32
+        self.shift_lo.copy_(shift - self.shift.double())
 
-    def to_model(self, x):
-        """z = (x - shift) / scale, in float64 where x is float64, returned as float32."""
-        if x.dtype == torch.float64:
-            return ((x - self.shift.double() - self.shift_lo.double()) / self.scale.double()).float()
-        return (x - self.shift - self.shift_lo) / self.scale
+    def to_model(self, x):  # z = (x - shift) / scale, computed in x's dtype (float64: exact), returned as float32
+        return ((x - self.shift.to(x.dtype) - self.shift_lo.to(x.dtype)) / self.scale.to(x.dtype)).float()
 
-    def to_data(self, z):
-        """x = shift + scale * z, in float64 (float32 on MPS)."""
+    def to_data(self, z):  # x = shift + scale * z, in float64 (float32 on MPS, which has no float64)
         dtype = torch.float32 if z.device.type == "mps" else torch.float64
         return self.shift.to(dtype) + self.shift_lo.to(dtype) + self.scale.to(dtype) * z.to(dtype)
-
 
 @dataclass
 class DenoiserConfig:
@@ -300,24 +273,20 @@ class DenoiserConfig:
     num_classes: int = 0  # K > 0: labels 0..K-1 become a condition token; label K is the null ("no condition")
     cond_dim: int = 0  # C > 0: a vector of C numbers becomes the condition token
 
-
 class Denoiser(nn.Module):
-    """eps_theta(z_t, t, y): (B, D), (B,), condition -> (B, D), in the model's space z (set_data_stats). Each coordinate, t and the
-    condition become tokens of width E, mixed by optional attention and SSM blocks (DiS, with U-ViT's long skips), then flattened into
-    the residual MLP (D = 2 without mixers: the study's MLPDenoiser for block="relu", tiny-diffusion's for "gelu"). y: (B,) labels
-    or (B, C) numbers (standardized, then Linear-SiLU-Linear as DiT embeds t). Rows where drop is True, or all if y is None, get
-    the learned null condition."""
-
+    """eps_theta(z_t, t, y): (B, D), (B,), condition -> (B, D) in the model's space z (set_data_stats). Each coordinate, t and the
+    condition become tokens of width E, mixed by optional attention and SSM blocks (DiS, with U-ViT's long skips), then flattened into the
+    residual MLP (D = 2, no mixers: the study's MLPDenoiser for block="relu"). y: (B,) labels or (B, C) numbers (standardized, then
+    Linear-SiLU-Linear as DiT embeds t). Rows where drop is True, or all if y is None, get the learned null condition."""
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
-        self.cfg = cfg
         D, E, K, C = cfg.data_dim, cfg.emb_dim, cfg.num_classes, cfg.cond_dim
-        if D < 1:
-            raise ValueError(f"data_dim {D} must be at least 1: it is the number of coordinates per point")
-        if K < 0 or C < 0 or (K and C):
-            raise ValueError(f"use num_classes=K > 0 (labels) or cond_dim=C > 0 (numbers), not both: got num_classes={K}, cond_dim={C}")
-        if cfg.block not in ("gelu", "relu"):
-            raise ValueError(f"unknown block {cfg.block!r}; use gelu or relu")
+        self.cfg, self.conditional = cfg, K > 0 or C > 0
+        for bad, message in ((D < 1, f"data_dim {D} must be at least 1: it is the number of coordinates per point"),
+                             (K < 0 or C < 0 or (K and C), f"use num_classes=K > 0 (labels) or cond_dim=C > 0 (numbers), not both: got {K}, {C}"),
+                             (cfg.block not in ("gelu", "relu"), f"unknown block {cfg.block!r}; use gelu or relu")):
+            if bad:
+                raise ValueError(message)
         self.coord_emb, self.time_emb = SinusoidalEmbedding(E, cfg.coord_scale), SinusoidalEmbedding(E, cfg.time_scale)
         self.attn = nn.ModuleList(SelfAttention(E, cfg.heads) for _ in range(cfg.attn_layers))
         if cfg.ssm_layers:  # the SSM stack runs at width ssm_dim, as a residual branch on the tokens
@@ -325,11 +294,9 @@ class Denoiser(nn.Module):
         self.ssm = nn.ModuleList(BiMambaBlock(cfg.ssm_dim, cfg.d_state) for _ in range(cfg.ssm_layers))
         self.skips = nn.ModuleList(nn.Linear(2 * cfg.ssm_dim, cfg.ssm_dim) for _ in range(cfg.ssm_layers // 2))
         blocks = [ResidualBlock(cfg.hidden, cfg.block) for _ in range(cfg.hidden_layers)]
-        inputs = (D + 1 + (K > 0 or C > 0)) * E  # the flattened tokens
-        if cfg.block == "relu":  # the study's MLPDenoiser: pre-activation blocks, one ReLU before the output
-            self.mlp = nn.Sequential(nn.Linear(inputs, cfg.hidden), *blocks, nn.ReLU(), nn.Linear(cfg.hidden, D))
-        else:
-            self.mlp = nn.Sequential(nn.Linear(inputs, cfg.hidden), nn.GELU(), *blocks, nn.Linear(cfg.hidden, D))
+        inputs = (D + 1 + self.conditional) * E  # the flattened tokens
+        first, last = ([], [nn.ReLU()]) if cfg.block == "relu" else ([nn.GELU()], [])  # relu: the study's MLPDenoiser, ReLU before the output
+        self.mlp = nn.Sequential(nn.Linear(inputs, cfg.hidden), *first, *blocks, *last, nn.Linear(cfg.hidden, D))
         if K:  # created last, so that an unconditional model draws the same initial weights; row K of class_*: the data's
             self.label_emb = nn.Embedding(K + 1, E)
             self.register_buffer("class_mean", torch.zeros(K + 1, D))
@@ -346,10 +313,6 @@ class Denoiser(nn.Module):
                             ("data_stats_set", torch.tensor(False))):
             self.register_buffer(name, value)
 
-    @property
-    def conditional(self):
-        return bool(self.cfg.num_classes or self.cfg.cond_dim)
-
     def check_points(self, x):
         D = self.cfg.data_dim
         if x.ndim != 2 or x.shape[1] != D:
@@ -357,24 +320,20 @@ class Denoiser(nn.Module):
 
     def check_condition(self, y, n):
         K, C = self.cfg.num_classes, self.cfg.cond_dim
-        if y is None:
-            return
-        if not self.conditional:
+        if y is not None and not self.conditional:
             raise ValueError("this Denoiser is unconditional (num_classes=0, cond_dim=0), so it takes no y; build one with num_classes or cond_dim")
         shape, kind = ((n,), f"integer labels in 0..{K - 1} for num_classes={K}") if K else ((n, C), f"float conditions for cond_dim={C}")
-        if y.shape != shape or y.dtype.is_floating_point != bool(C) or y.dtype == torch.bool:
+        if y is not None and (y.shape != shape or y.dtype.is_floating_point != bool(C) or y.dtype == torch.bool):
             raise ValueError(f"y must be {shape} {kind}, but got {y.dtype} of shape {tuple(y.shape)}")
-        if K and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= K:
+        if y is not None and K and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= K:
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise ValueError(f"label {bad} is out of range for num_classes={K}: use 0..{K - 1} (or {K}, the null label)")
 
     @torch.no_grad()
     def set_data_stats(self, x, y=None, standardize=True, moments=True):
-        """Learn, in float64 and before AveragedModel copies the model, what the loss and samplers need about the training points x
-        (N, D, data units) and conditions y. standardize: work on z = (x - shift) / scale, each coordinate at mean 0, sd MODEL_SD, so any
-        offset and scale meet the settings tuned on the study's data. moments: z's mean and covariance for NoiseScheduler.prior (False:
-        0 and I). Labels y give class_freq (draw_labels) and each class's moments; numbers y their own standardization (cond_map)
-        and a linear fit of z's mean on them: the sampler starts from the condition's moments, as q(x_T | c) has them."""
+        """Learn in float64, before AveragedModel copies the model, what loss and samplers need about training points x (N, D) and conditions
+        y. standardize: the model works on z = (x - shift) / scale at mean 0, sd MODEL_SD, so any offset and scale meet the tuned settings.
+        moments: z's mean and covariance (per class; a linear fit on numbers) for the sampler's start (False: 0 and I); class_freq, cond_map."""
         x = torch.as_tensor(x).detach().cpu().double()
         self.check_points(x)
         D, sd = x.shape[1], x.std(0, correction=0)
@@ -383,8 +342,7 @@ class Denoiser(nn.Module):
         z = self.data_map.to_model(x).double()
         stats = lambda z: (z.mean(0), (z - z.mean(0)).T @ (z - z.mean(0)) / len(z)) if moments and len(z) else (torch.zeros(D), torch.eye(D))
         mean, cov = stats(z)
-        self.data_mean.copy_(mean)
-        self.data_cov.copy_(cov)
+        self.data_mean.copy_(mean), self.data_cov.copy_(cov)
         if y is not None:
             y = torch.as_tensor(y).detach().cpu()
             self.check_condition(y, len(x))
@@ -402,9 +360,8 @@ class Denoiser(nn.Module):
         self.data_stats_set.fill_(True)
 
     def start_moments(self, y=None):
-        """(mean, cov, groups) of z for NoiseScheduler.prior given conditions y: each label's class moments, a linear fit on the
-        numbers, or (y None) the data's. At T = 100, x_T still holds 60% of the signal: a start with the data's moments would pull
-        every class towards the others."""
+        """(mean, cov, groups) for NoiseScheduler.prior given conditions y: each label's class moments, a linear fit on the numbers, or
+        the data's. x_T keeps 60% of the signal (T = 100), so a start with the data's moments would pull every class to the others."""
         if y is None or not self.conditional:
             return self.data_mean, self.data_cov, None
         if self.cfg.num_classes:
@@ -426,9 +383,7 @@ class Denoiser(nn.Module):
         if t.shape != x.shape[:1]:
             raise ValueError(f"t must hold one timestep per point, shape ({x.shape[0]},), but has shape {tuple(t.shape)}")
         tokens = [self.coord_emb(x[:, i]) for i in range(x.shape[1])] + [self.time_emb(t)]
-        if self.conditional:
-            tokens.append(self.condition_token(y, drop, len(x)))
-        tokens = torch.stack(tokens, 1)  # (B, D + 1 (+ 1), E)
+        tokens = torch.stack(tokens + ([self.condition_token(y, drop, len(x))] if self.conditional else []), 1)  # (B, D + 1 (+ 1), E)
         for block in self.attn:
             tokens = block(tokens)
         if len(self.ssm):
@@ -452,27 +407,20 @@ class Denoiser(nn.Module):
 
 def unwrap(model):
     """The Denoiser inside AveragedModel, DDP (.module) or torch.compile (._orig_mod), for its data statistics; others as they are."""
-    while isinstance(model, nn.Module) and not isinstance(model, Denoiser):
-        inner = model._modules.get("module", model._modules.get("_orig_mod"))
-        if inner is None:
-            break
-        model = inner
+    while isinstance(model, nn.Module) and not isinstance(model, Denoiser) and {"module", "_orig_mod"} & set(model._modules):
+        model = model._modules.get("module", model._modules.get("_orig_mod"))
     return model
 
-
 def sample_timesteps(n, T, low_t=2, low_frac=0.25, generator=None, device=None):
-    """t ~ U{0..T-1} for n points, the first round(low_frac n) redrawn from U{0..low_t-1}: more signal for the last steps, where
-    sharp detail forms (docs/tuning.md, "Circle"). The defaults are train.py's; low_frac=0: uniform."""
+    """t ~ U{0..T-1} for n points, the first round(low_frac n) from U{0..low_t-1}, for sharp detail (docs/tuning.md "Circle"); train.py's defaults."""
     t = torch.randint(0, T, (n,), device=device, generator=generator)
     if (k := round(low_frac * n)) > 0:
         t[:k] = torch.randint(0, low_t, (k,), device=device, generator=generator)
     return t
 
-
 def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, drop=None, generator=None):
-    """L_simple (Ho et al. eq. 14): MSE between the noise and its prediction, for x0 (B, D) in data units; t ~ U{0..T-1} and noise ~
-    N(0, I) unless given. With conditions y, a row gets the null condition with probability p_uncond (or where drop is True), so one
-    network learns both halves of classifier-free guidance."""
+    """L_simple (Ho et al. eq. 14): MSE of the noise prediction for x0 (B, D) in data units; t ~ U{0..T-1}, noise ~ N(0, I) unless given.
+    With conditions y a row gets the null condition with probability p_uncond (or where drop is True): both halves of guidance."""
     net = unwrap(model)
     if isinstance(net, Denoiser):
         if not net.data_stats_set:
@@ -493,7 +441,6 @@ def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, dr
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; the others use all T
 
-
 def draw_labels(model, n, generator=None, device=None):
     """n labels of a class-conditional Denoiser, drawn in its training data's proportions (class_freq)."""
     net = unwrap(model)
@@ -502,38 +449,30 @@ def draw_labels(model, n, generator=None, device=None):
     on_cpu = generator is None or generator.device.type == "cpu"  # a CUDA generator cannot drive a draw on the CPU
     return torch.multinomial(net.class_freq.cpu().double(), n, replacement=True, generator=generator if on_cpu else None).to(device or "cpu")
 
-
 def guided_eps(model, x, t, y=None, guidance=1.0):
-    """eps = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)): w = 1 conditional, w = 0 unconditional, w > 1 guided
-    (Ho & Salimans eq. 6, with w = 1 + their w). Both halves run as one batch."""
-    t = torch.full((len(x),), t, device=x.device, dtype=torch.long) if isinstance(t, int) else t
+    """eps(null) + w (eps(y) - eps(null)), both in one batch: w = 1 conditional, 0 unconditional, > 1 guided (Ho & Salimans eq. 6, w = 1 + theirs)."""
+    t = torch.full((len(x),), t, device=x.device, dtype=torch.long) if isinstance(t, int) else t  # an int t: every row's
     if y is None or guidance == 1:
         return model(x, t) if y is None else model(x, t, y)
-    if guidance == 0:
-        return model(x, t, y, torch.ones(len(x), dtype=torch.bool, device=x.device))
     drop = torch.arange(2 * len(x), device=x.device) >= len(x)  # the second half is unconditional
     eps_cond, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), drop).chunk(2)
     return eps_null + guidance * (eps_cond - eps_null)
 
-
 @torch.no_grad()
 def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=None, device=None, y=None, guidance=1.0,
            return_trajectory=False, batch_size=None, dim=None, callback=None):
-    """n points (n, D) in data units (float64; float32 on MPS), or their (steps + 1, n, D) trajectory on the CPU, from scheduler.prior
-    with the model's moments (else N(0, I_dim)); one network call per timestep, the last returning its x_0. sampler: "ddpm" ancestral
-    (DDIM with eta=1 if steps < T), "ddim" strided with eta, "dpm++" DPM-Solver++(2M) SDE, 20 steps even in log-SNR. y: conditions;
-    None draws labels in the training shares (draw_labels). guidance: w of guided_eps. batch_size: rows per network call (default 1024
-    on CPU, else n), which changes the speed, not the samples. callback(i, steps) follows each step."""
+    """n points (n, D) in data units (float64; float32 on MPS), or their (steps + 1, n, D) trajectory on the CPU, from scheduler.prior with
+    start_moments (else N(0, I_dim)); one network call per timestep, the last returning its x_0. sampler: "ddpm" ancestral (DDIM, eta=1, if
+    steps < T), "ddim" strided with eta, "dpm++" DPM-Solver++(2M) SDE, 20 steps even in log-SNR. y: conditions (None: labels drawn in the
+    training shares); guidance: w of guided_eps; batch_size: rows per network call (default 1024 on CPU, else n); callback(i, steps)."""
     T, net = scheduler.num_train_timesteps, unwrap(model)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size {batch_size} must be a positive number of rows (or None for the default)")
     conditional = isinstance(net, Denoiser) and net.conditional
-    if guidance != 1 and not conditional:
-        raise ValueError(f"guidance {guidance} needs a conditional Denoiser (num_classes or cond_dim); this model is unconditional")
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance {guidance} must be a number >= 0 (1: plain conditional sampling, 0: unconditional)")
+    for bad, message in ((sampler not in SAMPLERS, f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++"),
+                         (batch_size is not None and batch_size < 1, f"batch_size {batch_size} must be a positive number of rows, or None"),
+                         (guidance != 1 and not conditional, f"guidance {guidance} needs a conditional Denoiser (num_classes or cond_dim)"),
+                         (not (math.isfinite(guidance) and guidance >= 0), f"guidance {guidance} must be a number >= 0 (1: conditional, 0: not)")):
+        if bad:
+            raise ValueError(message)
     device = device or next(iter(model.parameters()), torch.empty(0)).device
     steps = steps or DEFAULT_STEPS.get(sampler, T)
     timesteps = scheduler.set_timesteps(steps, "logsnr" if sampler == "dpm++" else "linear")
@@ -542,8 +481,9 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     if y is not None:
         net.check_condition(y, n)
         y = y.to(device)
-    start = net.start_moments(y if guidance > 0 else None) if isinstance(net, Denoiser) else (getattr(net, "data_mean", None), getattr(net, "data_cov", None), None)
-    x = scheduler.prior(n, start[0], start[1], generator, device, dim, start[2])
+    mean, cov, groups = net.start_moments(y if guidance > 0 else None) if isinstance(net, Denoiser) else \
+        (getattr(net, "data_mean", None), getattr(net, "data_cov", None), None)
+    x = scheduler.prior(n, mean, cov, generator, device, dim, groups)
     to_data = net.data_map.to_data if isinstance(net, Denoiser) else (lambda z: z)
     trajectory = [to_data(x).cpu()] if return_trajectory else None
     x0_last = t_last = None
