@@ -178,13 +178,19 @@ def write_or_fail(path, write, advice="free some space, then rerun"):
 class DirLock:
     """An exclusive flock on a folder's own descriptor, released by close() or when the object or the process goes."""
 
-    def __init__(self, fd):
-        self.fd = fd
+    def __init__(self, fd, path=None, created=False):
+        self.fd, self.path, self.created = fd, path, created
 
     def close(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def abandon(self):
+        """Release the folder, and remove it if this process made it and left it empty: a refused command leaves nothing."""
+        self.close()
+        if self.created and os.path.isdir(self.path) and not os.listdir(self.path):
+            os.rmdir(self.path)
 
     __del__ = close
 
@@ -193,6 +199,7 @@ def claim_run_dir(path):
     """Make the folder and lock it for this process: a second process refuses. The lock is held on the
     folder itself (flock on its descriptor), so no file can be deleted to defeat it, and it goes with the
     process, even when that is killed. POSIX; on Windows there is no lock."""
+    created = not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
         fd = os.open(path, os.O_RDONLY)
@@ -207,7 +214,7 @@ def claim_run_dir(path):
     except OSError:
         DirLock(fd).close()
         fail(f"another process is using {quote(path)} right now; wait for it to finish, or choose another --out_dir")
-    return DirLock(fd)
+    return DirLock(fd, path, created)
 
 
 # -----------------------------------------------------------------------------
@@ -318,6 +325,7 @@ class RunData(NamedTuple):
     names: object  # the class names, or the condition columns' names
     kind: object  # "labels", "numbers" or None
     fingerprint: dict  # the whole file's shape and hash, conditions included
+    note: object = None  # why nothing is held out, for the user
 
 
 def load_data(dataset, label_column=None, cond_columns=None, conditional=False, holdout=0.1):
@@ -333,11 +341,10 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     kind = None if y is None else "labels" if y.ndim == 1 else "numbers"
     ident = fingerprint(X if y is None else np.column_stack([X, y]))
     m = round(holdout * len(X)) if dataset not in datasets.DATASETS else 0
-    if dataset not in datasets.DATASETS and holdout > 0 and m < MIN_HELDOUT:
-        print(f"note: {len(X)} points are too few to hold out {holdout:g} of them ({m} < {MIN_HELDOUT}); the metrics compare the samples"
-              " with the training points, and have no floor", file=sys.stderr)
     if m < MIN_HELDOUT:
-        return RunData(X, y, None, None, names, kind, ident)
+        note = (f"{len(X)} points are too few to hold out {holdout:g} of them ({m} < {MIN_HELDOUT}); the metrics compare the samples with"
+                " the training points, and have no floor") if dataset not in datasets.DATASETS and holdout > 0 else None
+        return RunData(X, y, None, None, names, kind, ident, note)
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(X))
     held, train = np.sort(perm[:m]), np.sort(perm[m:])
     pick = lambda v, rows: None if v is None else v[rows]

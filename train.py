@@ -43,12 +43,12 @@ class Preset(NamedTuple):
 # name, default (a Preset: set by --preset), run (True: defines the run; --resume keeps it), argparse keywords
 FLAGS = [
     ("dataset", "dino", True, dict(help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.tsv/.txt/.npy file")),
+    ("preset", "tinydiff", True, dict(choices=["tinydiff", "paper"], help="tinydiff (measured defaults) or paper (the study's code path)")),
     ("label_column", None, True, dict(help="a file's column of class labels (names or integers), by header name or 0-based index: trains p(x | label)")),
     ("cond_columns", None, True, dict(help="a file's columns of numbers to condition on, NAME[,NAME...] or indices: trains p(x | c)")),
     ("conditional", False, True, dict(action="store_true", help=f"train a named dataset with its labels ({', '.join(datasets.CLASSES)})")),
     ("p_uncond", 0.1, True, dict(type=float, help="share of rows trained without their condition, for classifier-free guidance")),
     ("holdout", 0.1, True, dict(type=float, help="share of a file's points held out for the metrics, split with a fixed seed")),
-    ("preset", "tinydiff", True, dict(choices=["tinydiff", "paper"], help="tinydiff (measured defaults) or paper (the study's code path)")),
     ("attn_layers", 0, True, dict(type=int, help="self-attention layers over the tokens [x1, ..., xD, t]")),
     ("heads", 4, True, dict(type=int, help="attention heads; must divide 128")),
     ("ssm_layers", 0, True, dict(type=int, help="bidirectional SSM (Mamba) blocks over the tokens")),
@@ -96,6 +96,7 @@ FLAGS = [
 PRESETS = {name: {k: getattr(d, name) for k, d, _, _ in FLAGS if isinstance(d, Preset)} for name in Preset._fields}
 RUN_KEYS = tuple(k for k, _, run, _ in FLAGS if run)
 RESUME_FREE = ("threads", "train_steps")  # run settings that --resume lets a user change (train_steps: only upwards)
+KEPT = ("eval_interval", "ckpt_interval", "eval_batch_size", "sampler", "sample_steps", "log_interval", "guidance", "nll")  # resumed unless given
 
 
 def get_parser(p=None, skip=()):
@@ -202,6 +203,8 @@ def check_data(args, data_file, device):
              f" (the kNN KL compares each point with its {evaluate.KNN_K} nearest neighbours); give more points")
     if not np.isfinite(X.astype(np.float32)).all():
         fail(f"{data_file} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
+    if data.note:
+        print(f"note: {data.note}", file=sys.stderr)
     return data, cfg, sched_cfg
 
 
@@ -253,7 +256,7 @@ def take_settings_from(ckpt, args, given, ckpt_path):
     """--resume: flags not given take the checkpoint's value; a given run flag must agree with it, compared
     after both went through fill_preset, so that the command that made the run always resumes it."""
     saved = ckpt["args"]
-    for k in RUN_KEYS:
+    for k in RUN_KEYS + KEPT:
         if k not in given:
             setattr(args, k, saved[k])
     fill_preset(args)
@@ -265,8 +268,11 @@ def take_settings_from(ckpt, args, given, ckpt_path):
                  f"drop the flag, or start a new run with --overwrite or another --out_dir")
     if args.train_steps < saved["train_steps"]:
         fail(f"--train_steps {args.train_steps} is below this run's {saved['train_steps']}; a run can be extended, not shortened")
+    unused = {"label_column": None, "cond_columns": None, "conditional": False}  # a run without a condition: not worth a word
+    unused.update(p_uncond=args.p_uncond if not (args.conditional or args.label_column or args.cond_columns) else None)
+    unused.update(holdout=args.holdout if args.dataset in datasets.DATASETS else None)
     print(f"resuming {ckpt_path} at step {ckpt['step']} of {args.train_steps}; from the checkpoint: "
-          + ", ".join(f"{k} {getattr(args, k)}" for k in RUN_KEYS if k not in given))
+          + ", ".join(f"{k} {getattr(args, k)}" for k in RUN_KEYS if k not in given and unused.get(k, "-") != getattr(args, k)))
     if args.train_steps > saved["train_steps"]:
         print(f"extending the run from {saved['train_steps']} to {args.train_steps} steps: the cosine schedule is stretched to the new end")
 
@@ -584,13 +590,18 @@ def main(argv=None):
     check_condition_flags(args)
     device = runs.pick_device(args.device)
     lock, ckpt = open_run(args, given)
-    check_flags(args)  # the settings taken from a checkpoint, too
-    data_file = runs.run_dataset(ckpt) if ckpt else args.dataset  # a resumed run's file where it was trained, from any folder
-    data, cfg, sched_cfg = check_data(args, data_file, device)
-    if ckpt:
-        check_same_data(args, ckpt, data, data_file)
-    if args.compile:
-        check_compile(device)
+    try:
+        check_flags(args)  # the settings taken from a checkpoint, too
+        data_file = runs.run_dataset(ckpt) if ckpt else args.dataset  # a resumed run's file where it was trained, from any folder
+        data, cfg, sched_cfg = check_data(args, data_file, device)
+        if ckpt:
+            check_same_data(args, ckpt, data, data_file)
+        if args.compile:
+            check_compile(device)
+    except SystemExit:
+        if lock:
+            lock.abandon()
+        raise
     if "heads" in given and not args.attn_layers:
         print("warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr)
     names = None if data.kind else datasets.column_names(data_file, data.points.shape[1])  # a text file's header, for the plot's axes

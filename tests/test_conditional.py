@@ -55,8 +55,10 @@ def test_conditional_moons_keep_each_moon_apart_and_guidance_sharpens_them(tmp_p
     for w in (1, 3):
         assert run_here("sample.py", "--out_dir", out, "--n", 1000, "--sampler", "dpm++", "--label", "upper", "--guidance", w,
                         "--out", tmp_path / f"w{w}").returncode == 0
-    gap = lambda w: (lambda x: (datasets.log_density("moons", x, 0) - datasets.log_density("moons", x, 1)).mean())(np.load(tmp_path / f"w{w}.npy"))
-    assert gap(3) > gap(1) > 0
+    x1, x3 = (np.load(tmp_path / f"w{w}.npy") for w in (1, 3))
+    upper = lambda x: (datasets.log_density("moons", x, 0) > datasets.log_density("moons", x, 1)).mean()
+    assert upper(x3) >= upper(x1) > 0.97
+    assert np.median(datasets.log_density("moons", x3, 0)) > np.median(datasets.log_density("moons", x1, 0))  # sharper: deeper inside
 
 
 def test_continuous_conditions_move_the_samples_along_f_of_c(tmp_path):

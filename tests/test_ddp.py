@@ -43,11 +43,12 @@ def weights(out, key="model"):
     return runs.load_checkpoint(str(out / "ckpt.pt"))[key]
 
 
-def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_path):
+@pytest.mark.parametrize("condition", [[], ["--conditional"]])
+def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_path, condition):
     # lr 1e-3, clip 1: Adam divides by the root of each weight's squared-gradient average, so for a weight whose
     # gradient is near zero it turns the last-bit differences of the reordered sums into visible ones.
     # At 1e-3 they stay under the tolerance below; at 2e-3, one weight in 98,304 moved by 1.3e-6.
-    args = [*ARGS, "--train_steps", 40, "--lr", "1e-3", "--grad_clip", "1"]
+    args = [*ARGS, "--train_steps", 40, "--lr", "1e-3", "--grad_clip", "1", *condition]
     p = torchrun(*args, "--out_dir", tmp_path / "ddp")
     assert "2 processes" in p.stdout and p.stdout.count("step     10 |") == 1  # rank 0 alone logs
     one = subprocess.run([PY, os.path.join(ROOT, "train.py"), *map(str, args), "--out_dir", str(tmp_path / "one")],
@@ -58,6 +59,9 @@ def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_pa
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert not torch.equal(weights(tmp_path / "one")["mlp.0.weight"], td.Denoiser(td.DenoiserConfig()).state_dict()["mlp.0.weight"])
     assert sorted(f.name for f in (tmp_path / "ddp").iterdir()) == sorted(f.name for f in (tmp_path / "one").iterdir())
+    # the logged loss is the whole batch's, not rank 0's share of it
+    losses = [runs.load_checkpoint(str(tmp_path / run / "ckpt.pt"))["losses"] for run in ("ddp", "one")]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow  # 30 s; kill-and-resume is tested by default for one process (test_scripts), DDP training above

@@ -218,10 +218,12 @@ def test_moons_at_another_offset_and_scale_train_as_well_with_the_default_flags(
     raw, scaled = np.load(out / "samples.npy"), (np.load(tmp_path / "run" / "samples.npy") - 100) / 50
     assert abs(evaluate.knn_kl(data, scaled) - evaluate.knn_kl(data, raw)) < 0.1
     assert abs(evaluate.hist_kl(data, scaled) - evaluate.hist_kl(data, raw)) < 0.15
-    assert m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(data * 50 + 100, scaled * 50 + 100), abs=1e-6)  # in the file's units
+    split = runs.load_data(str(tmp_path / "moons.csv"))  # scored against the held-out tenth, in the file's units
+    assert m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(split.held, scaled * 50 + 100), abs=1e-6)
     ckpt = runs.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # the map is in the checkpoint, for sample.py and evaluate.py
-    np.testing.assert_allclose(ckpt["ema"]["data_shift"].numpy(), data.mean(0) * 50 + 100, rtol=1e-6)
-    np.testing.assert_allclose(ckpt["ema"]["data_scale"].numpy(), data.std(0) * 50 / td.MODEL_SD, rtol=1e-6)
+    shift = ckpt["ema"]["data_map.shift"].double() + ckpt["ema"]["data_map.shift_lo"].double()
+    np.testing.assert_allclose(shift.numpy(), split.points.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(ckpt["ema"]["data_map.scale"].numpy(), split.points.std(0) / td.MODEL_SD, rtol=1e-6)
 
 
 def test_user_data_file_trains(tmp_path):
@@ -229,8 +231,7 @@ def test_user_data_file_trains(tmp_path):
     np.savetxt(tmp_path / "pts.csv", pts, delimiter=",")
     run("train.py", "--dataset", tmp_path / "pts.csv", "--train_steps", 50, *FAST, "--out_dir", tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert "knn_kl_floor" not in m  # a user's file has no generator to draw a floor from
-    assert np.isfinite(m["knn_kl_bits"])
+    assert m["holdout"] == 50 and np.isfinite(m["knn_kl_bits"]) and np.isfinite(m["knn_kl_floor"])  # held-out points give a file a floor
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -239,7 +240,7 @@ def test_user_data_file_trains(tmp_path):
     ("train.py", ["--train_steps", "0"], "--train_steps must be a positive integer"),
     ("train.py", ["--batch_size", "-4"], "--batch_size must be a positive integer"),
     ("train.py", ["--sample_steps", "500"], "steps must be in 1..100"),
-    ("train.py", ["--out_dir", "/etc/hostname/run"], "cannot write to --out_dir"),
+    ("train.py", ["--out_dir", "/etc/hostname/run"], "cannot use /etc/hostname/run as a run folder"),
     ("train.py", ["--out_dir", "{tmp}/nothing", "--resume"], "--resume found no checkpoint"),
     ("train.py", ["--dataset", "{tmp}/missing.csv"], "no data file at"),
     ("sweep.py", ["--jobs", "0", "--out_dir", "{tmp}/sweep"], "--jobs must be a positive integer"),
@@ -279,13 +280,15 @@ def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
     import sweep
 
     vals = {0: 0.30, 1: 0.25, 2: 0.41}
+    args = sweep.get_parser().parse_args(["--out_dir", str(tmp_path)])  # the tinydiff preset, 10,000 steps, 3 seeds
     for s, kl in vals.items():
         d = tmp_path / f"dino-base-s{s}"
         d.mkdir()
-        m = dict(train_time_s=70.0 + s, eval_loss=0.66, inference_s=12.0, knn_kl_bits=kl, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03)
+        m = dict(train_time_s=70.0 + s, eval_loss=0.66, inference_s=12.0, knn_kl_bits=kl, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03,
+                 args=json.loads(runs.to_json(vars(sweep.run_args(args, "base", "dino", s, str(d))))))
         (d / "metrics.json").write_text(json.dumps(m))
         np.save(d / "samples.npy", np.zeros((10, 2)))
-    sweep.write_results(str(tmp_path), SimpleNamespace(preset="tinydiff", train_steps=10_000, batch_size=256, seeds=3))
+    sweep.write_results(str(tmp_path), args)
     text = (tmp_path / "results.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| dino | 3 |"))
     kl = list(vals.values())
@@ -310,7 +313,8 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
         run = root / f"{d}-{c}-s{s}"
         run.mkdir(parents=True)
         curve = [dict(step=st, train_time_s=0.03 * st + s, knn_kl_bits=float(k)) for st, k in zip(steps, kl)]
-        m = dict(args=dict(preset=preset), curve=curve, curve_floor=0.05, curve_samples=evaluate.CURVE_N, train_time_s=300.0, eval_loss=0.6, inference_s=9.0,
+        grid_args = sweep.get_parser().parse_args(["--preset", preset])
+        m = dict(args=json.loads(runs.to_json(vars(sweep.run_args(grid_args, c, d, s, str(run))))), curve=curve, curve_floor=0.05, curve_samples=evaluate.CURVE_N, train_time_s=300.0, eval_loss=0.6, inference_s=9.0,
                  knn_kl_bits=float(kl[-1]), knn_kl_floor=0.02, hist_kl_nats=0.1, hist_kl_floor=0.01)
         (run / "metrics.json").write_text(json.dumps(m))
         np.save(run / "samples.npy", np.zeros((10, 2)))
