@@ -111,11 +111,11 @@ def main(argv=None):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         x = torch.randn(args.batch_size, 2, device=device)
         model.set_data_stats(x, standardize=False, moments=False)  # raw coordinates and the N(0, I) start
-        fwd = torch.compile(model) if args.compile else model
+        net = torch.compile(model) if args.compile else model
 
         def train_step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = td.ddpm_loss(fwd, scheduler, x)
+                loss = td.ddpm_loss(net, scheduler, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

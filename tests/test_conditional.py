@@ -33,7 +33,7 @@ def clusters(tmp_path, rng, n=2000):
 def test_a_label_column_of_words_trains_each_class_to_its_own_cluster(tmp_path):
     centres = clusters(tmp_path, np.random.default_rng(0))
     out = tmp_path / "run"
-    train("--dataset", tmp_path / "c.csv", "--label_column", "kind", "--train_steps", 1500, "--out_dir", out)
+    train("--dataset", tmp_path / "c.csv", "--label_column", "kind", "--train_steps", 800, "--out_dir", out)
     m = json.loads((out / "metrics.json").read_text())
     assert m["condition"] == dict(kind="labels", names=sorted(centres)) and m["holdout"] == 200
     assert m["fidelity"] > 0.95 and m["fidelity_floor"] > 0.95  # the vote itself is near-perfect on these clusters
@@ -61,6 +61,7 @@ def test_conditional_moons_keep_each_moon_apart_and_guidance_sharpens_them(tmp_p
     assert np.median(datasets.log_density("moons", x3, 0)) > np.median(datasets.log_density("moons", x1, 0))  # sharper: deeper inside
 
 
+@pytest.mark.slow  # 20 s; numbers as conditions are checked by default in test_conditioning
 def test_continuous_conditions_move_the_samples_along_f_of_c(tmp_path):
     rng = np.random.default_rng(1)
     c = rng.uniform(-2, 2, 3000)
@@ -136,6 +137,7 @@ def test_dcr_ratio_separates_copies_from_fresh_points():
     assert 0.6 < honest["dcr_ratio"] < 1.6 and copied["dcr_ratio"] < 0.1 and copied["near_copy_frac"] > 0.9 > 0.1 > honest["near_copy_frac"]
 
 
+@pytest.mark.slow  # 15 s; the README's library script runs by default
 def test_the_conditioning_script_in_the_docs_runs_as_written_and_obeys_its_labels(tmp_path):
     """The python block in docs/conditioning.md, executed as printed. Reference: the script's own data, class by class."""
     import os

@@ -13,7 +13,7 @@ K, C = 3, 2
 
 def build(kind, **kw):
     torch.manual_seed(0)
-    model = td.Denoiser(td.DenoiserConfig(attn_layers=1, **({"num_classes": K} if kind == "labels" else {"cond_dim": C}), **kw)).eval()
+    model = td.Denoiser(td.DenoiserConfig(**{"attn_layers": 1, **({"num_classes": K} if kind == "labels" else {"cond_dim": C}), **kw})).eval()
     g = torch.Generator().manual_seed(1)
     X = torch.randn(300, 2, generator=g, dtype=torch.float64)
     y = torch.randint(0, K, (300,), generator=g) if kind == "labels" else torch.randn(300, C, generator=g) * 4 + 1
@@ -26,10 +26,11 @@ def inputs(n=16, seed=2):
     return torch.randn(n, 2, generator=g), torch.randint(0, 100, (n,), generator=g)
 
 
+@pytest.mark.parametrize("mixer", [dict(), dict(attn_layers=0, ssm_layers=2)], ids=["attention", "ssm"])
 @pytest.mark.parametrize("kind", ["labels", "numbers"])
-def test_the_condition_is_a_token_that_attention_reads(kind):
-    """With attention and no MLP access to the condition token's own slot, the coordinates' tokens change with y."""
-    model, y = build(kind)
+def test_the_condition_is_a_token_that_attention_reads(kind, mixer):
+    """With a mixer (attention, or the bidirectional SSM), the coordinates' tokens change with y: the MLP's slots for x1, x2, t."""
+    model, y = build(kind, **mixer)
     x, t = inputs()
     seen = []
     model.mlp.register_forward_hook(lambda m, a, o: seen.append(a[0]))

@@ -50,7 +50,8 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
     assert runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4  # untouched
 
 
-@pytest.mark.parametrize("flags", [["--low_t", "5", "--low_frac", "0"], ["--preset", "paper", "--lr", "3e-4"]], ids=["low_t-off", "paper"])
+@pytest.mark.parametrize("flags", [["--low_t", "5", "--low_frac", "0"], pytest.param(["--preset", "paper", "--lr", "3e-4"], marks=pytest.mark.slow)],
+                         ids=["low_t-off", "paper"])
 def test_the_command_that_made_a_run_resumes_it(tmp_path, flags):
     """The settings stored in the checkpoint compare equal to the command line that made them."""
     out = tmp_path / "run"

@@ -126,6 +126,7 @@ def test_a_rerun_never_overwrites_a_finished_run(tmp_path):
     assert p.returncode == 0 and runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 6
 
 
+@pytest.mark.slow  # three trainings in subprocesses
 def test_a_users_file_a_named_dataset_and_the_paper_preset_get_different_default_folders(tmp_path):
     import train
 
@@ -264,6 +265,7 @@ def test_a_signal_stops_training_with_one_line_and_a_checkpoint_to_resume(tmp_pa
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow  # the same path as SIGHUP, tested by default in test_hostile
 def test_sigterm_to_a_sweep_stops_every_run_and_leaves_no_child(tmp_path):
     root = tmp_path / "grid"
     p = start("sweep.py", "--train_steps", 100000, "--seeds", 1, "--jobs", 2, *TINY[:4], "--out_dir", root)
@@ -296,6 +298,7 @@ def test_the_sweep_refuses_flags_that_would_change_its_configurations(tmp_path):
     assert not (tmp_path / "grid").exists()
 
 
+@pytest.mark.slow  # 15 s of training; --collect is tested by default in test_hostile
 def test_the_sweep_prints_runs_for_a_cluster_and_collects_them(tmp_path):
     root = tmp_path / "grid"
     p = run("sweep.py", "--train_steps", 2, "--seeds", 1, "--batch_size", 16, "--eval_batch_size", 50, "--out_dir", root, "--print")

@@ -108,10 +108,12 @@ def final_weights(out):
     return runs.load_checkpoint(str(out / "ckpt.pt"))["model"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--preset", "paper", "--batch_size", 256, "--ckpt_interval", 130, "--eval_interval", 200]], ids=["tinydiff", "paper"])
+@pytest.mark.parametrize("extra", [[], pytest.param(["--preset", "paper", "--batch_size", 256, "--ckpt_interval", 130, "--eval_interval", 200], marks=pytest.mark.slow),
+                                   pytest.param(["--dataset", "moons", "--conditional", "--attn_layers", 1], marks=pytest.mark.slow)],
+                         ids=["tinydiff", "paper", "conditional"])
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
     # the paper preset: epochs of 391 batches, the EMA every 10 steps, checkpoints off both grids; KL recorded on the way
-    steps = 900 if extra else 1000  # the paper run: still two epoch boundaries (391 batches each)
+    steps = 900 if "paper" in extra else 1000  # the paper run: still two epoch boundaries (391 batches each)
     args = ["--dataset", "line", "--train_steps", steps, "--ckpt_interval", 100, *FAST, *extra]
     run("train.py", *args, "--out_dir", tmp_path / "whole")
     killed = tmp_path / "killed"
@@ -132,7 +134,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
     ea = runs.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"))["ema"]
     eb = runs.load_checkpoint(str(killed / "ckpt.pt"))["ema"]
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
-    if extra:
+    if "--eval_interval" in extra:
         ca, cb = (json.loads((d / "metrics.json").read_text())["curve"] for d in (tmp_path / "whole", killed))
         assert [c["step"] for c in ca] == list(range(200, steps + 1, 200)) + [steps] and [c["knn_kl_bits"] for c in ca] == [c["knn_kl_bits"] for c in cb]
 
@@ -204,6 +206,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+@pytest.mark.slow  # test_hostile trains at an offset of 1e9 by default
 def test_moons_at_another_offset_and_scale_train_as_well_with_the_default_flags(trained, tmp_path):
     """A user's moons, scaled by 50 and shifted by 100, with the flags of the run above. Reference: that
     run on the study's coordinates. The samples come back in the file's units; mapped back to the
