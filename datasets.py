@@ -265,7 +265,7 @@ def read_table(path):
     quotes and the separators are read as read_text reads them."""
     if path.lower().endswith(".npy"):
         X = load_points(path)
-        return None, X.astype(str), X
+        return None, np.where(X == np.round(X), np.round(X).astype(np.int64).astype(str), X.astype(str)), X  # 2.0 -> "2"
     first, _, delim, header = first_row(head_lines(path))
     if first is None:
         raise ValueError(f"{path} holds no rows; give one point per row")
@@ -285,7 +285,7 @@ def column_index(spec, header, n_cols, path, flag):
 
 
 def load_conditioned(path, label_column=None, cond_columns=None):
-    """(X (N, D) float64 points, y, names) from a file whose label column (category names or integers) or condition
+    """(X (N, D) float64 points, y, names, the coordinates' names or None) from a file whose label column (category names or integers) or condition
     columns (numbers) are not coordinates. y: (N,) int labels indexing names, the sorted class names; or (N, C)
     float64 conditions, names the columns'. Refused in one sentence: a missing column, empty or NaN labels
     (naming the first bad row), one class, more classes than a tenth of the points, a non-numeric condition."""
@@ -294,13 +294,19 @@ def load_conditioned(path, label_column=None, cond_columns=None):
     flag = "--label_column" if label_column is not None else "--cond_columns"
     specs = [label_column] if label_column is not None else [c.strip() for c in cond_columns.split(",")]
     cols = [column_index(spec, header, fields.shape[1], path, flag) for spec in specs]
-    if len(set(cols)) != len(cols) or len(cols) >= fields.shape[1]:
-        raise ValueError(f"{flag} {','.join(specs)} leaves no coordinates in {path} (it has {fields.shape[1]} columns); name fewer or distinct columns")
+    if len(set(cols)) != len(cols):
+        raise ValueError(f"{flag} {','.join(specs)} names a column of {path} twice; name each column once")
+    if len(cols) >= fields.shape[1]:
+        raise ValueError(f"{flag} {','.join(specs)} leaves no coordinates in {path} (it has {fields.shape[1]} columns); name fewer columns")
     keep = [j for j in range(fields.shape[1]) if j not in cols and not (j == 0 and header and header[0] in ROW_LABEL_FIELDS)]
     try:
         X = fields[:, keep].astype(np.float64)
-    except ValueError as e:
-        raise ValueError(f"{path} has a coordinate column that is not numeric ({str(e)[:60]}); name it with {flag}, or remove it") from None
+    except ValueError:  # name the column and the value
+        j = next(j for j in keep if not all(is_number(v) for v in fields[:, j]))
+        bad = next(v for v in fields[:, j] if not is_number(v))
+        raise ValueError(f"column {header[j] if header else j} of {path} is not numeric (it holds {str(bad)!r}); name it with {flag}"
+                         " if it is the condition, or remove it") from None
+    columns = [header[j] for j in keep] if header and len(header) == fields.shape[1] else None  # the coordinates' names, for plots
     if not np.isfinite(X).all():
         raise ValueError(f"{path} has NaN or infinite coordinates (the first in data row {np.flatnonzero(~np.isfinite(X).all(1))[0] + 1}); remove those rows")
     names = [header[j] if header else str(j) for j in cols]
@@ -312,7 +318,7 @@ def load_conditioned(path, label_column=None, cond_columns=None):
             raise ValueError(f"condition column {names[cols.index(bad)]!r} of {path} is not numeric; give numbers, or use it as --label_column") from None
         if not np.isfinite(y).all():
             raise ValueError(f"{path} has an empty or NaN condition in data row {np.flatnonzero(~np.isfinite(y).all(1))[0] + 1}; fill or remove those rows")
-        return X, y, names
+        return X, y, names, columns
     labels = fields[:, cols[0]]
     bad = np.flatnonzero((labels == "") | (np.char.lower(labels) == "nan"))
     if len(bad):
@@ -322,7 +328,7 @@ def load_conditioned(path, label_column=None, cond_columns=None):
         raise ValueError(f"label column {names[0]!r} of {path} has {len(classes)} class{'es' * (len(classes) != 1)} in {len(labels)} points; "
                          "a label needs 2 to a tenth as many classes as points (numbers that vary continuously: use --cond_columns)")
     index = {c: i for i, c in enumerate(classes)}
-    return X, np.array([index[v] for v in labels.tolist()]), classes
+    return X, np.array([index[v] for v in labels.tolist()]), classes, columns
 
 
 def is_number(text):

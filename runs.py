@@ -326,16 +326,17 @@ class RunData(NamedTuple):
     kind: object  # "labels", "numbers" or None
     fingerprint: dict  # the whole file's shape and hash, conditions included
     note: object = None  # why nothing is held out, for the user
+    columns: object = None  # a file's names for the coordinates, when a condition column was taken out
 
 
 def load_data(dataset, label_column=None, cond_columns=None, conditional=False, holdout=0.1):
     """The points a run trains on, split once with SPLIT_SEED: a share `holdout` of a file's rows is held out,
     unless that leaves fewer than MIN_HELDOUT (then nothing is, and the metrics compare with the training points)."""
-    names = kind = y = None
+    names = kind = y = columns = None
     if conditional:
         X, y, names = datasets.load_labeled(dataset)
     elif label_column is not None or cond_columns is not None:
-        X, y, names = datasets.load_conditioned(dataset, label_column, cond_columns)
+        X, y, names, columns = datasets.load_conditioned(dataset, label_column, cond_columns)
     else:
         X = datasets.load_dataset(dataset)
     kind = None if y is None else "labels" if y.ndim == 1 else "numbers"
@@ -344,11 +345,11 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     if m < MIN_HELDOUT:
         note = (f"{len(X)} points are too few to hold out {holdout:g} of them ({m} < {MIN_HELDOUT}); the metrics compare the samples with"
                 " the training points, and have no floor") if dataset not in datasets.DATASETS and holdout > 0 else None
-        return RunData(X, y, None, None, names, kind, ident, note)
+        return RunData(X, y, None, None, names, kind, ident, note, columns)
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(X))
     held, train = np.sort(perm[:m]), np.sort(perm[m:])
     pick = lambda v, rows: None if v is None else v[rows]
-    return RunData(X[train], pick(y, train), X[held], pick(y, held), names, kind, ident)
+    return RunData(X[train], pick(y, train), X[held], pick(y, held), names, kind, ident, None, columns)
 
 
 def save_checkpoint(state, path):

@@ -9,9 +9,10 @@
 Writes <name>.npy and <name>.png (samples beside the data) into the run directory (or --out),
 <name>_labels.npy (each sample's class name) for a class-conditional run, and <name>.gif with --gif.
 """
+import math
 import os
-import re
 import sys
+import urllib.parse
 import tempfile
 import time
 
@@ -69,7 +70,7 @@ def main(argv=None):
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--gif", action="store_true", help="also write an animation of the reverse process")
     p.add_argument("--label", action="append", help="a class to sample (repeat for several: n is split evenly); default: the training shares")
-    p.add_argument("--cond", help="the condition of a run trained with --cond_columns: NAME=VALUE,NAME=VALUE (every column)")
+    p.add_argument("--cond", action="append", help="the condition of a run trained with --cond_columns: NAME=VALUE,NAME=VALUE (every column), once")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w: 1 conditional, 0 unconditional, > 1 guided")
     p.add_argument("--out", default=None, help="output path stem (default <run>/samples-<sampler><steps>[-w<guidance>])")
     args = p.parse_args(argv)
@@ -77,6 +78,9 @@ def main(argv=None):
         if not (args.ckpt or args.out_dir):
             raise ValueError("give --out_dir of a run (or --ckpt) to sample from")
         runs.check_sampling_flags(args)
+        if args.cond is not None and len(args.cond) > 1:
+            raise ValueError(f"--cond was given {len(args.cond)} times; give one condition, NAME=VALUE for each column, once")
+        args.cond = args.cond[0] if args.cond else None
         ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
         ckpt = runs.load_checkpoint(ckpt_path)
         model, scheduler = runs.model_from_checkpoint(ckpt, key="model" if args.raw else "ema")
@@ -84,7 +88,8 @@ def main(argv=None):
         frames = steps + 1 if args.gif else 1
         runs.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 8 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
         y, label_names = condition(args, ckpt, model)
-        wpart = (f"-w{args.guidance:g}" if args.guidance != 1 else "") + ("-" + re.sub(r"[^\w.+-]", "_", "+".join(args.label)) if args.label else "")
+        asked = "+".join(args.label) if args.label else args.cond  # in the name, so that each draw keeps its own file
+        wpart = (f"-w{args.guidance:g}" if args.guidance != 1 else "") + (f"-{urllib.parse.quote(asked, safe='=+,.-')}" if asked else "")
         stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}{wpart}")
         check_out(stem, args.gif)
     except ValueError as e:
@@ -105,6 +110,10 @@ def main(argv=None):
     bad = (~np.isfinite(samples).all(1)).sum()
     if bad:  # never a silent wrong result
         runs.fail(f"{bad} of {len(samples)} samples are NaN or infinite: the model or the sampler diverged; nothing was written", code=1)
+    far = int((model.data_map.to_model(torch.as_tensor(samples)).abs() > 25 * td.MODEL_SD).any(1).sum())  # 25 of the data's sd out
+    if far:
+        print(f"warning: {far} of {len(samples)} samples lie more than 25 standard deviations of the training data away from its mean;"
+              " a guidance weight or a condition far outside what the model was trained on gives such samples", file=sys.stderr)
     dataset = runs.run_dataset(ckpt)
     data, names, data_labels = run_data(ckpt, dataset, samples.shape[1])
     write = lambda path, fn: runs.write_or_fail(path, fn)
@@ -144,6 +153,8 @@ def condition(args, ckpt, model):
             "this one is conditioned on numbers: use --cond" if kind else "this run is unconditional"))
     if args.cond is not None and kind != "numbers":
         raise ValueError("--cond needs a run trained with --cond_columns; " + ("this one has labels: use --label" if kind else "this run is unconditional"))
+    if not (math.isfinite(args.guidance) and 0 <= args.guidance <= 20):
+        raise ValueError(f"--guidance must be a number in [0, 20] (1: conditional, 0: unconditional, 1-5: guided; docs/conditioning.md), got {args.guidance}")
     if args.guidance != 1 and not kind:
         raise ValueError("--guidance needs a conditional run; this one is unconditional")
     if kind == "labels" and args.label:
@@ -156,9 +167,10 @@ def condition(args, ckpt, model):
         if args.cond is None:
             print("note: no --cond, so this samples the unconditional model (the run's null condition)")
             return None, None
-        values = dict(part.split("=", 1) if "=" in part else (part, "") for part in args.cond.split(","))
-        if sorted(values) != sorted(names) or not all(datasets.is_number(v) for v in values.values()):
-            raise ValueError(f"--cond {args.cond} must give a number for each of this run's condition columns: "
+        pairs = [part.split("=", 1) if "=" in part else (part, "") for part in args.cond.split(",")]
+        values = dict(pairs)
+        if len(values) != len(pairs) or sorted(values) != sorted(names) or not all(datasets.is_number(v) and math.isfinite(float(v)) for v in values.values()):
+            raise ValueError(f"--cond {args.cond} must give one finite number for each of this run's condition columns: "
                              + ",".join(f"{name}=VALUE" for name in names))
         return torch.tensor([[float(values[name]) for name in names]] * args.n, dtype=torch.float32), None
     return None, names if kind == "labels" else None
@@ -176,7 +188,7 @@ def run_data(ckpt, dataset, D):
     if data.points.shape[1] != D:
         print(f"note: {dataset} now holds {data.points.shape[1]}-D points, not the model's {D}-D ones; plotting the samples alone")
         return None, None, None
-    return data.points, None if data.kind else datasets.column_names(dataset, D), data.cond if data.kind == "labels" else None
+    return data.points, data.columns if data.kind else datasets.column_names(dataset, D), data.cond if data.kind == "labels" else None
 
 
 if __name__ == "__main__":

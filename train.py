@@ -127,7 +127,9 @@ def fill_preset(args):
 
 def default_out_dir(args):
     stem, ext = os.path.splitext(os.path.basename(args.dataset.rstrip("/")))
-    return os.path.join("out", f"{stem}{'-' + ext[1:].lower() if ext else ''}-{runs.config_name(**vars(args))}" + ("-paper" if args.preset == "paper" else ""))
+    condition = "-cond" if args.conditional or args.label_column is not None or args.cond_columns is not None else ""
+    return os.path.join("out", f"{stem}{'-' + ext[1:].lower() if ext else ''}-{runs.config_name(**vars(args))}{condition}"
+                        + ("-paper" if args.preset == "paper" else ""))
 
 
 def check_flags(args):
@@ -161,8 +163,8 @@ def check_flags(args):
         fail(str(e))
 
 
-def check_condition_flags(args):
-    """The flags that choose the data's condition and held-out share, against the dataset."""
+def check_condition_flags(args, given=()):
+    """The flags that choose the data's condition and held-out share, against the dataset (a resumed run's)."""
     named = args.dataset in datasets.DATASETS
     if args.label_column is not None and args.cond_columns is not None:
         fail("--label_column and --cond_columns both name a condition; give one of them")
@@ -181,6 +183,10 @@ def check_condition_flags(args):
         fail("--guidance needs a conditional run (--label_column, --cond_columns or --conditional); this one is unconditional")
     if args.nll < 0:
         fail(f"--nll must be a number of points (0 = off), got {args.nll}")
+    if "p_uncond" in given and not conditional:
+        print("warning: --p_uncond has no effect on an unconditional run (no --label_column, --cond_columns or --conditional)", file=sys.stderr)
+    if "holdout" in given and named:
+        print(f"warning: --holdout has no effect on a named dataset: {args.dataset} is scored against a fresh draw", file=sys.stderr)
 
 
 def check_data(args, data_file, device):
@@ -587,11 +593,15 @@ def main(argv=None):
     args.out_dir = args.out_dir or default_out_dir(args)
     fill_preset(args)
     check_flags(args)  # a bad command line costs nothing
-    check_condition_flags(args)
+    early = not args.resume and not args.auto_resume  # a resumed run's dataset is in its checkpoint
+    if early:
+        check_condition_flags(args, given)
     device = runs.pick_device(args.device)
     lock, ckpt = open_run(args, given)
     try:
         check_flags(args)  # the settings taken from a checkpoint, too
+        if not early:
+            check_condition_flags(args, given)
         data_file = runs.run_dataset(ckpt) if ckpt else args.dataset  # a resumed run's file where it was trained, from any folder
         data, cfg, sched_cfg = check_data(args, data_file, device)
         if ckpt:
@@ -604,7 +614,7 @@ def main(argv=None):
         raise
     if "heads" in given and not args.attn_layers:
         print("warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr)
-    names = None if data.kind else datasets.column_names(data_file, data.points.shape[1])  # a text file's header, for the plot's axes
+    names = data.columns if data.kind else datasets.column_names(data_file, data.points.shape[1])  # a text file's header, for the plot's axes
     data_path = None if data_file in datasets.DATASETS else os.path.abspath(data_file)  # for sample.py and --resume from elsewhere
     stop = runs.StopFlag()
     rank, world, device = init_ddp(args, device)

@@ -95,6 +95,8 @@ def test_bad_conditions_are_refused_in_one_line(tmp_path):
     out = tmp_path / "run"
     train("--dataset", tmp_path / "text.csv", "--label_column", "k", "--train_steps", 5, "--out_dir", out)
     assert "its classes are p, q" in refused("sample.py", "--out_dir", out, "--label", "r")
+    for w in (-1, "nan", 1e6):
+        assert "--guidance must be a number in [0, 20]" in refused("sample.py", "--out_dir", out, "--guidance", w)
     assert "needs a run trained with --cond_columns" in refused("sample.py", "--out_dir", out, "--cond", "k=1")
     train("--dataset", tmp_path / "one.csv", "--train_steps", 5, "--out_dir", tmp_path / "plain")
     assert "this run is unconditional" in refused("sample.py", "--out_dir", tmp_path / "plain", "--label", "p")
@@ -135,6 +137,8 @@ def test_dcr_ratio_separates_copies_from_fresh_points():
     nearest = lambda x: np.sqrt(((x[:, None] / train.std(0) - train[None] / train.std(0)) ** 2).sum(-1)).min(1)
     assert copied["dcr_ratio"] == pytest.approx(np.median(nearest(copies)) / np.median(nearest(fresh)))
     assert 0.6 < honest["dcr_ratio"] < 1.6 and copied["dcr_ratio"] < 0.1 and copied["near_copy_frac"] > 0.9 > 0.1 > honest["near_copy_frac"]
+    duplicated = evaluate.memorisation(train, copies, np.concatenate([fresh, train[:3]]))  # "unseen" points that are training rows
+    assert duplicated["dcr_ratio"] is None and duplicated["near_copy_frac"] is None and "3 of the 103 held-out points" in duplicated["warnings"][0]
 
 
 @pytest.mark.slow  # 15 s; the README's library script runs by default
