@@ -266,10 +266,14 @@ def check_sampling_flags(args):
         raise ValueError(f"--sample_steps must be a positive integer, got {args.sample_steps}")
 
 
-def param_count(cfg):
-    """Parameters of the Denoiser cfg describes, counted without building it (a huge --hidden is refused before it is allocated)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in td.Denoiser(cfg).parameters())
+def param_bound(cfg):
+    """An upper bound on the parameters of the Denoiser cfg describes, from its layer shapes, without building it: a huge
+    --hidden is refused before anything is allocated (building it on the meta device costs seconds of imports)."""
+    E, H, S, D = cfg.emb_dim, cfg.hidden, cfg.ssm_dim, cfg.data_dim
+    mlp = (D + 2) * E * H + cfg.hidden_layers * H * (H + 1) + H * (D + 2)
+    mixers = cfg.attn_layers * (4 * E * E + 6 * E) + cfg.ssm_layers * (16 * S * S + 64 * S * (cfg.d_state + 2)) + (2 * E * S + E + S)
+    condition = (cfg.num_classes + 1) * E + cfg.cond_dim * E + E * E + 3 * E
+    return mlp + mixers + condition
 
 
 def activation_bytes_per_row(model, scheduler, X, rows=32):

@@ -198,7 +198,7 @@ def check_data(args, data_file, device):
         cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
                                 coord_scale=args.coord_scale, data_dim=X.shape[1], num_classes=K, cond_dim=len(data.names) if data.kind == "numbers" else 0)
         sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
-        runs.check_flag_memory("--hidden", args.hidden, 16 * runs.param_count(cfg), device)  # weights, gradients and AdamW's two moments
+        runs.check_flag_memory("--hidden", args.hidden, 16 * runs.param_bound(cfg), device)  # weights, gradients and AdamW's two moments
         model = td.Denoiser(cfg)
         runs.check_flag_memory("--batch_size", args.batch_size, args.batch_size * runs.activation_bytes_per_row(model, td.NoiseScheduler(**sched_cfg), X), device)
         runs.check_flag_memory("--eval_batch_size", args.eval_batch_size, args.eval_batch_size * X.shape[1] * 64, device)

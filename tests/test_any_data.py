@@ -27,6 +27,7 @@ def sphere(n, rng):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.mark.slow  # 20 s; the README's library script trains a 3-D swiss roll by default
 def test_points_on_a_sphere_train_onto_the_sphere(tmp_path):
     """Reference: kNN KL of a fresh draw from the sphere (a perfect model) and of N(0, I)."""
     rng = np.random.default_rng(0)

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+import runs
+import tinydiff as td
 import train
 
 
@@ -81,3 +83,13 @@ def test_library_defaults_are_the_tinydiff_preset_and_the_paper_preset_sets_the_
     X, cfg, sched_cfg = train.check_data(args, "moons", torch.device("cpu"))
     assert (cfg.coord_scale, cfg.block, cfg.data_dim, args.low_frac, args.low_t) == (25.0, "relu", 2, 0.0, 0)
     assert sched_cfg == dict(num_train_timesteps=100, beta_schedule="linear")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(attn_layers=2, heads=8), dict(ssm_layers=3), dict(ssm_layers=2, attn_layers=1, data_dim=8),
+                                dict(num_classes=10, hidden=64), dict(cond_dim=4, ssm_layers=1, ssm_dim=128, d_state=16),
+                                dict(hidden=1024, hidden_layers=6, block="relu"), dict(emb_dim=32, data_dim=20, ssm_layers=4)])
+def test_the_memory_check_bounds_the_parameters_it_does_not_build(kw):
+    """runs.param_bound against the built model's own count: never below it (a refusal errs on the safe side), at most 2x."""
+    cfg = td.DenoiserConfig(**kw)
+    real = sum(p.numel() for p in td.Denoiser(cfg).parameters())
+    assert real <= runs.param_bound(cfg) <= 2 * real
