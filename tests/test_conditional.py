@@ -45,6 +45,7 @@ def test_a_label_column_of_words_trains_each_class_to_its_own_cluster(tmp_path):
         assert (np.load(tmp_path / f"{name}_labels.npy") == name).all()
 
 
+@pytest.mark.slow  # 13 s; the labelled-file test trains, samples and scores a conditional run by default
 def test_conditional_moons_keep_each_moon_apart_and_guidance_sharpens_them(tmp_path):
     out = tmp_path / "run"
     train("--dataset", "moons", "--conditional", "--train_steps", 1200, "--out_dir", out, "--sampler", "dpm++")

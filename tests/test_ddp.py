@@ -43,7 +43,8 @@ def weights(out, key="model"):
     return runs.load_checkpoint(str(out / "ckpt.pt"))[key]
 
 
-@pytest.mark.parametrize("condition", [[], pytest.param(["--conditional"], marks=pytest.mark.slow)], ids=["plain", "conditional"])
+@pytest.mark.slow  # 16 s; torchrun itself runs by default in the refusal test below
+@pytest.mark.parametrize("condition", [[], ["--conditional"]], ids=["plain", "conditional"])
 def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_path, condition):
     # lr 1e-3, clip 1: Adam divides by the root of each weight's squared-gradient average, so for a weight whose
     # gradient is near zero it turns the last-bit differences of the reordered sums into visible ones.

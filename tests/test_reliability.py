@@ -64,6 +64,7 @@ def processes_mentioning(text):
     return pids
 
 
+@pytest.mark.slow  # 14 s, five trainings
 def test_a_run_on_a_relative_data_path_is_found_from_any_folder_and_a_missing_file_is_said(tmp_path):
     """train.py records the data file's absolute path; sample.py, evaluate.py and --resume use it when
     the path as given does not exist from where they run. A file gone: sample.py plots the samples

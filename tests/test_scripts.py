@@ -33,7 +33,7 @@ def run(script, *args, check=True):
 def trained(tmp_path_factory):
     """A short moons run, shared by the tests below."""
     out = tmp_path_factory.mktemp("run") / "moons"
-    p = run("train.py", "--dataset", "moons", "--train_steps", 1500, "--batch_size", 256, "--lr", "1e-3",
+    p = run("train.py", "--dataset", "moons", "--train_steps", 600, "--batch_size", 256, "--lr", "1e-3",
             "--eval_batch_size", 2000, "--log_interval", 500, "--out_dir", out)
     return out, p.stdout
 
@@ -113,7 +113,7 @@ def final_weights(out):
                          ids=["tinydiff", "paper", "conditional"])
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
     # the paper preset: epochs of 391 batches, the EMA every 10 steps, checkpoints off both grids; KL recorded on the way
-    steps = 900 if "paper" in extra else 1000  # the paper run: still two epoch boundaries (391 batches each)
+    steps = 900 if "paper" in extra else 500  # the paper run: still two epoch boundaries (391 batches each)
     args = ["--dataset", "line", "--train_steps", steps, "--ckpt_interval", 100, *FAST, *extra]
     run("train.py", *args, "--out_dir", tmp_path / "whole")
     killed = tmp_path / "killed"
