@@ -109,6 +109,7 @@ def test_too_few_points_to_score_are_refused_before_training(tmp_path):
         evaluate.compute_metrics(pts, pts[: k - 1])
 
 
+@pytest.mark.slow  # a closed stdout is tested by default for train.py (test_hostile)
 def test_the_sweeps_printed_runs_can_be_cut_short_by_a_pipe(tmp_path):
     # 840 lines (about 150 KB), more than a pipe holds (64 KB): the writer meets the closed pipe
     p = subprocess.run(f"{PY} sweep.py --print --seeds 30 --out_dir {tmp_path / 'grid'} | head -n 1", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -174,6 +175,7 @@ def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_p
     assert "already finished (40 steps)" in one_line(run("train.py", "--out_dir", out, "--resume", "--train_steps", 10))
 
 
+@pytest.mark.slow  # four trainings
 def test_a_run_saved_on_another_kind_of_device_continues_with_a_note(tmp_path):
     """A CUDA generator's state (16 bytes) cannot seed a CPU generator: the run goes on with a new,
     reproducible random stream and says so, instead of calling the checkpoint incomplete. The same
@@ -202,6 +204,7 @@ def test_a_run_saved_on_another_kind_of_device_continues_with_a_note(tmp_path):
     assert "does not hold a complete training state" in one_line(damaged)
 
 
+@pytest.mark.slow  # the folder lock is tested by default in test_hostile
 def test_two_processes_never_share_a_run_folder(tmp_path):
     out = tmp_path / "run"
     first = start("train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--out_dir", out)
@@ -253,7 +256,7 @@ def test_atomic_write_removes_its_temporary_file_when_the_write_fails(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])  # SIGHUP: test_hostile
 def test_a_signal_stops_training_with_one_line_and_a_checkpoint_to_resume(tmp_path, sig):
     out = tmp_path / "run"
     p = start("train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--ckpt_interval", 100000, "--out_dir", out)
@@ -391,7 +394,8 @@ def test_every_bad_flag_gets_one_line_and_exit_2(tiny_run, tmp_path, script, arg
 FIRST_PER_SCRIPT = list({s: (s, a, m) for s, a, m in reversed(BAD_FLAGS)}.values())  # each script's first row
 
 
-@pytest.mark.parametrize("script,args,message", FIRST_PER_SCRIPT, ids=[s for s, _, _ in FIRST_PER_SCRIPT])
+@pytest.mark.parametrize("script,args,message", [row if row[0] == "train.py" else pytest.param(*row, marks=pytest.mark.slow) for row in FIRST_PER_SCRIPT],
+                         ids=[s for s, _, _ in FIRST_PER_SCRIPT])  # one script by default: they share runs.script
 def test_a_refusal_is_the_process_exit_code_and_one_line(tiny_run, tmp_path, script, args, message):
     """The same refusals as whole processes, one per script: what a shell sees."""
     p = run_process(script, *[a.format(run=tiny_run) for a in args], *(["--out_dir", tmp_path / "x"] if script == "train.py" else []), timeout=300)
