@@ -3,8 +3,8 @@
     python sample.py --out_dir out/dino-base                        # 10,000 DDPM samples
     python sample.py --out_dir out/dino-base --sampler dpm++ --sample_steps 20
     python sample.py --out_dir out/dino-base --gif                   # animate the reverse process
-    python sample.py --out_dir out/moons-base --label upper --guidance 3   # a class-conditional run
-    python sample.py --out_dir out/f-csv-base --cond a=1.5,b=-2            # a run with --cond_columns a,b
+    python sample.py --out_dir out/moons-base-cond --label upper --guidance 3   # a class-conditional run
+    python sample.py --out_dir out/f-csv-base-cond --cond a=1.5,b=-2       # a run with --cond_columns a,b
 
 Writes <name>.npy and <name>.png (samples beside the data) into the run directory (or --out),
 <name>_labels.npy (each sample's class name) for a class-conditional run, and <name>.gif with --gif.
