@@ -6,15 +6,22 @@
 
 Metrics (train.py writes the same ones into metrics.json; this file is their one home):
   knn_kl   the study's kNN estimator of KL(data || samples), in bits (Wang, Kulkarni & Verdu 2009):
-           k = 5, max-norm, 100,000 data points against the samples, in D dimensions.
+           k = 5, max-norm, in D dimensions: a named dataset's 100,000 training points against the samples,
+           or a file's held-out points (references).
   hist_kl  grid-histogram KL(data || samples), in nats: 100 bins per coordinate for both sets, eps = 1e-6
            added to every bin's probability, scipy.stats.entropy. The grid (grid_box) is the study's
            [-5, 5] per coordinate for data that fill it (the named datasets), else the data's bounding
            box plus 5% on each side; samples outside it are dropped. D = 2: the 2-D histogram; D > 2:
            the mean over all D(D-1)/2 coordinate pairs of their 2-D marginals' KL ("pair hist KL",
            with hist_kl_pairs in metrics.json); D = 1: the 1-D histogram.
-  floors   each metric for a fresh draw of the same size from the data's own generator (another
-           seed): what a perfect model scores. The kNN estimator is biased, so floors can be < 0.
+  floors   each metric for points the model never made: a fresh draw of the same size from a named
+           dataset's generator (another seed), or a file's training points against its held-out ones.
+           What a perfect model scores; the kNN estimator is biased, so floors can be < 0.
+  per_class, fidelity   a class-conditional run: kNN KL per class, and the share of samples whose
+           10 nearest training points mostly carry the label asked for, each with its floor.
+  dcr_ratio, near_copy_frac   memorisation: distances to the nearest training point (memorisation).
+  nll_bits, exact_kl_bits, data_entropy_bits   with --nll N: the likelihood of N unseen points
+           (likelihood.py), and where the data's density is known, the exact KL and H(p).
   eval_loss, inference_s   with a checkpoint: noise-prediction MSE of the EMA model on held-out
            points with fixed seeds (in the model's standardized space for a user's file), and the
            time to draw the samples.
@@ -166,18 +173,26 @@ def sample_conditions(model, data, ref_cond, n, seed=0):
     if data.kind == "labels":
         return td.draw_labels(model, n, torch.Generator().manual_seed(seed))
     if data.kind == "numbers":
-        return torch.as_tensor(ref_cond[np.random.default_rng(seed).integers(len(ref_cond), size=n)], dtype=torch.float32)
+        return torch.as_tensor(ref_cond[np.random.default_rng(seed).integers(len(ref_cond), size=n)], dtype=torch.float64)
     return None
 
 
-def class_metrics(data, ref, floor, samples, labels):
+def unit_scale(points):
+    """Each coordinate's sd, or 1 for a constant one: distances in units of the data's spread."""
+    sd = points.std(0)
+    return np.where(sd > 0, sd, 1.0)
+
+
+def class_metrics(data, ref, floor, samples, labels, floor_in_training=False):
     """Per class k: kNN KL of class k's samples against class k's reference points, and class fidelity, the share
     of class-k samples whose VOTE_K nearest training points are mostly labelled k; each with its floor (the floor
-    points scored alike). Returns {class name: {...}} and the overall fidelity with its floor."""
-    scale = data.points.std(0) + 1e-300
+    points scored alike; floor_in_training: they are training points, whose own vote is left out).
+    Returns {class name: {...}} and the overall fidelity with its floor."""
+    scale = unit_scale(data.points)
     tree = cKDTree(data.points / scale)
-    vote = lambda x: np.array([np.bincount(row, minlength=len(data.names)).argmax() for row in data.cond[tree.query(x / scale, k=VOTE_K)[1]]])
-    won, won_floor = vote(samples) == labels, None if floor[0] is None else vote(floor[0]) == floor[1]
+    votes = lambda x, skip: data.cond[tree.query(x / scale, k=VOTE_K + skip)[1][:, skip:]]
+    vote = lambda x, skip=0: np.array([np.bincount(row, minlength=len(data.names)).argmax() for row in votes(x, skip)])
+    won, won_floor = vote(samples) == labels, None if floor[0] is None else vote(floor[0], int(floor_in_training)) == floor[1]
     per_class = {}
     for k, name in enumerate(data.names):
         mine, theirs = samples[labels == k], ref[0][ref[1] == k]
@@ -196,7 +211,7 @@ def memorisation(train, samples, fresh):
     the same for points the model never saw. dcr_ratio = the ratio of their medians: about 1 without copying,
     well below 1 when samples copy training points. near_copy_frac: the share of samples nearer than NEAR_COPY
     times the fresh points' median (near_copy_ref: the fresh points' own share, what no copying gives)."""
-    scale = train.std(0) + 1e-300
+    scale = unit_scale(train)
     tree = cKDTree(train / scale)
     d_samples, d_fresh = (tree.query(x / scale)[0] for x in (samples, fresh))
     median, copies = np.median(d_fresh), int((d_fresh == 0).sum())
@@ -220,7 +235,7 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
         x, y = data.held[:n], None if data.held_cond is None else data.held_cond[:n]
     else:
         raise ValueError("--nll needs points the model never saw, and this file's run holds none out; train it with --holdout 0.1")
-    y_t = None if y is None else torch.as_tensor(y, dtype=torch.long if data.kind == "labels" else torch.float32)
+    y_t = None if y is None else torch.as_tensor(y, dtype=torch.long if data.kind == "labels" else torch.float64)
     t0 = time.perf_counter()
     nats = likelihood.nll(model.to(device), scheduler.to(device), x, y=y_t)
     out = {**likelihood.summarize(nats, x.shape[1]), "nll_points": len(x), "nll_s": time.perf_counter() - t0}
@@ -244,8 +259,11 @@ def score(model, scheduler, data, dataset, n, device, seed=0, guidance=1.0, nll=
     cond = sample_conditions(model, data, ref[1], n, seed)
     samples, seconds = timed_sample(model, scheduler, n, device, seed, y=cond, guidance=guidance, **sampler)
     metrics = dict(compute_metrics(ref[0], samples, floor[0]), inference_s=seconds)
+    finite = np.isfinite(samples).all(1)  # compute_metrics counted and dropped the others; the checks below use the rest
+    samples, cond = samples[finite], None if cond is None else cond[torch.as_tensor(finite)]
     if data.kind == "labels":
-        metrics["per_class"], metrics["fidelity"], metrics["fidelity_floor"] = class_metrics(data, ref, floor, samples, cond.numpy())
+        metrics["per_class"], metrics["fidelity"], metrics["fidelity_floor"] = class_metrics(data, ref, floor, samples, cond.numpy(),
+                                                                                             dataset not in datasets.DATASETS)
     fresh = floor[0] if dataset in datasets.DATASETS else data.held
     if fresh is not None:
         memo = memorisation(data.points, samples, fresh)
@@ -265,7 +283,8 @@ def eval_loss(model, scheduler, points, cond, device, seed=0, batch_size=None):
     from a fixed seed. With a batch_size: the mean of the per-batch losses over one pass, as the study reports it."""
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.as_tensor(points, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-    y = None if cond is None else torch.as_tensor(cond, device=device, dtype=torch.float32 if np.asarray(cond).ndim == 2 else torch.long)
+    numbers = torch.float32 if device.type == "mps" else torch.float64  # conditions far from 0 are standardised in float64
+    y = None if cond is None else torch.as_tensor(cond, device=device, dtype=numbers if np.asarray(cond).ndim == 2 else torch.long)
     T, losses, size = scheduler.num_train_timesteps, [], batch_size or len(x0)
     for i, b in enumerate(x0.split(size)):
         t = td.sample_timesteps(len(b), T, low_frac=0.0, generator=g, device=device)

@@ -44,8 +44,8 @@ def data_map(model, D):
     its space z: model.data_map.shift / .scale, else model.data_shift / .data_scale, else the identity."""
     net = tinydiff.unwrap(model)
     m = getattr(net, "data_map", None)
-    if m is not None and hasattr(m, "shift"):
-        shift, scale = m.shift, m.scale
+    if m is not None and hasattr(m, "shift"):  # tinydiff's AffineMap keeps the offset as a float32 pair: add both halves in float64
+        shift, scale = m.shift.double() + getattr(m, "shift_lo", torch.zeros(D)).double(), m.scale
     elif hasattr(net, "data_shift"):
         shift, scale = net.data_shift, net.data_scale
     else:
@@ -124,8 +124,8 @@ def start_log_prob(net, y, x_T, ab_T):
     sampler uses for these conditions (Denoiser.start_moments: per class, or a linear fit on the numbers), else the
     model's data_mean / data_cov, else 0 and I."""
     D = x_T.shape[1]
-    if hasattr(net, "start_moments"):
-        mean, cov, groups = net.start_moments(None if y is None else torch.as_tensor(y))
+    if hasattr(net, "start_moments"):  # the conditions on the model's device, where its buffers are
+        mean, cov, groups = net.start_moments(None if y is None else torch.as_tensor(y).to(net.data_mean.device))
     else:
         mean, cov, groups = getattr(net, "data_mean", torch.zeros(D)), getattr(net, "data_cov", torch.eye(D)), None
     mean, cov = mean.detach().cpu().double(), cov.detach().cpu().double()
@@ -139,8 +139,8 @@ def start_log_prob(net, y, x_T, ab_T):
 def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probes=1, batch_size=1000, seed=0):
     """-log p(x) (N,) in nats per point, in data units, of the model's probability-flow ODE (module docstring).
 
-    model(z, t) or model(z, t, y) -> eps in model space; x (N, D) points in data units; y (N,) class labels
-    or None. exact_div=None: exact divergence when D <= 8, else Hutchinson with `probes` draws from `seed`.
+    model(z, t) or model(z, t, y) -> eps in model space; x (N, D) points in data units; y: (N,) class labels,
+    (N, C) numbers, or None. exact_div=None: exact divergence when D <= 8, else Hutchinson with `probes` draws from `seed`.
     """
     x, D = points(x)
     exact_div = D <= EXACT_DIV_MAX_D if exact_div is None else exact_div

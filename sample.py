@@ -164,6 +164,8 @@ def condition(args, ckpt, model):
         share = np.array_split(np.arange(args.n), len(args.label))
         return torch.cat([torch.full((len(rows),), names.index(name)) for name, rows in zip(args.label, share)]), names
     if kind == "numbers":
+        if args.cond is None and args.guidance != 1:
+            raise ValueError("--guidance needs --cond on this run: without a condition there is nothing to guide towards")
         if args.cond is None:
             print("note: no --cond, so this samples the unconditional model (the run's null condition)")
             return None, None
@@ -172,7 +174,7 @@ def condition(args, ckpt, model):
         if len(values) != len(pairs) or sorted(values) != sorted(names) or not all(datasets.is_number(v) and math.isfinite(float(v)) for v in values.values()):
             raise ValueError(f"--cond {args.cond} must give one finite number for each of this run's condition columns: "
                              + ",".join(f"{name}=VALUE" for name in names))
-        return torch.tensor([[float(values[name]) for name in names]] * args.n, dtype=torch.float32), None
+        return torch.tensor([[float(values[name]) for name in names]] * args.n, dtype=torch.float64), None
     return None, names if kind == "labels" else None
 
 

@@ -443,11 +443,10 @@ DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; th
 
 def draw_labels(model, n, generator=None, device=None):
     """n labels of a class-conditional Denoiser, drawn in its training data's proportions (class_freq)."""
-    net = unwrap(model)
-    if not getattr(net, "cfg", None) or not net.cfg.num_classes:
+    if not isinstance(net := unwrap(model), Denoiser) or not net.cfg.num_classes:
         raise ValueError("draw_labels needs a class-conditional Denoiser (DenoiserConfig(num_classes=K))")
-    on_cpu = generator is None or generator.device.type == "cpu"  # a CUDA generator cannot drive a draw on the CPU
-    return torch.multinomial(net.class_freq.cpu().double(), n, replacement=True, generator=generator if on_cpu else None).to(device or "cpu")
+    freq = net.class_freq.to(generator.device if generator is not None else "cpu").double()  # drawn where the generator lives
+    return torch.multinomial(freq, n, replacement=True, generator=generator).to(device or "cpu")
 
 def guided_eps(model, x, t, y=None, guidance=1.0):
     """eps(null) + w (eps(y) - eps(null)), both in one batch: w = 1 conditional, 0 unconditional, > 1 guided (Ho & Salimans eq. 6, w = 1 + theirs)."""
@@ -464,17 +463,18 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     """n points (n, D) in data units (float64; float32 on MPS), or their (steps + 1, n, D) trajectory on the CPU, from scheduler.prior with
     start_moments (else N(0, I_dim)); one network call per timestep, the last returning its x_0. sampler: "ddpm" ancestral (DDIM, eta=1, if
     steps < T), "ddim" strided with eta, "dpm++" DPM-Solver++(2M) SDE, 20 steps even in log-SNR. y: conditions (None: labels drawn in the
-    training shares); guidance: w of guided_eps; batch_size: rows per network call (default 1024 on CPU, else n); callback(i, steps)."""
+    training shares); guidance: w of guided_eps; batch_size: rows per call (default 1024 on CPU, else n; twice that with guidance)."""
     T, net = scheduler.num_train_timesteps, unwrap(model)
     conditional = isinstance(net, Denoiser) and net.conditional
     for bad, message in ((sampler not in SAMPLERS, f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++"),
                          (batch_size is not None and batch_size < 1, f"batch_size {batch_size} must be a positive number of rows, or None"),
-                         (guidance != 1 and not conditional, f"guidance {guidance} needs a conditional Denoiser (num_classes or cond_dim)"),
+                         (guidance != 1 and not (conditional and (y is not None or net.cfg.num_classes)),
+                          f"guidance {guidance} needs a conditional Denoiser (num_classes, or cond_dim with y given)"),
                          (not (math.isfinite(guidance) and guidance >= 0), f"guidance {guidance} must be a number >= 0 (1: conditional, 0: not)")):
         if bad:
             raise ValueError(message)
     device = device or next(iter(model.parameters()), torch.empty(0)).device
-    steps = steps or DEFAULT_STEPS.get(sampler, T)
+    steps = steps or min(DEFAULT_STEPS.get(sampler, T), T)
     timesteps = scheduler.set_timesteps(steps, "logsnr" if sampler == "dpm++" else "linear")
     if conditional and y is None and net.cfg.num_classes:
         y = draw_labels(net, n, generator, device)

@@ -74,7 +74,7 @@ FLAGS = [
      help="0 = constant decay; N > 0 = the study's EMA: copy the weights for N steps, then decay min(ema_decay, 1 - (1 + s - N)^(-2/3))")),
     ("grad_clip", Preset(10.0, 0.5), True, dict(type=float, help="gradient-norm clip")),
     ("eval_loss", Preset("ema-heldout", "raw-train"), True, dict(choices=["ema-heldout", "raw-train"],
-     help="eval loss: EMA model on 10,000 held-out points (a file: 10,000 of its own points), or the study's raw model over one pass of the training points")),
+     help="eval loss: EMA model on 10,000 fresh points (a file: its held-out points), or the study's raw model over one pass of the training points")),
     ("seed", 0, True, dict(type=int, help="seeds model init, batches, timesteps and noise")),
     ("threads", None, True, dict(type=int, help="CPU threads (default 1: fastest for this model size; docs/performance.md)")),
     ("dtype", "fp32", True, dict(choices=["fp32", "bf16"], help="bf16 autocasts the forward pass")),
@@ -396,7 +396,8 @@ class Run:
         torch.manual_seed(args.seed)
         # float64 where the device has it: points far from the origin are standardised before any cast
         self.points = torch.as_tensor(X, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-        self.cond = None if data.cond is None else torch.as_tensor(data.cond, dtype=torch.long if data.kind == "labels" else torch.float32, device=device)
+        numbers = torch.float32 if device.type == "mps" else torch.float64  # conditions, like points, are standardised in float64
+        self.cond = None if data.cond is None else torch.as_tensor(data.cond, dtype=torch.long if data.kind == "labels" else numbers, device=device)
         self.model = td.Denoiser(cfg).to(device)
         # a user's file is standardized inside the model (named datasets keep the study's coordinates); prior data: start from the data's moments
         self.model.set_data_stats(X, data.cond, standardize=args.dataset not in datasets.DATASETS, moments=args.prior == "data")
@@ -618,6 +619,9 @@ def main(argv=None):
     data_path = None if data_file in datasets.DATASETS else os.path.abspath(data_file)  # for sample.py and --resume from elsewhere
     stop = runs.StopFlag()
     rank, world, device = init_ddp(args, device)
+    if world > 1 and args.batches == "epochs" and 0 < len(data.points) % args.batch_size < world:  # a process would get no rows
+        fail(f"each pass over the {len(data.points)} points ends in a batch of {len(data.points) % args.batch_size}, fewer rows than the {world} processes;"
+             " choose a --batch_size that leaves none or at least that many, or --batches random")
     if rank == 0:
         clear_old_outputs(args, ckpt)
     if device.type == "cpu":
