@@ -62,7 +62,6 @@ def main(run_dirs):
         for ax, key, floor in zip(axes, ("kl", "fidelity", "log_p"), (rows[0]["kl_floor"], rows[0]["fidelity_floor"], fresh_log_p)):
             line, = ax.plot(w, [r[key] for r in rows], "o-", label=name)
             ax.axhline(floor, color=line.get_color(), ls=":", lw=1)
-    axes[2].set_yscale("symlog", linthresh=1)  # w = 0 lands hundreds of bits below the rest
     for ax, title in zip(axes, ("per-class kNN KL (bits; dotted: floor)", "class fidelity (dotted: fresh draw)",
                                 "mean log2 p(x | class) of the samples (dotted: data)")):
         ax.set_xlabel("guidance weight w")
