@@ -609,6 +609,10 @@ def main(argv=None):
             check_same_data(args, ckpt, data, data_file)
         if args.compile:
             check_compile(device)
+        world, last = int(os.environ.get("WORLD_SIZE", "1")), len(data.points) % args.batch_size
+        if world > 1 and args.batches == "epochs" and 0 < last < world:  # a process would get no rows
+            fail(f"each pass over the {len(data.points)} points ends in a batch of {last}, fewer rows than the {world} processes;"
+                 " choose a --batch_size that leaves none or at least that many, or --batches random")
     except SystemExit:
         if lock:
             lock.abandon()
@@ -619,9 +623,6 @@ def main(argv=None):
     data_path = None if data_file in datasets.DATASETS else os.path.abspath(data_file)  # for sample.py and --resume from elsewhere
     stop = runs.StopFlag()
     rank, world, device = init_ddp(args, device)
-    if world > 1 and args.batches == "epochs" and 0 < len(data.points) % args.batch_size < world:  # a process would get no rows
-        fail(f"each pass over the {len(data.points)} points ends in a batch of {len(data.points) % args.batch_size}, fewer rows than the {world} processes;"
-             " choose a --batch_size that leaves none or at least that many, or --batches random")
     if rank == 0:
         clear_old_outputs(args, ckpt)
     if device.type == "cpu":
