@@ -229,12 +229,9 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
     E_p[log p - log q] on the same points, and the data's entropy H(p)."""
     import likelihood
 
-    if dataset in datasets.DATASETS:
-        x, y = datasets.load_labeled(dataset, n, HELDOUT_SEED)[:2] if data.kind == "labels" else (datasets.load_dataset(dataset, n, HELDOUT_SEED), None)
-    elif data.held is not None:
-        x, y = data.held[:n], None if data.held_cond is None else data.held_cond[:n]
-    else:
+    if dataset not in datasets.DATASETS and data.held is None:
         raise ValueError("--nll needs points the model never saw, and this file's run holds none out; train it with --holdout 0.1")
+    x, y = heldout_points(dataset, data, n)
     y_t = None if y is None else torch.as_tensor(y, dtype=torch.long if data.kind == "labels" else torch.float64)
     t0 = time.perf_counter()
     nats = likelihood.nll(model.to(device), scheduler.to(device), x, y=y_t)
