@@ -13,6 +13,13 @@ def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the tests marked slow (the longest trainings, and torch.compile, which needs a C++ compiler)")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: a worker per core, at most 4. Each worker runs torch on one thread; beyond 4 the longest
+    test file, not the number of workers, sets the time."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: off by default; python -m pytest --slow runs them too")
     config.addinivalue_line("markers", "unit: the library's tier, each piece of tinydiff.py against a reference; python -m pytest -q -m unit")
