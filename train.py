@@ -451,6 +451,8 @@ class Run:
                 runs.save_checkpoint(state, self.ckpt_path)
             except OSError as e:
                 fail(f"could not write {quote(self.ckpt_path)} ({e.strerror or e}); free some space, then rerun with --resume (the last checkpoint is intact)")
+        if self.world > 1:  # no process exits before the checkpoint is written: torchrun stops the others when one exits
+            dist.barrier()
         self.saved_step = self.step
 
     def batch_loss(self):

@@ -77,10 +77,10 @@ def test_stop_and_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path):
     for pid in pids:  # as a scheduler stopping the job does: every process gets SIGTERM
         os.kill(pid, signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    assert err.count("stopped by SIGTERM at step") == 2, err[-2000:]  # both ranks, at the same step, one line each
-    assert len(set(line.split("at step ")[1].split(";")[0] for line in err.splitlines() if "stopped by SIGTERM" in line)) == 1
-    step = runs.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"]
-    assert 20 <= step < 400
+    assert err.count("stopped by SIGTERM at step") == 1, err[-2000:]  # rank 0 speaks for both
+    said = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    step = runs.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"]  # the only checkpoint is the stop's (--ckpt_interval 1000)
+    assert 20 <= step < 400 and step == said
     torchrun("--out_dir", tmp_path / "cut", "--resume", "--eval_batch_size", 200)
     for key in ("model", "ema"):
         a, b = weights(tmp_path / "whole", key), weights(tmp_path / "cut", key)

@@ -29,12 +29,14 @@ def run(script, *args, check=True):
     return p
 
 
+TRAINED = ["--train_steps", 600, "--batch_size", 256, "--lr", "1e-3", "--eval_batch_size", 2000, "--log_interval", 500]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A short moons run, shared by the tests below."""
     out = tmp_path_factory.mktemp("run") / "moons"
-    p = run("train.py", "--dataset", "moons", "--train_steps", 600, "--batch_size", 256, "--lr", "1e-3",
-            "--eval_batch_size", 2000, "--log_interval", 500, "--out_dir", out)
+    p = run("train.py", "--dataset", "moons", *TRAINED, "--out_dir", out)
     return out, p.stdout
 
 
@@ -216,8 +218,7 @@ def test_moons_at_another_offset_and_scale_train_as_well_with_the_default_flags(
     out, _ = trained
     data = datasets.load_dataset("moons")
     np.savetxt(tmp_path / "moons.csv", data * 50 + 100, delimiter=",")
-    run("train.py", "--dataset", tmp_path / "moons.csv", "--train_steps", 1500, "--batch_size", 256, "--lr", "1e-3",
-        "--eval_batch_size", 2000, "--log_interval", 500, "--out_dir", tmp_path / "run")
+    run("train.py", "--dataset", tmp_path / "moons.csv", *TRAINED, "--out_dir", tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert all(np.isfinite(m[k]) for k in ("knn_kl_bits", "hist_kl_nats", "eval_loss"))
     raw, scaled = np.load(out / "samples.npy"), (np.load(tmp_path / "run" / "samples.npy") - 100) / 50
