@@ -98,12 +98,17 @@ def run_args(args, c, d, s, out):
     return train.fill_preset(train.get_parser().parse_args(command(args, c, d, s, out)[2:-1]))
 
 
+# Run settings that came after the first grids, at the values that give what a run made before them did: no
+# condition, and the whole of a named dataset (a grid trains only those; --holdout splits files).
+BEFORE_FLAG = dict(label_column=None, cond_columns=None, conditional=False, p_uncond=0.1, holdout=0.1)
+
+
 def settings_differ(have, args, c, d, s, out):
     """The run keys in which a run's recorded settings (have: its metrics.json's or checkpoint's args) differ from the grid's."""
     if not isinstance(have, dict):
         raise TypeError("its settings are not a JSON object")
     want = json.loads(runs.to_json(vars(run_args(args, c, d, s, out))))  # as metrics.json holds it
-    return [k for k in train.RUN_KEYS if have.get(k) != want[k]]
+    return [k for k in train.RUN_KEYS if have.get(k, BEFORE_FLAG.get(k)) != want[k]]
 
 
 def run_grid(args, root):

@@ -259,6 +259,40 @@ def test_bad_command_lines_get_one_line_and_exit_2(tmp_path, script, args, messa
     assert message in refused(script, *[a.format(tmp=tmp_path) for a in args])
 
 
+def test_collect_tables_runs_made_before_the_condition_flags_and_no_conditional_one(tmp_path, capsys):
+    """results/tinydiff's runs record none of --conditional, --holdout, --p_uncond (they came later): those runs
+    were unconditional, on whole named datasets, so they are this grid's. The same run recorded as conditional is not."""
+    import sweep
+
+    old = json.loads(open(os.path.join(ROOT, "results", "tinydiff", "dino-base-s0", "metrics.json")).read())
+    assert not {"conditional", "holdout", "p_uncond", "label_column", "cond_columns"} & set(old["args"])  # the premise
+    for name, args in (("dino-base-s0", old["args"]), ("moons-base-s0", {**old["args"], "dataset": "moons", "conditional": True})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({**old, "args": args}))
+    sweep.main(["--seeds", "1", "--eval_interval", "500", "--out_dir", str(tmp_path), "--collect"])
+    text, err = (tmp_path / "results.md").read_text(), capsys.readouterr().err
+    assert "Runs finished: 1 of 28" in text and f"| dino | 1 | {old['train_time_s']:.1f} | {old['eval_loss']:.4f} |" in text, text
+    assert "moons-base-s0 (made with other settings than this grid's: conditional True)" in err, err
+
+
+@pytest.mark.parametrize("grid, flags", [("tinydiff", ["--costs", "results/bench-cpu.json"]), ("paper", ["--preset", "paper", "--costs", "results/bench-cpu-relu.json"])])
+def test_collect_rewrites_the_committed_results_md_from_the_committed_runs(tmp_path, grid, flags):
+    import shutil
+
+    import sweep
+
+    shutil.copytree(os.path.join(ROOT, "results", grid), tmp_path / grid, ignore=shutil.ignore_patterns("*.png", "results.md"))
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)  # the committed command names its --costs file from the repository's root
+        sweep.main(["--eval_interval", "500", "--seeds", "3", "--out_dir", str(tmp_path / grid), *flags, "--collect"])
+    finally:
+        os.chdir(cwd)
+    want = open(os.path.join(ROOT, "results", grid, "results.md")).read()
+    got = (tmp_path / grid / "results.md").read_text().replace(str(tmp_path / grid), f"results/{grid}")
+    assert got == want
+
+
 def test_a_sweep_refuses_to_mix_runs_made_with_other_settings(tmp_path):
     flags = ["--batch_size", 64, "--eval_batch_size", 100]
     run("train.py", "--dataset", "circle", "--seed", 0, "--threads", 1, "--train_steps", 2, *flags, "--out_dir", tmp_path / "circle-base-s0")
