@@ -464,18 +464,20 @@ def format_table(metrics):
     rows = [("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"), (hist, "hist_kl_nats", "hist_kl_floor"), ("class fidelity", "fidelity", "fidelity_floor"),
             ("dcr_ratio", "dcr_ratio", None), ("near-copy share", "near_copy_frac", "near_copy_ref"), ("NLL (bits/point)", "nll_bits", None),
             ("exact KL (bits)", "exact_kl_bits", None), ("H(data) (bits)", "data_entropy_bits", None)]
-    lines = [f"{'metric':<20}{'value':>10}{'floor':>10}"]
+    classes = [f"  {name} kNN KL" for name in metrics.get("per_class", {})]
+    w = max([20] + [len(c) + 1 for c in classes])  # class names in full: two names may share their first letters
+    lines = [f"{'metric':<{w}}{'value':>10}{'floor':>10}"]
     for name, key, floor in rows:
         if key in metrics:
             se = metrics.get({"nll_bits": "nll_bits_se", "exact_kl_bits": "exact_kl_se", "data_entropy_bits": "data_entropy_se"}.get(key, ""))
-            lines.append(f"{name:<20}{value(metrics[key]):>10}{value(metrics.get(floor)) if floor else '':>10}" + (f"   ± {se:.4f} (1 se)" if se else ""))
-    for name, row in metrics.get("per_class", {}).items():
-        lines.append(f"{'  ' + str(name)[:12] + ' kNN KL':<20}{value(row['knn_kl_bits']):>10}{value(row.get('knn_kl_floor')):>10}"
+            lines.append(f"{name:<{w}}{value(metrics[key]):>10}{value(metrics.get(floor)) if floor else '':>10}" + (f"   ± {se:.4f} (1 se)" if se else ""))
+    for label, row in zip(classes, metrics.get("per_class", {}).values()):
+        lines.append(f"{label:<{w}}{value(row['knn_kl_bits']):>10}{value(row.get('knn_kl_floor')):>10}"
                      f"   fidelity {value(row['fidelity'])} (floor {value(row.get('fidelity_floor'))}), {row['n']} samples")
     for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples", "hist_kl_pairs", "holdout", "nll_points", "nll_s"):
         if key in metrics:
             v = metrics[key]
-            lines.append(f"{key:<20}{v:>10}" if isinstance(v, int) else f"{key:<20}{v:>10.4g}")
+            lines.append(f"{key:<{w}}{v:>10}" if isinstance(v, int) else f"{key:<{w}}{v:>10.4g}")
     return "\n".join(lines)
 
 

@@ -154,3 +154,16 @@ def test_floor_is_none_for_a_users_file_and_a_fresh_draw_otherwise():
     f = evaluate.floor_draw("dino", 1000)
     assert f.shape == (1000, 2) and not np.array_equal(f, datasets.load_dataset("dino", n=1000))
     assert evaluate.floor_draw("/tmp/some/points.csv", 1000) is None
+
+
+def test_the_printed_table_names_each_class_in_full_with_its_values_aligned():
+    row = lambda kl: dict(knn_kl_bits=kl, knn_kl_floor=0.01, fidelity=0.9, fidelity_floor=0.95, n=100)
+    names = ["measurement_site_north", "measurement_site_south", "c"]
+    table = evaluate.format_table(dict(knn_kl_bits=0.5, knn_kl_floor=0.02, eval_loss=0.7, per_class={n: row(k) for n, k in zip(names, (0.1, 0.2, 0.3))}))
+    lines = table.splitlines()
+    for name, kl in zip(names, ("0.1000", "0.2000", "0.3000")):
+        line = next(line for line in lines if line.startswith(f"  {name} kNN KL "))
+        assert line.split()[3] == kl, line  # name, "kNN", "KL", value
+    value_end = {line.index(v) + len(v) for line, v in zip(lines, ("value", "0.5000")) }
+    value_end |= {line.index(k) + len(k) for line in lines for k in ("0.1000", "0.2000", "0.3000") if k in line}
+    assert len(value_end) == 1, table  # one column of values, right-aligned
