@@ -451,7 +451,7 @@ class Run:
                 runs.save_checkpoint(state, self.ckpt_path)
             except OSError as e:
                 fail(f"could not write {quote(self.ckpt_path)} ({e.strerror or e}); free some space, then rerun with --resume (the last checkpoint is intact)")
-        if self.world > 1:  # no process exits before the checkpoint is written: torchrun stops the others when one exits
+        if self.world > 1:  # no process exits before the checkpoint is written: torchrun stops the others when one fails
             dist.barrier()
         self.saved_step = self.step
 
@@ -517,10 +517,11 @@ def train_loop(run, stop, data_path):
             t_log += time.perf_counter() - t_eval  # the log's ms/step counts training only
         if run.step % args.ckpt_interval == 0 or run.step == args.train_steps:
             run.save(data_path)
-    stop.active = False
-    if stop.signum is not None:  # a signal during the last save: the run is saved; stop before evaluating
+    if stop_requested(run, stop):  # a signal during the last save, on any process: the run is saved; stop before evaluating
+        stop.active = False
         fail(f"stopped by {stop.name} after the last step; saved {run.ckpt_path}; evaluate it with: "
              f"python train.py --out_dir {quote(args.out_dir)} --resume", code=128 + stop.signum)
+    stop.active = False
 
 
 def stop_requested(run, stop):

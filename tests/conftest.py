@@ -17,7 +17,8 @@ def pytest_addoption(parser):
 def pytest_xdist_auto_num_workers(config):
     """-n auto: a worker per core, at most 4. Each worker runs torch on one thread; beyond 4 the longest
     test file, not the number of workers, sets the time."""
-    return max(1, min(4, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # the cores this process may use
+    return max(1, min(4, cores))
 
 
 def pytest_configure(config):
