@@ -33,10 +33,13 @@ RUN_FILES = ("ckpt.pt", "metrics.json", "samples.npy", "samples_labels.npy", "sa
 # the command line: one-line errors, signals, pipes
 
 
-def fail(msg, code=2):
-    """A user's error: one line on stderr, then exit (2 unless told). Under torchrun only rank 0 speaks."""
+def fail(msg, code=2, together=False):
+    """A user's error: one line on stderr, then exit (2 unless told). Under torchrun only rank 0 speaks; with
+    together, every process waits for it first (torchrun stops the others as soon as one exits with an error)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {msg}", file=sys.stderr, flush=True)
+    if together and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     sys.exit(code)
 
 

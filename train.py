@@ -451,8 +451,6 @@ class Run:
                 runs.save_checkpoint(state, self.ckpt_path)
             except OSError as e:
                 fail(f"could not write {quote(self.ckpt_path)} ({e.strerror or e}); free some space, then rerun with --resume (the last checkpoint is intact)")
-        if self.world > 1:  # no process exits before the checkpoint is written: torchrun stops the others when one fails
-            dist.barrier()
         self.saved_step = self.step
 
     def batch_loss(self):
@@ -488,7 +486,7 @@ def train_loop(run, stop, data_path):
         if stop_requested(run, stop):  # a signal: save at this step boundary, then stop
             run.save(data_path)
             fail(f"stopped by {stop.name} at step {run.step}; saved {run.ckpt_path}; continue with: "
-                 f"python train.py --out_dir {quote(args.out_dir)} --resume", code=128 + stop.signum)
+                 f"python train.py --out_dir {quote(args.out_dir)} --resume", code=128 + stop.signum, together=True)
         t0 = time.perf_counter()
         loss = run.batch_loss()
         run.optimizer.zero_grad(set_to_none=True)
@@ -520,7 +518,7 @@ def train_loop(run, stop, data_path):
     if stop_requested(run, stop):  # a signal during the last save, on any process: the run is saved; stop before evaluating
         stop.active = False
         fail(f"stopped by {stop.name} after the last step; saved {run.ckpt_path}; evaluate it with: "
-             f"python train.py --out_dir {quote(args.out_dir)} --resume", code=128 + stop.signum)
+             f"python train.py --out_dir {quote(args.out_dir)} --resume", code=128 + stop.signum, together=True)
     stop.active = False
 
 
