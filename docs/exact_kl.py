@@ -7,8 +7,8 @@ exact KL = mean over 1,000 fresh points x ~ p of log2 p(x) - log2 q(x), q the mo
 (likelihood.py), p the dataset's exact density (datasets.log_density); its standard error is over the points.
 Rank agreement: Kendall's tau between the two orderings of the configurations (scipy.stats.kendalltau).
 
-The ODE's density is that of the data smoothed by N(0, sigma_bar_0^2 I), sigma_bar_0 = sqrt(beta_0 / (1 - beta_0)) = 0.01
-(the first timestep's noise, likelihood.py): even a perfect noise predictor scores KL(p || p * N(0, sigma_bar_0^2 I)) > 0.
+The ODE's density is that of the data smoothed by N(0, sigma_bar_0^2 I), sigma_bar_0 = sqrt(beta_0 / (1 - beta_0)), 0.01
+for both presets' schedules (the first timestep's noise, likelihood.py): even a perfect noise predictor scores KL(p || p * N(0, sigma_bar_0^2 I)) > 0.
 smoothing_floor() computes that floor by Monte Carlo where the smoothed density has a closed form.
 """
 import glob
@@ -25,17 +25,21 @@ import runs  # noqa: E402
 import tinydiff as td  # noqa: E402
 
 CONFIGS = list(runs.CONFIGS)
-AB_0 = td.NoiseScheduler().alphas_cumprod[0].item()
-SIGMA_0 = ((1 - AB_0) / AB_0) ** 0.5
 
 
-def smoothing_floor(name, n=200_000, seed=5):
-    """(KL(p || p * N(0, SIGMA_0^2 I)) in bits, its standard error) by Monte Carlo over n points of p, or None where the
+def sigma_0(num_timesteps, beta_schedule):
+    """sigma_bar_0 = sqrt((1 - alpha_bar_0) / alpha_bar_0) of the runs' noise schedule."""
+    ab_0 = td.NoiseScheduler(num_timesteps, beta_schedule=beta_schedule).alphas_cumprod[0].item()
+    return ((1 - ab_0) / ab_0) ** 0.5
+
+
+def smoothing_floor(name, sigma, n=200_000, seed=5):
+    """(KL(p || p * N(0, sigma^2 I)) in bits, its standard error) by Monte Carlo over n points of p, or None where the
     smoothed density has no closed form here (circle)."""
     x = datasets.load_dataset(name, n, seed)
-    widen = lambda sd: np.sqrt(np.asarray(sd) ** 2 + SIGMA_0**2)
+    widen = lambda sd: np.sqrt(np.asarray(sd) ** 2 + sigma**2)
     if name == "line":  # the box convolved with the Gaussian: a product of differences of normal CDFs
-        smooth = sum(np.log((norm.cdf((h - v) / SIGMA_0) - norm.cdf((-h - v) / SIGMA_0)) / (2 * h)) for v, h in zip(x.T, (2, 4)))
+        smooth = sum(np.log((norm.cdf((h - v) / sigma) - norm.cdf((-h - v) / sigma)) / (2 * h)) for v, h in zip(x.T, (2, 4)))
     elif name == "dino":
         pts = np.loadtxt(datasets.DINO_TSV, skiprows=1)
         centres, sd = np.stack([(pts[:, 0] / 54 - 1) * 4, (pts[:, 1] / 48 - 1) * 4], 1), np.array([0.15 * 4 / 54, 0.15 * 4 / 48])
@@ -77,8 +81,12 @@ def main(folder):
             se = max(rows[dataset, c]["exact_kl_se"] for c in have)
             verdicts.append(f"- {dataset}: Kendall's tau {tau.statistic:.2f} (p = {tau.pvalue:.2f}) over {len(have)} configurations; best by kNN KL "
                             f"{best_knn}, by exact KL {best_exact}; exact KL spans {spread:.4f} bits, its largest standard error is {se:.4f}")
-    floors = [f"- {d}: {f[0]:.4f} ± {f[1]:.4f} bits" for d in sorted({d for d, _ in rows}) if (f := smoothing_floor(d)) is not None]
-    text = ("\n".join(lines) + "\n\n" + "\n".join(verdicts) + f"\n\nThe exact KL of a perfect model (the data smoothed by sigma_bar_0 = {SIGMA_0:.4f}):\n"
+    schedules = {(m["args"]["num_timesteps"], m["args"]["beta_schedule"]) for m in rows.values()}
+    if len(schedules) != 1:
+        sys.exit(f"error: the runs in {folder} use {len(schedules)} noise schedules; one grid has one")
+    sigma = sigma_0(*schedules.pop())
+    floors = [f"- {d}: {f[0]:.4f} ± {f[1]:.4f} bits" for d in sorted({d for d, _ in rows}) if (f := smoothing_floor(d, sigma)) is not None]
+    text = ("\n".join(lines) + "\n\n" + "\n".join(verdicts) + f"\n\nThe exact KL of a perfect model (the data smoothed by sigma_bar_0 = {sigma:.4f}):\n"
             + "\n".join(floors) + "\n")
     with open(os.path.join(folder, "exact-kl.md"), "w") as f:
         f.write(text)
