@@ -2,6 +2,7 @@
 
     python sweep.py --seeds 1 --nll 1000 --out_dir results/exact-kl     # the grid, with --nll 1000 for every run
     python docs/exact_kl.py results/exact-kl                            # writes results/exact-kl/exact-kl.md
+    python docs/exact_kl.py results/exact-kl results/tinydiff           # ... and how well the runs reproduce that grid's seed 0
 
 exact KL = mean over 1,000 fresh points x ~ p of log2 p(x) - log2 q(x), q the model's probability-flow density
 (likelihood.py), p the dataset's exact density (datasets.log_density); its standard error is over the points.
@@ -58,7 +59,21 @@ def smoothing_floor(name, sigma, n=200_000, seed=5):
     return gap.mean(), gap.std() / np.sqrt(n)
 
 
-def main(folder):
+def reproduction(rows, grid):
+    """One line per backbone: the largest |kNN KL difference| between these runs and the same runs of another grid,
+    and whether either side was compiled (compiled kernels round differently, so such pairs need not match to the bit)."""
+    gaps = {}
+    for (dataset, config), m in rows.items():
+        path = os.path.join(grid, f"{dataset}-{config}-s{m['args']['seed']}", "metrics.json")
+        if os.path.exists(path):
+            other = json.load(open(path))
+            compiled = {bool(m["args"].get("compile")), bool(other["args"].get("compile"))}
+            gaps.setdefault((config, " / ".join(sorted({"compiled" if c else "eager" for c in compiled}))), []).append(
+                abs(m["knn_kl_bits"] - other["knn_kl_bits"]))
+    return [f"- {config} ({mode}, {len(g)} datasets): largest |difference| {max(g):.1e} bits" for (config, mode), g in sorted(gaps.items(), key=lambda kv: CONFIGS.index(kv[0][0]))]
+
+
+def main(folder, grid=None):
     rows = {}
     for path in glob.glob(os.path.join(folder, "*", "metrics.json")):
         m = json.load(open(path))
@@ -88,10 +103,12 @@ def main(folder):
     floors = [f"- {d}: {f[0]:.4f} ± {f[1]:.4f} bits" for d in sorted({d for d, _ in rows}) if (f := smoothing_floor(d, sigma)) is not None]
     text = ("\n".join(lines) + "\n\n" + "\n".join(verdicts) + f"\n\nThe exact KL of a perfect model (the data smoothed by sigma_bar_0 = {sigma:.4f}):\n"
             + "\n".join(floors) + "\n")
+    if grid:
+        text += f"\nThe kNN KL of these runs against the same runs in {grid}:\n" + "\n".join(reproduction(rows, grid)) + "\n"
     with open(os.path.join(folder, "exact-kl.md"), "w") as f:
         f.write(text)
     print(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "results/exact-kl")
+    main(*(sys.argv[1:3] or ["results/exact-kl"]))
