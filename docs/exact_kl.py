@@ -70,7 +70,8 @@ def reproduction(rows, grid):
             compiled = {bool(m["args"].get("compile")), bool(other["args"].get("compile"))}
             gaps.setdefault((config, " / ".join(sorted({"compiled" if c else "eager" for c in compiled}))), []).append(
                 abs(m["knn_kl_bits"] - other["knn_kl_bits"]))
-    return [f"- {config} ({mode}, {len(g)} datasets): largest |difference| {max(g):.1e} bits" for (config, mode), g in sorted(gaps.items(), key=lambda kv: CONFIGS.index(kv[0][0]))]
+    in_order = sorted(gaps.items(), key=lambda kv: CONFIGS.index(kv[0][0]))
+    return [f"- {config} ({mode}, {len(g)} datasets): largest |difference| {max(g):.1e} bits" for (config, mode), g in in_order]
 
 
 def main(folder, grid=None):
