@@ -6,7 +6,8 @@
     python sample.py --out_dir out/moons-base-cond --label upper --guidance 3   # a class-conditional run
     python sample.py --out_dir out/f-csv-base-cond --cond a=1.5,b=-2       # a run with --cond_columns a,b
 
-Writes <name>.npy and <name>.png (samples beside the data) into the run directory (or --out),
+Writes <name>.npy and <name>.png (samples beside the data) into the run directory (or --out), <name> being
+samples-<sampler><steps> and the settings that differ from the defaults (-seed5, -raw, -n300, ...);
 <name>_labels.npy (each sample's class name) for a class-conditional run, and <name>.gif with --gif.
 """
 import math
@@ -72,7 +73,7 @@ def main(argv=None):
     p.add_argument("--label", action="append", help="a class to sample (repeat for several: n is split evenly); default: the training shares")
     p.add_argument("--cond", action="append", help="the condition of a run trained with --cond_columns: NAME=VALUE,NAME=VALUE (every column), once")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w: 1 conditional, 0 unconditional, > 1 guided")
-    p.add_argument("--out", default=None, help="output path stem (default <run>/samples-<sampler><steps>[-w<guidance>])")
+    p.add_argument("--out", default=None, help="output path stem (default <run>/samples-<sampler><steps>, then the settings that differ from the defaults)")
     args = p.parse_args(argv)
     try:
         if not (args.ckpt or args.out_dir):
@@ -88,9 +89,7 @@ def main(argv=None):
         frames = steps + 1 if args.gif else 1
         runs.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 8 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
         y, label_names = condition(args, ckpt, model)
-        asked = "+".join(args.label) if args.label else args.cond  # in the name, so that each draw keeps its own file
-        wpart = (f"-w{args.guidance:g}" if args.guidance != 1 else "") + (f"-{urllib.parse.quote(asked, safe='=+,.-')}" if asked else "")
-        stem = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples-{args.sampler}{steps}{wpart}")
+        stem = args.out or os.path.join(os.path.dirname(ckpt_path), default_name(args, steps))
         check_out(stem, args.gif)
     except ValueError as e:
         runs.fail(str(e))
@@ -130,6 +129,16 @@ def main(argv=None):
         write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(samples if data is None else data)))
         wrote.append(stem + ".gif")
     print(f"wrote {' '.join(wrote)} ({time.perf_counter() - t0:.1f} s)")
+
+
+def default_name(args, steps):
+    """samples-<sampler><steps>, then every setting that changes the draw and is not its default, so that each
+    draw keeps its own file and only the same draw from the same checkpoint is written again."""
+    asked = "+".join(args.label) if args.label else args.cond
+    parts = [f"samples-{args.sampler}{steps}", f"eta{args.eta:g}" if args.sampler == "ddim" and args.eta else "",
+             f"w{args.guidance:g}" if args.guidance != 1 else "", urllib.parse.quote(asked, safe="=+,.-") if asked else "",
+             f"n{args.n}" if args.n != 10_000 else "", f"seed{args.seed}" if args.seed else "", "raw" if args.raw else ""]
+    return "-".join(p for p in parts if p)
 
 
 def check_out(stem, gif):
