@@ -13,6 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+def require(*rules):  # a user's mistake, named in one sentence: ValueError with the message of the first (bad, message) rule whose bad holds
+    for bad, message in rules:
+        if bad:
+            raise ValueError(message)
+
+
 # -----------------------------------------------------------------------------
 # 1. Noise scheduler
 
@@ -22,15 +29,14 @@ class NoiseScheduler(nn.Module):
     def __init__(self, num_train_timesteps=100, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"):
         super().__init__()
         T = self.num_train_timesteps = num_train_timesteps
+        require((beta_schedule not in ("linear", "quadratic", "cosine"), f"unknown beta_schedule {beta_schedule!r}; use linear, quadratic or cosine"))
         if beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
         elif beta_schedule == "quadratic":
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-        elif beta_schedule == "cosine":  # Nichol & Dhariwal eq. 17, s = 0.008, betas capped at 0.999
+        else:  # cosine: Nichol & Dhariwal eq. 17, s = 0.008, betas capped at 0.999
             f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-        else:
-            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; use linear, quadratic or cosine")
         alphas = 1 - betas
         ab = torch.cumprod(alphas, 0)  # alpha_bar_t
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
@@ -45,8 +51,7 @@ class NoiseScheduler(nn.Module):
     def prior(self, n, mean=None, cov=None, generator=None, device="cpu", dim=None, groups=None):
         """n points x_T ~ N(sqrt(ab_T) mean, ab_T cov + (1 - ab_T) I): q(x_T)'s moments for data of that mean and cov; else N(0, I_dim).
         With groups (n,), row i takes mean[groups[i]] from (K, D) means, and cov[groups[i]] from (K, D, D) covariances."""
-        if mean is None and dim is None:
-            raise ValueError("prior needs the data's mean and cov, or dim (coordinates per point) for the N(0, I) start")
+        require((mean is None and dim is None, "prior needs the data's mean and cov, or dim (coordinates per point) for the N(0, I) start"))
         z = torch.randn((n, dim if mean is None else mean.shape[-1]), generator=generator, device=device)
         if mean is None:
             return z
@@ -79,12 +84,10 @@ class NoiseScheduler(nn.Module):
     def set_timesteps(self, num_inference_steps, spacing="linear"):
         """Distinct timesteps from T-1 down to 0, even in t ("linear") or in log-SNR ("logsnr": more steps at low noise, where detail forms)."""
         T, n = self.num_train_timesteps, num_inference_steps
-        if not 1 <= n <= T:
-            raise ValueError(f"steps must be in 1..{T}, got {n}")
+        require((not 1 <= n <= T, f"steps must be in 1..{T}, got {n}"))
         if spacing == "linear":
             return torch.linspace(T - 1, 0, n).round().long().tolist()
-        if spacing != "logsnr":
-            raise ValueError(f"unknown spacing {spacing!r}; use linear or logsnr")
+        require((spacing != "logsnr", f"unknown spacing {spacing!r}; use linear or logsnr"))
         lam = self.log_snr.double()
         targets = torch.linspace(lam[-1].item(), lam[0].item(), n, dtype=torch.float64)
         ts = [max(t, n - 1 - i) for i, t in enumerate((lam[None, :] - targets[:, None]).abs().argmin(1).tolist())]  # nearest, with room below
@@ -140,9 +143,8 @@ class SelfAttention(nn.Module):
     """Pre-norm multi-head self-attention with a residual: x + proj(attention(LN(x)))."""
     def __init__(self, dim, heads):
         super().__init__()
-        if heads < 1 or dim % heads:
-            divisors = ", ".join(str(h) for h in range(1, dim + 1) if dim % h == 0)
-            raise ValueError(f"heads {heads} must divide the token width {dim}; use one of {divisors}")
+        divisors = ", ".join(str(h) for h in range(1, dim + 1) if dim % h == 0)
+        require((heads < 1 or dim % heads, f"heads {heads} must divide the token width {dim}; use one of {divisors}"))
         self.heads, self.norm, self.qkv, self.proj = heads, nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -249,7 +251,8 @@ class AffineMap(nn.Module):
         self.shift.copy_(shift), self.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))  # rounded to float32
         self.shift_lo.copy_(shift - self.shift.double())
 
-    def to_model(self, x):  # z = (x - shift) / scale, computed in x's dtype (float64: exact), returned as float32
+    def to_model(self, x):  # z = (x - shift) / scale, computed in x's dtype (float64: exact; integers: float64), returned as float32
+        x = x if x.is_floating_point() else x.double()
         return ((x - self.shift.to(x.dtype) - self.shift_lo.to(x.dtype)) / self.scale.to(x.dtype)).float()
 
     def to_data(self, z):  # x = shift + scale * z, in float64 (float32 on MPS, which has no float64)
@@ -282,11 +285,9 @@ class Denoiser(nn.Module):
         super().__init__()
         D, E, K, C = cfg.data_dim, cfg.emb_dim, cfg.num_classes, cfg.cond_dim
         self.cfg, self.conditional = cfg, K > 0 or C > 0
-        for bad, message in ((D < 1, f"data_dim {D} must be at least 1: it is the number of coordinates per point"),
-                             (K < 0 or C < 0 or (K and C), f"use num_classes=K > 0 (labels) or cond_dim=C > 0 (numbers), not both: got {K}, {C}"),
-                             (cfg.block not in ("gelu", "relu"), f"unknown block {cfg.block!r}; use gelu or relu")):
-            if bad:
-                raise ValueError(message)
+        require((D < 1, f"data_dim {D} must be at least 1: it is the number of coordinates per point"),
+                (K < 0 or C < 0 or (K and C), f"use num_classes=K > 0 (labels) or cond_dim=C > 0 (numbers), not both: got {K}, {C}"),
+                (cfg.block not in ("gelu", "relu"), f"unknown block {cfg.block!r}; use gelu or relu"))
         self.coord_emb, self.time_emb = SinusoidalEmbedding(E, cfg.coord_scale), SinusoidalEmbedding(E, cfg.time_scale)
         self.attn = nn.ModuleList(SelfAttention(E, cfg.heads) for _ in range(cfg.attn_layers))
         if cfg.ssm_layers:  # the SSM stack runs at width ssm_dim, as a residual branch on the tokens
@@ -336,6 +337,8 @@ class Denoiser(nn.Module):
         moments: z's mean and covariance (per class; a linear fit on numbers) for the sampler's start (False: 0 and I); class_freq, cond_map."""
         x = torch.as_tensor(x).detach().cpu().double()
         self.check_points(x)
+        require((not torch.isfinite(x).all(), "x holds NaN or infinite values; remove those points first"),
+                (self.conditional and y is None, "this Denoiser is conditional: give the training points' conditions too, set_data_stats(x, y)"))
         D, sd = x.shape[1], x.std(0, correction=0)
         sd = torch.where(sd > 0, sd, sd.max() if sd.max() > 0 else 1.0)
         self.data_map.set(*((x.mean(0), sd / MODEL_SD) if standardize else (torch.zeros(D), torch.ones(D))))
@@ -380,8 +383,7 @@ class Denoiser(nn.Module):
     def forward(self, x, t, y=None, drop=None):
         self.check_points(x)
         self.check_condition(y, len(x))
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"t must hold one timestep per point, shape ({x.shape[0]},), but has shape {tuple(t.shape)}")
+        require((t.shape != x.shape[:1], f"t must hold one timestep per point, shape ({x.shape[0]},), but has shape {tuple(t.shape)}"))
         tokens = [self.coord_emb(x[:, i]) for i in range(x.shape[1])] + [self.time_emb(t)]
         tokens = torch.stack(tokens + ([self.condition_token(y, drop, len(x))] if self.conditional else []), 1)  # (B, D + 1 (+ 1), E)
         for block in self.attn:
@@ -423,8 +425,8 @@ def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, dr
     With conditions y a row gets the null condition with probability p_uncond (or where drop is True): both halves of guidance."""
     net = unwrap(model)
     if isinstance(net, Denoiser):
-        if not net.data_stats_set:
-            raise ValueError("call model.set_data_stats(x_train) before training, to fix the map from your data's units to the model's")
+        require((not net.data_stats_set, "call model.set_data_stats(x_train) before training, to fix the map from your data's units to the model's"),
+                (not 0 <= p_uncond <= 1, f"p_uncond {p_uncond} must be a probability in [0, 1]"))
         net.check_points(x0)  # before the map, which would broadcast a (B, 1) batch to (B, D)
         x0 = net.data_map.to_model(x0)
     t = sample_timesteps(len(x0), scheduler.num_train_timesteps, low_frac=0.0, generator=generator, device=x0.device) if t is None else t
@@ -443,8 +445,8 @@ DEFAULT_STEPS = {"dpm++": 20}  # network evaluations when steps is not given; th
 
 def draw_labels(model, n, generator=None, device=None):
     """n labels of a class-conditional Denoiser, drawn in its training data's proportions (class_freq)."""
-    if not isinstance(net := unwrap(model), Denoiser) or not net.cfg.num_classes:
-        raise ValueError("draw_labels needs a class-conditional Denoiser (DenoiserConfig(num_classes=K))")
+    net = unwrap(model)
+    require((not isinstance(net, Denoiser) or not net.cfg.num_classes, "draw_labels needs a class-conditional Denoiser (num_classes=K)"))
     freq = net.class_freq.to(generator.device if generator is not None else "cpu").double()  # drawn where the generator lives
     return torch.multinomial(freq, n, replacement=True, generator=generator).to(device or "cpu")
 
@@ -466,15 +468,13 @@ def sample(model, scheduler, n, sampler="ddpm", steps=None, eta=0.0, generator=N
     training shares); guidance: w of guided_eps; batch_size: rows per call (default 1024 on CPU, else n; twice that with guidance)."""
     T, net = scheduler.num_train_timesteps, unwrap(model)
     conditional = isinstance(net, Denoiser) and net.conditional
-    for bad, message in ((sampler not in SAMPLERS, f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++"),
-                         (batch_size is not None and batch_size < 1, f"batch_size {batch_size} must be a positive number of rows, or None"),
-                         (guidance != 1 and not (conditional and (y is not None or net.cfg.num_classes)),
-                          f"guidance {guidance} needs a conditional Denoiser (num_classes, or cond_dim with y given)"),
-                         (not (math.isfinite(guidance) and guidance >= 0), f"guidance {guidance} must be a number >= 0 (1: conditional, 0: not)")):
-        if bad:
-            raise ValueError(message)
+    require((sampler not in SAMPLERS, f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++"), (n < 1, f"n {n} must be at least 1"),
+            (not 0 <= eta <= 1, f"eta {eta} must be in [0, 1]"), (batch_size is not None and batch_size < 1, f"batch_size {batch_size} must be >= 1"),
+            (isinstance(net, Denoiser) and not net.data_stats_set, "call model.set_data_stats(x_train) first: sampling needs its map to data units"),
+            (guidance != 1 and not (conditional and (y is not None or net.cfg.num_classes)), f"guidance {guidance} needs a conditional Denoiser"),
+            (not (math.isfinite(guidance) and guidance >= 0), f"guidance {guidance} must be a number >= 0 (1: conditional, 0: not)"))
     device = device or next(iter(model.parameters()), torch.empty(0)).device
-    steps = steps or min(DEFAULT_STEPS.get(sampler, T), T)
+    steps = min(DEFAULT_STEPS.get(sampler, T), T) if steps is None else steps
     timesteps = scheduler.set_timesteps(steps, "logsnr" if sampler == "dpm++" else "linear")
     if conditional and y is None and net.cfg.num_classes:
         y = draw_labels(net, n, generator, device)

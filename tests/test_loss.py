@@ -39,6 +39,31 @@ def test_ddpm_loss_refuses_a_denoiser_without_data_stats():
         td.ddpm_loss(model, s, torch.randn(8, 2))
 
 
+def test_integer_points_are_mapped_in_float64_like_the_same_points_as_floats():
+    """Reference: the same points as float64. A map computed in the input's dtype would truncate the scale (13.8 -> 13),
+    or divide by a scale below 1 rounded to 0."""
+    s, g = td.NoiseScheduler(), torch.Generator().manual_seed(3)
+    t, noise = torch.randint(0, 100, (200,), generator=g), torch.randn(200, 2, generator=g)
+    for spread in (30.0, 0.3):
+        model = td.Denoiser(td.DenoiserConfig())
+        X = (torch.randn(200, 2, generator=g, dtype=torch.float64) * spread).round()
+        model.set_data_stats(torch.randn(1000, 2, generator=g, dtype=torch.float64) * spread)
+        assert td.ddpm_loss(model, s, X.long(), t, noise).item() == td.ddpm_loss(model, s, X, t, noise).item()
+
+
+def test_the_data_statistics_refuse_what_would_poison_them():
+    plain, labelled = td.Denoiser(td.DenoiserConfig()), td.Denoiser(td.DenoiserConfig(num_classes=3))
+    bad = torch.randn(50, 2)
+    bad[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        plain.set_data_stats(bad)
+    with pytest.raises(ValueError, match=r"give the training points' conditions too, set_data_stats\(x, y\)"):
+        labelled.set_data_stats(torch.randn(50, 2))  # else every class would get the data's moments and equal shares
+    plain.set_data_stats(torch.randn(50, 2))
+    with pytest.raises(ValueError, match=r"p_uncond 1.5 must be a probability in \[0, 1\]"):
+        td.ddpm_loss(plain, td.NoiseScheduler(), torch.randn(8, 2), p_uncond=1.5)
+
+
 def test_the_drawn_t_is_uniform_and_the_drawn_noise_standard_normal():
     """With x0 = 0, x_t = sqrt(1 - ab_t) noise: the noise is read back from what the model saw. t by a chi-square test
     against U{0..T-1}; the noise by its moments and its independence of t; the loss by the formula on these draws."""

@@ -44,6 +44,7 @@ def test_samplers_recover_a_point_mass_from_the_exact_denoiser(sampler, steps):
 def test_sampling_is_reproducible_and_returns_the_trajectory():
     torch.manual_seed(0)
     model, s = td.Denoiser(td.DenoiserConfig()).eval(), td.NoiseScheduler(20)
+    model.set_data_stats(torch.randn(100, 2))
     run = lambda seed, **kw: td.sample(model, s, 50, generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
     traj = run(1, return_trajectory=True)
@@ -58,6 +59,7 @@ def test_sampling_in_chunks_gives_the_samples_of_one_batch(sampler):
     """Reference: the whole batch in one network call. 7 does not divide 50, so the last chunk is short."""
     torch.manual_seed(0)
     model, s = td.Denoiser(td.DenoiserConfig(attn_layers=1, ssm_layers=2)).eval(), td.NoiseScheduler(20)
+    model.set_data_stats(torch.randn(100, 2))
     run = lambda b: td.sample(model, s, 50, sampler=sampler, steps=5, generator=torch.Generator().manual_seed(1), batch_size=b)
     torch.testing.assert_close(run(7), run(50), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="batch_size 0"):
@@ -122,6 +124,13 @@ def test_sampling_through_averaged_model_uses_the_wrapped_statistics():
 
 def test_bad_sampler_arguments_are_refused():
     model, s = td.Denoiser(td.DenoiserConfig()), td.NoiseScheduler()
+    with pytest.raises(ValueError, match="call model.set_data_stats"):  # its map to data units would be the identity
+        td.sample(model, s, 4)
+    model.set_data_stats(torch.randn(100, 2))
+    for kw, message in ((dict(steps=0), "steps must be in 1..100, got 0"), (dict(sampler="ddim", eta=2.0), r"eta 2.0 must be in \[0, 1\]"),
+                        (dict(n=0), "n 0 must be at least 1")):
+        with pytest.raises(ValueError, match=message):
+            td.sample(model, s, **{"n": 4, **kw})
     with pytest.raises(ValueError, match="unknown sampler 'euler'; use ddpm, ddim or dpm\\+\\+"):
         td.sample(model, s, 4, "euler")
     with pytest.raises(ValueError, match="steps must be in 1..100"):
