@@ -152,6 +152,27 @@ def heldout_points(dataset, data, n=10_000):
 
 
 NEAR_COPY = 0.1  # a sample nearer a training point than this share of fresh points' median distance is a near-copy
+REPEATS = 0.01  # data with more than this share of repeated rows are discrete: the kNN KL and the NLL assume a density
+
+
+def repeats_warning(points):
+    """Why the kNN KL and the NLL mean nothing for these points (None when they have a density): rows repeated
+    exactly, as rounded or discrete data have, put atoms in the data, against which a model's density can score any
+    number (a model that puts narrow peaks on them scores far below 0 bits)."""
+    share = 1 - len(np.unique(points, axis=0)) / len(points)
+    if share <= REPEATS:
+        return None
+    return (f"{share:.0%} of the data's rows repeat another exactly (rounded or discrete data), where the kNN KL and the NLL,"
+            " which assume a density, mean nothing; they are left out (null): compare hist KL, or add noise below the data's resolution")
+
+
+def drop_density_metrics(metrics, warning):
+    """Set the metrics that assume a density to null, saying why once."""
+    for key in ("knn_kl_bits", "knn_kl_floor", "nll_bits", "nll_bits_se", "nll_bits_per_dim", "exact_kl_bits", "exact_kl_se"):
+        if key in metrics:
+            metrics[key] = None
+    metrics["warnings"] = [w for w in metrics.get("warnings", []) if "zero distance" not in w] + [warning]
+    return metrics
 VOTE_K = 10  # neighbours in the class-fidelity vote
 
 
@@ -230,7 +251,8 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
     import likelihood
 
     if dataset not in datasets.DATASETS and data.held is None:
-        raise ValueError("--nll needs points the model never saw, and this file's run holds none out; train it with --holdout 0.1")
+        raise ValueError("--nll needs points the model never saw, and this file's run held none out (--holdout 0, or too few points to hold"
+                         f" out {runs.MIN_HELDOUT}); train on it with --holdout 0.1 and enough points")
     x, y = heldout_points(dataset, data, n)
     y_t = None if y is None else torch.as_tensor(y, dtype=torch.long if data.kind == "labels" else torch.float64)
     t0 = time.perf_counter()
@@ -271,6 +293,8 @@ def score(model, scheduler, data, dataset, n, device, seed=0, guidance=1.0, nll=
     metrics["eval_loss"] = eval_loss(model, scheduler, *heldout_points(dataset, data), device)
     if nll:
         metrics.update(likelihood_metrics(model, scheduler, data, dataset, nll, device))
+    if dataset not in datasets.DATASETS and (warning := repeats_warning(data.points if data.held is None else np.vstack([data.points, data.held]))):
+        drop_density_metrics(metrics, warning)
     return samples, None if cond is None else cond.numpy(), metrics
 
 
@@ -495,6 +519,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w for a conditional checkpoint (1: conditional, 0: unconditional)")
     p.add_argument("--nll", type=int, nargs="?", const=1000, default=0, help="also the exact NLL of this many held-out points (--nll alone: 1000)")
+    p.add_argument("--holdout", type=float, default=0.1, help="with --samples and a data file: the share of its rows the run held out (train.py's --holdout)")
     p.add_argument("--json", action="store_true", help="print strict JSON on stdout instead of a table")
     args = p.parse_args(argv)
     try:
@@ -513,6 +538,10 @@ def run(args):
     if args.samples:
         if not os.path.isfile(args.samples):
             raise ValueError(f"no samples file at {runs.quote(args.samples)}; write one with `python sample.py --out_dir out/<run>`")
+        with open(args.samples, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError(f"{args.samples} is not a .npy file; pass the samples.npy that train.py or sample.py wrote"
+                                 " (a table of points: np.save it first)")
         try:
             samples = np.load(args.samples, allow_pickle=False)
         except ValueError as e:
@@ -520,7 +549,7 @@ def run(args):
         dataset = args.dataset
         if dataset is None:
             raise ValueError("say which data the samples should match with --dataset (a name or a data file)")
-        data = datasets.load_dataset(dataset)
+        return score_samples(samples, dataset, args.holdout)
     else:
         if not (args.ckpt or args.out_dir):
             raise ValueError("give --samples X.npy, or --out_dir / --ckpt to sample from a checkpoint")
@@ -546,8 +575,27 @@ def run(args):
         _, _, scored = score(model, scheduler, data, dataset, args.n, torch.device("cpu"), args.seed, args.guidance, args.nll,
                              sampler=args.sampler, steps=steps, eta=args.eta)
         return {**scored, **metrics, "dataset": dataset}
-    floor = floor_draw(dataset, len(check_samples(samples, data.shape[1])[0]))
-    return {**compute_metrics(data, samples, floor), **metrics, "dataset": dataset}
+
+
+def score_samples(samples, dataset, holdout):
+    """Score a .npy of samples as train.py scores its own: against a named dataset's training draw with a fresh
+    draw's floor, or against the file's held-out rows (the split train.py made with this --holdout) with a
+    training subsample's floor and the memorisation check."""
+    data = runs.load_data(dataset, holdout=holdout)
+    if data.note:
+        print(f"note: {data.note}", file=sys.stderr)
+    samples = check_samples(samples, data.points.shape[1])[0]
+    ref, floor = references(data, dataset, len(samples))
+    metrics = compute_metrics(ref[0], samples, floor[0])
+    if data.held is not None:
+        memo = memorisation(data.points, samples, data.held)
+        metrics["warnings"] = metrics.get("warnings", []) + memo.pop("warnings", [])
+        metrics.update(memo)
+    if dataset not in datasets.DATASETS and (warning := repeats_warning(data.points if data.held is None else np.vstack([data.points, data.held]))):
+        drop_density_metrics(metrics, warning)
+    if not metrics.get("warnings"):
+        metrics.pop("warnings", None)
+    return {**metrics, "dataset": dataset}
 
 
 if __name__ == "__main__":

@@ -114,9 +114,10 @@ def script(main):
                 signal.signal(s, on_signal)
         try:
             return main(argv)
-        except KeyboardInterrupt as e:
+        except KeyboardInterrupt as e:  # args: the signal's number, then what to do next; both optional
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-            fail(f"interrupted by {signal.Signals(signum).name}; every file already written is intact", code=128 + signum)
+            then = f"; {e.args[-1]}" if e.args and isinstance(e.args[-1], str) else ""
+            fail(f"interrupted by {signal.Signals(signum).name}; every file already written is intact{then}", code=128 + signum)
 
     return run
 
@@ -281,10 +282,11 @@ def param_bound(cfg):
 
 def activation_bytes_per_row(model, scheduler, X, rows=32):
     """Bytes that autograd saves for the backward pass, per batch row, measured on a small batch."""
-    saved = []
-    model.set_data_stats(X[:2 * rows])
+    saved, cfg, n = [], model.cfg, min(2 * rows, len(X))
+    y = torch.zeros(n, dtype=torch.long) if cfg.num_classes else torch.zeros(n, cfg.cond_dim, dtype=torch.float64) if cfg.cond_dim else None
+    model.set_data_stats(X[:n], y)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
-        td.ddpm_loss(model, scheduler, torch.zeros(rows, X.shape[1]))
+        td.ddpm_loss(model, scheduler, torch.zeros(rows, X.shape[1]), y=None if y is None else y[:1].expand(rows, *y.shape[1:]))
     return sum(saved) / rows
 
 
@@ -347,6 +349,11 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     else:
         X = datasets.load_dataset(dataset)
     kind = None if y is None else "labels" if y.ndim == 1 else "numbers"
+    constant = np.flatnonzero((X == X[0]).all(0)) if len(X) > 1 else []
+    if len(constant):  # every metric would score a (D-1)-dimensional cloud as if it filled D dimensions
+        j, names_ = constant[0], columns or datasets.column_names(dataset, X.shape[1])
+        raise ValueError(f"column {names_[j] if names_ else j + 1} of {dataset} holds one value ({X[0, j]:g}) in every row; a constant"
+                         " coordinate has no density to learn or score, so remove it")
     ident = fingerprint(X if y is None else np.column_stack([X, y]))
     m = round(holdout * len(X)) if dataset not in datasets.DATASETS else 0
     if m < MIN_HELDOUT:

@@ -207,8 +207,14 @@ def check_data(args, data_file, device):
     if len(X) <= evaluate.KNN_K:
         fail(f"{data_file} holds {len(X)} point{'s' * (len(X) != 1)}; scoring a model needs more than {evaluate.KNN_K}"
              f" (the kNN KL compares each point with its {evaluate.KNN_K} nearest neighbours); give more points")
-    if not np.isfinite(X.astype(np.float32)).all():
+    with np.errstate(over="ignore"):  # the overflow is the finding, said in one line below
+        beyond = not np.isfinite(X.astype(np.float32)).all()
+    if beyond:
         fail(f"{data_file} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
+    if args.nll and data_file not in datasets.DATASETS and data.held is None:
+        need = "--holdout 0.1" if args.holdout == 0 else f"a file of {math.ceil(runs.MIN_HELDOUT / args.holdout)} points or more"
+        fail(f"--nll scores points the model never saw, and this run holds none of {data_file}'s {len(X)} points out; give {need},"
+             " or --nll 0")
     if data.note:
         print(f"note: {data.note}", file=sys.stderr)
     return data, cfg, sched_cfg
@@ -643,7 +649,10 @@ def main(argv=None):
         dist.destroy_process_group()
         if rank:
             return None
-    metrics = final_eval(run, names)
+    try:
+        metrics = final_eval(run, names)
+    except KeyboardInterrupt as e:  # the last checkpoint holds the finished run: say how to evaluate it
+        raise KeyboardInterrupt(*e.args[:1], f"evaluate it with: python train.py --out_dir {quote(args.out_dir)} --resume") from None
     if lock:
         lock.close()
     return metrics

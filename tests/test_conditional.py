@@ -99,7 +99,7 @@ def test_bad_conditions_are_refused_in_one_line(tmp_path):
     for w in (-1, "nan", 1e6):
         assert "--guidance must be a number in [0, 20]" in refused("sample.py", "--out_dir", out, "--guidance", w)
     assert "needs a run trained with --cond_columns" in refused("sample.py", "--out_dir", out, "--cond", "k=1")
-    train("--dataset", tmp_path / "one.csv", "--train_steps", 5, "--out_dir", tmp_path / "plain")
+    train("--dataset", tmp_path / "many.csv", "--train_steps", 5, "--out_dir", tmp_path / "plain")  # k as a third coordinate
     assert "this run is unconditional" in refused("sample.py", "--out_dir", tmp_path / "plain", "--label", "p")
 
 

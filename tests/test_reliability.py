@@ -78,7 +78,7 @@ def test_a_run_on_a_relative_data_path_is_found_from_any_folder_and_a_missing_fi
     assert p.returncode == 0, p.stderr
     assert not os.path.exists(os.path.join(ROOT, "pts.csv"))  # the tests' scripts run from ROOT, where the relative path is not
     s = run("sample.py", "--out_dir", out, "--n", 100)
-    assert s.returncode == 0 and "plotting the samples alone" not in s.stdout and (out / "samples-ddpm100.png").is_file()
+    assert s.returncode == 0 and "plotting the samples alone" not in s.stdout and (out / "samples-ddpm100-n100.png").is_file()
     assert run("evaluate.py", "--out_dir", out, "--n", 100, "--json").returncode == 0
     assert run("train.py", "--out_dir", out, "--resume", "--train_steps", 8).returncode == 0
     assert run("train.py", "--out_dir", out, "--resume", "--dataset", work / "pts.csv", "--train_steps", 9).returncode == 0  # the same file
@@ -403,7 +403,7 @@ def test_a_refusal_is_the_process_exit_code_and_one_line(tiny_run, tmp_path, scr
 
 
 def test_metrics_json_is_strict_json_even_for_degenerate_data(tmp_path):
-    np.savetxt(tmp_path / "same.csv", np.ones((50, 2)), delimiter=",")  # every point identical
+    np.savetxt(tmp_path / "same.csv", np.tile([[1.0, 1.0], [2.0, 3.0]], (25, 1)), delimiter=",")  # two points, 25 times each
     p = run("train.py", "--dataset", tmp_path / "same.csv", "--train_steps", 3, *TINY, "--out_dir", tmp_path / "run")
     assert p.returncode == 0, p.stderr
 
@@ -411,4 +411,4 @@ def test_metrics_json_is_strict_json_even_for_degenerate_data(tmp_path):
         raise ValueError(f"{name} is not JSON")
 
     m = json.loads((tmp_path / "run" / "metrics.json").read_text(), parse_constant=refuse)
-    assert m["dataset"].endswith("same.csv")
+    assert m["dataset"].endswith("same.csv") and m["knn_kl_bits"] is None

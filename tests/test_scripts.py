@@ -84,7 +84,7 @@ def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path, gif):
         with Image.open(tmp_path / "a.gif") as animation:
             assert animation.n_frames > 100  # 101 reverse-process frames (Pillow merges the held last frame into one)
     run("sample.py", "--out_dir", out, "--n", 300, "--sampler", "dpm++")  # 20 steps unless told
-    assert np.load(out / "samples-dpm++20.npy").shape == (300, 2)
+    assert np.load(out / "samples-dpm++20-n300.npy").shape == (300, 2)
 
 
 def test_evaluate_cli_scores_samples_and_checkpoints(trained):
@@ -155,6 +155,18 @@ def test_a_crash_between_write_and_replace_keeps_the_previous_checkpoint(tmp_pat
         runs.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]  # the old one, and no leftover
+
+
+def test_an_interrupt_says_what_to_do_next_in_its_one_line(capsys):
+    @runs.script
+    def main(argv=None):
+        raise KeyboardInterrupt(int(signal.SIGTERM), "evaluate it with: python train.py --out_dir x --resume")
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    err = capsys.readouterr().err
+    assert e.value.code == 128 + signal.SIGTERM and err.count("\n") == 1
+    assert err.startswith("error: interrupted by SIGTERM; every file already written is intact; evaluate it with:")
 
 
 class RunsCode:
