@@ -178,8 +178,8 @@ VOTE_K = 10  # neighbours in the class-fidelity vote
 
 def references(data, dataset, n):
     """What n samples are scored against: (points, conditions) of the reference and of the floor. A named dataset:
-    its training draw and a fresh draw; a file: its held-out points and a training subsample of the same size
-    (the same estimator, given points the model never made); a file with nothing held out: its points, no floor."""
+    its training draw and a fresh draw; a file: its held-out points and a training subsample of the same size, or every training point
+    when there are fewer (the same estimator, given points the model never made); a file with nothing held out: its points, no floor."""
     if dataset in datasets.DATASETS:
         fresh = datasets.load_labeled(dataset, n, FLOOR_SEED)[:2] if data.kind == "labels" else (floor_draw(dataset, n), None)
         return (data.points, data.cond), fresh
@@ -574,6 +574,11 @@ def run(args):
         model.eval()
         _, _, scored = score(model, scheduler, data, dataset, args.n, torch.device("cpu"), args.seed, args.guidance, args.nll,
                              sampler=args.sampler, steps=steps, eta=args.eta)
+        if data.fingerprint["sha256"] != ckpt["data"]["sha256"] and scored.get("dcr_ratio") is not None:
+            scored.update(dcr_ratio=None, near_copy_frac=None, near_copy_ref=None)
+            scored["warnings"] = scored.get("warnings", []) + [
+                f"{dataset} holds other points than the run trained on, so the memorisation check cannot measure copying of its training"
+                " points; dcr_ratio and the near-copy share are left out (null)"]
         return {**scored, **metrics, "dataset": dataset}
 
 

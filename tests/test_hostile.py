@@ -139,6 +139,9 @@ def test_evaluate_scores_a_files_samples_against_the_rows_train_py_held_out(tmp_
     e = json.loads(run("evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json").stdout)
     for key in ("knn_kl_bits", "knn_kl_floor", "hist_kl_nats", "dcr_ratio", "near_copy_frac"):
         assert e[key] == pytest.approx(m[key], rel=1e-12), key
+    np.savetxt(tmp_path / "other.csv", np.random.default_rng(2).normal(size=(400, 2)), delimiter=",")
+    p = run("evaluate.py", "--out_dir", tmp_path / "run", "--dataset", tmp_path / "other.csv", "--n", 200, "--json")
+    assert json.loads(p.stdout)["dcr_ratio"] is None and "holds other points than the run trained on" in p.stderr
 
 
 def test_data_that_no_metric_can_score_are_refused_before_training(tmp_path):
