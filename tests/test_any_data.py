@@ -6,9 +6,11 @@ import runpy
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 import runs
+import tinydiff as td
 from conftest import ROOT, run_here
 
 # the default flags, made shorter: 1,500 steps, 2,000 samples from DPM-Solver++ (20 network evaluations)
@@ -80,13 +82,17 @@ def test_data_that_no_longer_fit_the_run_are_refused_in_one_line(tmp_path):
     assert "plotting the samples alone" in p.stdout and np.load(tmp_path / "s.npy").shape == (50, 2)
 
 
-def test_the_readme_library_script_runs_as_written_and_learns_the_roll(tmp_path):
+def test_the_readme_library_script_runs_as_written_and_learns_the_roll(tmp_path, monkeypatch):
     """The python block under "Use the library" in README.md, executed exactly as printed. Reference:
-    the Gaussian with the data's mean and covariance, which has the right moments but not the roll."""
+    the Gaussian with the data's mean and covariance, which has the right moments but not the roll; for the
+    model it saves and loads with torch alone, the samples of the model in memory."""
     text = open(os.path.join(ROOT, "README.md")).read()
     code = text[text.index("## Use the library"):].split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "example.py").write_text(code)
+    monkeypatch.chdir(tmp_path)  # it saves roll.pt where it runs
     out = runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
+    again = td.sample(out["again"], out["scheduler"], 2000, sampler="dpm++", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, out["samples"])
     x, samples = out["x"].numpy(), out["samples"].numpy()
     assert samples.shape == (2000, 3) and np.isfinite(samples).all()
     gauss = np.random.default_rng(0).multivariate_normal(x.mean(0), np.cov(x.T), 2000)
