@@ -115,49 +115,6 @@ def test_evaluate_says_when_a_run_is_unfinished(tmp_path):
     assert json.loads(e.stdout)["unfinished"].endswith("of 100000")
 
 
-@pytest.mark.parametrize("kind", ["rounded", "repeated"])
-def test_discrete_data_get_no_meaningless_knn_kl_or_nll_but_a_warning(tmp_path, kind):
-    """Rounded data (few distinct points, each many times) and repeated rows (each of 60 points 10 times, none with
-    5 copies among the held-out rows, so no distance is 0 there) put atoms in the data, where a density scores any
-    number: the kNN KL and the NLL are left out, here and in evaluate.py --samples, with one warning."""
-    rng = np.random.default_rng(0)
-    X = np.round(rng.normal(size=(2000, 2)) * 2) if kind == "rounded" else np.repeat(rng.normal(size=(60, 2)), 10, axis=0)
-    np.savetxt(tmp_path / "points.csv", X, delimiter=",")
-    p = run("train.py", "--dataset", tmp_path / "points.csv", "--train_steps", 3, *TINY, "--nll", 10, "--out_dir", tmp_path / "run")
-    assert p.returncode == 0 and "repeat another exactly" in p.stderr
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["knn_kl_bits"] is None and m["knn_kl_floor"] is None and m["nll_bits"] is None and m["hist_kl_nats"] >= 0
-    assert [w for w in m["warnings"] if "repeat another exactly" in w] and not [w for w in m["warnings"] if "zero distance" in w]
-    e = run("evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json")
-    assert e.returncode == 0 and json.loads(e.stdout)["knn_kl_bits"] is None and "repeat another exactly" in e.stderr
-
-
-def test_evaluate_scores_a_files_samples_against_the_rows_train_py_held_out(tmp_path):
-    np.savetxt(tmp_path / "points.csv", np.random.default_rng(1).normal(size=(400, 2)), delimiter=",")
-    assert run("train.py", "--dataset", tmp_path / "points.csv", "--train_steps", 3, *TINY, "--out_dir", tmp_path / "run").returncode == 0
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    e = json.loads(run("evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json").stdout)
-    for key in ("knn_kl_bits", "knn_kl_floor", "hist_kl_nats", "dcr_ratio", "near_copy_frac"):
-        assert e[key] == pytest.approx(m[key], rel=1e-12), key
-    np.savetxt(tmp_path / "other.csv", np.random.default_rng(2).normal(size=(400, 2)), delimiter=",")
-    p = run("evaluate.py", "--out_dir", tmp_path / "run", "--dataset", tmp_path / "other.csv", "--n", 200, "--json")
-    assert json.loads(p.stdout)["dcr_ratio"] is None and "holds other points than the run trained on" in p.stderr
-
-
-def test_data_that_no_metric_can_score_are_refused_before_training(tmp_path):
-    rng = np.random.default_rng(0)
-    flat = np.column_stack([rng.normal(size=300), np.full(300, 1.5)])
-    np.save(tmp_path / "flat.npy", flat)
-    assert "column 2 of" in refused("train.py", "--dataset", tmp_path / "flat.npy", "--out_dir", tmp_path / "a")
-    np.savetxt(tmp_path / "small.csv", rng.normal(size=(150, 2)), delimiter=",")
-    assert "give a file of 200 points or more, or --nll 0" in refused("train.py", "--dataset", tmp_path / "small.csv", "--nll", 10,
-                                                                      "--out_dir", tmp_path / "b")
-    np.savetxt(tmp_path / "plain.csv", rng.normal(size=(300, 2)), delimiter=",")
-    assert "give --holdout 0.1, or --nll 0" in refused("train.py", "--dataset", tmp_path / "plain.csv", "--holdout", 0, "--nll", 10,
-                                                       "--out_dir", tmp_path / "c")
-    assert not any((tmp_path / d).exists() for d in "abc")
-
-
 def test_a_closed_stdout_does_not_stop_training(tmp_path):
     out = tmp_path / "run"
     args = ["train.py", "--dataset", "moons", "--train_steps", 100, "--log_interval", 1, *TINY[:4], "--out_dir", out]
