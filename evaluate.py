@@ -116,8 +116,9 @@ def hist_kl(data, samples, box=None, bins=HIST_BINS, eps=HIST_EPS):
     return float(entropy(p / p.sum() + eps, q / max(q.sum(), 1) + eps))
 
 
-def compute_metrics(data, samples, floor_samples=None):
-    """The KL metrics (and their floors, if floor_samples is given) for one set of samples."""
+def compute_metrics(data, samples, floor_samples=None, density=True):
+    """The KL metrics (and their floors, if floor_samples is given) for one set of samples; density=False (discrete data,
+    discrete_warning): the kNN KL and its floor are null."""
     samples, bad = check_samples(samples, data.shape[1])
     if len(data) <= KNN_K:
         raise ValueError(f"{len(data)} data points are too few to score (the kNN KL uses {KNN_K} nearest neighbours); give more than {KNN_K}")
@@ -125,12 +126,13 @@ def compute_metrics(data, samples, floor_samples=None):
         raise ValueError(f"only {len(samples)} samples are finite, too few to score; the model diverged, so retrain it (a lower --lr helps)"
                          if bad else f"{len(samples)} samples are too few to score (the kNN KL uses {KNN_K} nearest neighbours); draw at least {KNN_K}")
     rho = cKDTree(data).query(data, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
-    out = dict(knn_kl_bits=float(knn_kl(data, samples, rho=rho)), hist_kl_nats=hist_kl(data, samples), nonfinite_frac=float(bad), n_samples=len(samples))
-    warning = knn_kl_warning(data, samples, rho)
+    knn = (lambda x: float(knn_kl(data, x, rho=rho))) if density else (lambda x: None)
+    out = dict(knn_kl_bits=knn(samples), hist_kl_nats=hist_kl(data, samples), nonfinite_frac=float(bad), n_samples=len(samples))
+    warning = knn_kl_warning(data, samples, rho) if density else None
     if warning:
         out["warnings"] = [warning]
     if floor_samples is not None:
-        out["knn_kl_floor"] = float(knn_kl(data, floor_samples, rho=rho))
+        out["knn_kl_floor"] = knn(floor_samples)
         out["hist_kl_floor"] = hist_kl(data, floor_samples)
     if data.shape[1] > 2:  # say what hist_kl_nats is
         out["hist_kl_pairs"] = data.shape[1] * (data.shape[1] - 1) // 2
@@ -155,24 +157,18 @@ NEAR_COPY = 0.1  # a sample nearer a training point than this share of fresh poi
 REPEATS = 0.01  # data with more than this share of repeated rows are discrete: the kNN KL and the NLL assume a density
 
 
-def repeats_warning(points):
-    """Why the kNN KL and the NLL mean nothing for these points (None when they have a density): rows repeated
+def discrete_warning(data, dataset):
+    """Why the kNN KL and the NLL mean nothing for a file's points (None when they may have a density): rows repeated
     exactly, as rounded or discrete data have, put atoms in the data, against which a model's density can score any
-    number (a model that puts narrow peaks on them scores far below 0 bits)."""
-    share = 1 - len(np.unique(points, axis=0)) / len(points)
-    if share <= REPEATS:
+    number (a model that puts narrow peaks on them scores far below 0 bits). The named datasets have densities."""
+    if dataset in datasets.DATASETS:
         return None
-    return (f"{share:.0%} of the data's rows repeat another exactly (rounded or discrete data), where the kNN KL and the NLL,"
-            " which assume a density, mean nothing; they are left out (null): compare hist KL, or add noise below the data's resolution")
-
-
-def drop_density_metrics(metrics, warning):
-    """Set the metrics that assume a density to null, saying why once."""
-    for key in ("knn_kl_bits", "knn_kl_floor", "nll_bits", "nll_bits_se", "nll_bits_per_dim", "exact_kl_bits", "exact_kl_se"):
-        if key in metrics:
-            metrics[key] = None
-    metrics["warnings"] = [w for w in metrics.get("warnings", []) if "zero distance" not in w] + [warning]
-    return metrics
+    points = data.points if data.held is None else np.vstack([data.points, data.held])
+    repeated = len(points) - len(np.unique(points, axis=0))
+    if repeated <= REPEATS * len(points):
+        return None
+    return (f"{repeated} of the data's {len(points)} rows repeat another exactly (rounded or discrete data), where the kNN KL and the"
+            " NLL, which assume a density, mean nothing; they are left out (null): compare hist KL, or add noise below the data's resolution")
 VOTE_K = 10  # neighbours in the class-fidelity vote
 
 
@@ -204,7 +200,7 @@ def unit_scale(points):
     return np.where(sd > 0, sd, 1.0)
 
 
-def class_metrics(data, ref, floor, samples, labels, floor_in_training=False):
+def class_metrics(data, ref, floor, samples, labels, floor_in_training=False, density=True):
     """Per class k: kNN KL of class k's samples against class k's reference points, and class fidelity, the share
     of class-k samples whose VOTE_K nearest training points are mostly labelled k; each with its floor (the floor
     points scored alike; floor_in_training: they are training points, whose own vote is left out).
@@ -218,10 +214,10 @@ def class_metrics(data, ref, floor, samples, labels, floor_in_training=False):
     for k, name in enumerate(data.names):
         mine, theirs = samples[labels == k], ref[0][ref[1] == k]
         row = dict(n=int(len(mine)), fidelity=float(won[labels == k].mean()) if len(mine) else None)
-        row["knn_kl_bits"] = float(knn_kl(theirs, mine)) if len(mine) > KNN_K and len(theirs) > KNN_K else None
+        row["knn_kl_bits"] = float(knn_kl(theirs, mine)) if density and len(mine) > KNN_K and len(theirs) > KNN_K else None
         if floor[0] is not None:
             f = floor[0][floor[1] == k]
-            row["knn_kl_floor"] = float(knn_kl(theirs, f)) if len(f) > KNN_K and len(theirs) > KNN_K else None
+            row["knn_kl_floor"] = float(knn_kl(theirs, f)) if density and len(f) > KNN_K and len(theirs) > KNN_K else None
             row["fidelity_floor"] = float(won_floor[floor[1] == k].mean()) if len(f) else None
         per_class[name] = row
     return per_class, float(won.mean()), None if won_floor is None else float(won_floor.mean())
@@ -277,25 +273,33 @@ def score(model, scheduler, data, dataset, n, device, seed=0, guidance=1.0, nll=
     ref, floor = references(data, dataset, n)
     cond = sample_conditions(model, data, ref[1], n, seed)
     samples, seconds = timed_sample(model, scheduler, n, device, seed, y=cond, guidance=guidance, **sampler)
-    metrics = dict(compute_metrics(ref[0], samples, floor[0]), inference_s=seconds)
+    metrics, samples, cond = score_points(data, dataset, ref, floor, samples, cond)
+    metrics.update(inference_s=seconds, eval_loss=eval_loss(model, scheduler, *heldout_points(dataset, data), device))
+    if nll and discrete_warning(data, dataset) is None:
+        metrics.update(likelihood_metrics(model, scheduler, data, dataset, nll, device))
+    elif nll:
+        metrics["nll_bits"] = None
+    return samples, None if cond is None else cond.numpy(), metrics
+
+
+def score_points(data, dataset, ref, floor, samples, cond=None):
+    """The metrics of given samples (and their conditions) against the reference and floor of references(): the KL
+    metrics, per class for labels, memorisation; those that assume a density are null for discrete data, with the
+    warning. Returns (metrics, the finite samples, their conditions)."""
+    discrete = discrete_warning(data, dataset)
+    metrics = compute_metrics(ref[0], samples, floor[0], density=discrete is None)
     finite = np.isfinite(samples).all(1)  # compute_metrics counted and dropped the others; the checks below use the rest
     samples, cond = samples[finite], None if cond is None else cond[torch.as_tensor(finite)]
     if data.kind == "labels":
-        metrics["per_class"], metrics["fidelity"], metrics["fidelity_floor"] = class_metrics(data, ref, floor, samples, cond.numpy(),
-                                                                                             dataset not in datasets.DATASETS)
+        metrics["per_class"], metrics["fidelity"], metrics["fidelity_floor"] = class_metrics(
+            data, ref, floor, samples, cond.numpy(), dataset not in datasets.DATASETS, density=discrete is None)
+    warnings = metrics.pop("warnings", []) + ([discrete] if discrete else [])
     fresh = floor[0] if dataset in datasets.DATASETS else data.held
     if fresh is not None:
         memo = memorisation(data.points, samples, fresh)
-        metrics["warnings"] = metrics.get("warnings", []) + memo.pop("warnings", [])
+        warnings += memo.pop("warnings", [])
         metrics.update(memo)
-        if not metrics["warnings"]:
-            del metrics["warnings"]
-    metrics["eval_loss"] = eval_loss(model, scheduler, *heldout_points(dataset, data), device)
-    if nll:
-        metrics.update(likelihood_metrics(model, scheduler, data, dataset, nll, device))
-    if dataset not in datasets.DATASETS and (warning := repeats_warning(data.points if data.held is None else np.vstack([data.points, data.held]))):
-        drop_density_metrics(metrics, warning)
-    return samples, None if cond is None else cond.numpy(), metrics
+    return ({**metrics, "warnings": warnings} if warnings else metrics), samples, cond
 
 
 @torch.no_grad()
@@ -322,9 +326,12 @@ class CurveEval:
         self.data, self.device = data, device
         (self.ref, self.ref_cond), (floor, _) = references(data, dataset, CURVE_N)
         self.rho = cKDTree(self.ref).query(self.ref, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
-        self.floor = None if floor is None else float(knn_kl(self.ref, floor, rho=self.rho))
+        self.density = discrete_warning(data, dataset) is None  # else the kNN KL means nothing: NaN, without sampling
+        self.floor = None if floor is None or not self.density else float(knn_kl(self.ref, floor, rho=self.rho))
 
     def __call__(self, model, scheduler):
+        if not self.density:
+            return float("nan")
         g = torch.Generator(device=self.device).manual_seed(0)
         y = sample_conditions(model, self.data, self.ref_cond, CURVE_N)
         x = td.sample(model, scheduler, CURVE_N, "dpm++", generator=g, device=self.device, y=y).cpu().numpy()
@@ -519,11 +526,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w for a conditional checkpoint (1: conditional, 0: unconditional)")
     p.add_argument("--nll", type=int, nargs="?", const=1000, default=0, help="also the exact NLL of this many held-out points (--nll alone: 1000)")
-    p.add_argument("--holdout", type=float, default=0.1, help="with --samples and a data file: the share of its rows the run held out (train.py's --holdout)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="with --samples and a data file: the share of its rows the run held out (train.py's --holdout, default 0.1)")
     p.add_argument("--json", action="store_true", help="print strict JSON on stdout instead of a table")
     args = p.parse_args(argv)
     try:
         runs.check_sampling_flags(args)
+        if args.holdout is not None and not (args.samples and 0 <= args.holdout <= 0.5):
+            raise ValueError(f"--holdout must lie in [0, 0.5], such as 0.1, got {args.holdout}" if args.samples else
+                             "--holdout applies to --samples with a data file; a run's held-out rows are in its checkpoint")
         metrics = run(args)
     except (ValueError, OSError) as e:
         runs.fail(str(e))
@@ -538,18 +549,11 @@ def run(args):
     if args.samples:
         if not os.path.isfile(args.samples):
             raise ValueError(f"no samples file at {runs.quote(args.samples)}; write one with `python sample.py --out_dir out/<run>`")
-        with open(args.samples, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":
-                raise ValueError(f"{args.samples} is not a .npy file; pass the samples.npy that train.py or sample.py wrote"
-                                 " (a table of points: np.save it first)")
-        try:
-            samples = np.load(args.samples, allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"{args.samples} is not a numpy .npy array ({e}); pass the samples.npy that train.py or sample.py wrote") from None
+        samples = datasets.read_npy(args.samples, datasets.check_file(args.samples))  # a forged header is refused before it allocates
         dataset = args.dataset
         if dataset is None:
             raise ValueError("say which data the samples should match with --dataset (a name or a data file)")
-        return score_samples(samples, dataset, args.holdout)
+        return score_samples(samples, dataset, 0.1 if args.holdout is None else args.holdout)
     else:
         if not (args.ckpt or args.out_dir):
             raise ValueError("give --samples X.npy, or --out_dir / --ckpt to sample from a checkpoint")
@@ -585,22 +589,13 @@ def run(args):
 def score_samples(samples, dataset, holdout):
     """Score a .npy of samples as train.py scores its own: against a named dataset's training draw with a fresh
     draw's floor, or against the file's held-out rows (the split train.py made with this --holdout) with a
-    training subsample's floor and the memorisation check."""
+    training subsample's floor; memorisation against either. An unconditional model's samples."""
     data = runs.load_data(dataset, holdout=holdout)
     if data.note:
         print(f"note: {data.note}", file=sys.stderr)
-    samples = check_samples(samples, data.points.shape[1])[0]
-    ref, floor = references(data, dataset, len(samples))
-    metrics = compute_metrics(ref[0], samples, floor[0])
-    if data.held is not None:
-        memo = memorisation(data.points, samples, data.held)
-        metrics["warnings"] = metrics.get("warnings", []) + memo.pop("warnings", [])
-        metrics.update(memo)
-    if dataset not in datasets.DATASETS and (warning := repeats_warning(data.points if data.held is None else np.vstack([data.points, data.held]))):
-        drop_density_metrics(metrics, warning)
-    if not metrics.get("warnings"):
-        metrics.pop("warnings", None)
-    return {**metrics, "dataset": dataset}
+    n = len(check_samples(samples, data.points.shape[1])[0])
+    ref, floor = references(data, dataset, n)
+    return {**score_points(data, dataset, ref, floor, samples)[0], "dataset": dataset}
 
 
 if __name__ == "__main__":

@@ -352,8 +352,9 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     constant = np.flatnonzero((X == X[0]).all(0)) if len(X) > 1 else []
     if len(constant):  # every metric would score a (D-1)-dimensional cloud as if it filled D dimensions
         j, names_ = constant[0], columns or datasets.column_names(dataset, X.shape[1])
-        raise ValueError(f"column {names_[j] if names_ else j + 1} of {dataset} holds one value ({X[0, j]:g}) in every row; a constant"
-                         " coordinate has no density to learn or score, so remove it")
+        which = f"column {names_[j]!r}" if names_ else f"coordinate {j + 1} of {X.shape[1]}"
+        raise ValueError(f"{which} of {dataset} holds one value ({X[0, j]:g}) in every row; a constant coordinate has no density to"
+                         " learn or score, so remove it")
     ident = fingerprint(X if y is None else np.column_stack([X, y]))
     m = round(holdout * len(X)) if dataset not in datasets.DATASETS else 0
     if m < MIN_HELDOUT:

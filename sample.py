@@ -58,12 +58,15 @@ def save_gif(trajectory, f, box, fps=12, max_points=3000):
     return len(frames)
 
 
+N_DEFAULT = 10_000  # samples; a draw of another size carries its size in its file name
+
+
 @runs.script
 def main(argv=None):
     p = runs.ArgumentParser(description="Sample from a trained tinydiff run (EMA weights).")
     p.add_argument("--out_dir", help="run directory holding ckpt.pt")
     p.add_argument("--ckpt", help="checkpoint file (instead of --out_dir)")
-    p.add_argument("--n", type=int, default=10_000, help="number of samples")
+    p.add_argument("--n", type=int, default=N_DEFAULT, help="number of samples")
     p.add_argument("--sampler", choices=td.SAMPLERS, default="ddpm")
     p.add_argument("--sample_steps", "--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 as DDPM")
@@ -137,7 +140,8 @@ def default_name(args, steps):
     asked = "+".join(args.label) if args.label else args.cond
     parts = [f"samples-{args.sampler}{steps}", f"eta{args.eta:g}" if args.sampler == "ddim" and args.eta else "",
              f"w{args.guidance:g}" if args.guidance != 1 else "", urllib.parse.quote(asked, safe="=+,.-") if asked else "",
-             f"n{args.n}" if args.n != 10_000 else "", f"seed{args.seed}" if args.seed else "", "raw" if args.raw else ""]
+             f"n{args.n}" if args.n != N_DEFAULT else "", f"seed{args.seed}" if args.seed else "", "raw" if args.raw else "",
+             os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt and os.path.basename(args.ckpt) != "ckpt.pt" else ""]
     return "-".join(p for p in parts if p)
 
 

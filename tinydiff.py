@@ -252,7 +252,7 @@ class AffineMap(nn.Module):
         self.shift_lo.copy_(shift - self.shift.double())
 
     def to_model(self, x):  # z = (x - shift) / scale, computed in x's dtype (float64: exact; integers: float64), returned as float32
-        x = x if x.is_floating_point() else x.double()
+        x = x if x.is_floating_point() else x.to(torch.float32 if x.device.type == "mps" else torch.float64)
         return ((x - self.shift.to(x.dtype) - self.shift_lo.to(x.dtype)) / self.scale.to(x.dtype)).float()
 
     def to_data(self, z):  # x = shift + scale * z, in float64 (float32 on MPS, which has no float64)

@@ -212,7 +212,8 @@ def check_data(args, data_file, device):
     if beyond:
         fail(f"{data_file} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
     if args.nll and data_file not in datasets.DATASETS and data.held is None:
-        need = "--holdout 0.1" if args.holdout == 0 else f"a file of {math.ceil(runs.MIN_HELDOUT / args.holdout)} points or more"
+        least = math.ceil(100 * runs.MIN_HELDOUT / len(X)) / 100  # the smallest --holdout that holds out MIN_HELDOUT rows
+        need = "--holdout 0.1" if args.holdout == 0 else f"--holdout {least:g}" if least <= 0.5 else f"a file of {math.ceil(runs.MIN_HELDOUT / args.holdout)} points or more"
         fail(f"--nll scores points the model never saw, and this run holds none of {data_file}'s {len(X)} points out; give {need},"
              " or --nll 0")
     if data.note:
@@ -569,7 +570,8 @@ def final_eval(run, names):
     title = f"{args.dataset} · {config} · {args.preset} preset" + (f" · w={args.guidance:g}" if args.guidance != 1 else "")
     if run.curve:
         metrics.update(curve=run.curve, curve_floor=run.curve_eval.floor, curve_samples=evaluate.CURVE_N)
-        runs.write_or_fail(out("kl.png"), lambda f: evaluate.plot_curve(run.curve, run.curve_eval.floor, f, title))
+        if run.curve_eval.density:  # else every point is NaN, and the warning says why
+            runs.write_or_fail(out("kl.png"), lambda f: evaluate.plot_curve(run.curve, run.curve_eval.floor, f, title))
     runs.write_or_fail(out("samples.npy"), lambda f: np.save(f, samples))
     if cond is not None:
         runs.write_or_fail(out("samples_cond.npy" if data.kind == "numbers" else "samples_labels.npy"),

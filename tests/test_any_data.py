@@ -112,11 +112,13 @@ def test_discrete_data_get_no_meaningless_knn_kl_or_nll_but_a_warning(tmp_path, 
     rng = np.random.default_rng(0)
     X = np.round(rng.normal(size=(2000, 2)) * 2) if kind == "rounded" else np.repeat(rng.normal(size=(60, 2)), 10, axis=0)
     np.savetxt(tmp_path / "points.csv", X, delimiter=",")
-    p = run("train.py", "--dataset", tmp_path / "points.csv", "--train_steps", 3, *TINY, "--nll", 10, "--out_dir", tmp_path / "run")
+    p = run("train.py", "--dataset", tmp_path / "points.csv", "--train_steps", 3, *TINY, "--nll", 10, "--eval_interval", 3,
+            "--out_dir", tmp_path / "run")
     assert p.returncode == 0 and "repeat another exactly" in p.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["knn_kl_bits"] is None and m["knn_kl_floor"] is None and m["nll_bits"] is None and m["hist_kl_nats"] >= 0
     assert [w for w in m["warnings"] if "repeat another exactly" in w] and not [w for w in m["warnings"] if "zero distance" in w]
+    assert m["curve"][-1]["knn_kl_bits"] is None and not (tmp_path / "run" / "kl.png").exists()
     e = run("evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json")
     assert e.returncode == 0 and json.loads(e.stdout)["knn_kl_bits"] is None and "repeat another exactly" in e.stderr
 
@@ -128,6 +130,10 @@ def test_evaluate_scores_a_files_samples_against_the_rows_train_py_held_out(tmp_
     e = json.loads(run("evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json").stdout)
     for key in ("knn_kl_bits", "knn_kl_floor", "hist_kl_nats", "dcr_ratio", "near_copy_frac"):
         assert e[key] == pytest.approx(m[key], rel=1e-12), key
+    samples = np.load(tmp_path / "run" / "samples.npy")
+    np.save(tmp_path / "nan.npy", np.vstack([samples, np.full((100, 2), np.nan)]))  # counted, then left out
+    e = json.loads(run("evaluate.py", "--samples", tmp_path / "nan.npy", "--dataset", tmp_path / "points.csv", "--json").stdout)
+    assert e["nonfinite_frac"] == pytest.approx(100 / (len(samples) + 100)) and e["knn_kl_bits"] == pytest.approx(m["knn_kl_bits"], rel=1e-12)
     np.savetxt(tmp_path / "other.csv", np.random.default_rng(2).normal(size=(400, 2)), delimiter=",")
     p = run("evaluate.py", "--out_dir", tmp_path / "run", "--dataset", tmp_path / "other.csv", "--n", 200, "--json")
     assert json.loads(p.stdout)["dcr_ratio"] is None and "holds other points than the run trained on" in p.stderr
@@ -137,9 +143,9 @@ def test_data_that_no_metric_can_score_are_refused_before_training(tmp_path):
     rng = np.random.default_rng(0)
     flat = np.column_stack([rng.normal(size=300), np.full(300, 1.5)])
     np.save(tmp_path / "flat.npy", flat)
-    assert "column 2 of" in refused("train.py", "--dataset", tmp_path / "flat.npy", "--out_dir", tmp_path / "a")
+    assert "coordinate 2 of 2 of" in refused("train.py", "--dataset", tmp_path / "flat.npy", "--out_dir", tmp_path / "a")
     np.savetxt(tmp_path / "small.csv", rng.normal(size=(150, 2)), delimiter=",")
-    assert "give a file of 200 points or more, or --nll 0" in refused("train.py", "--dataset", tmp_path / "small.csv", "--nll", 10,
+    assert "give --holdout 0.14, or --nll 0" in refused("train.py", "--dataset", tmp_path / "small.csv", "--nll", 10,
                                                                       "--out_dir", tmp_path / "b")
     np.savetxt(tmp_path / "plain.csv", rng.normal(size=(300, 2)), delimiter=",")
     assert "give --holdout 0.1, or --nll 0" in refused("train.py", "--dataset", tmp_path / "plain.csv", "--holdout", 0, "--nll", 10,

@@ -167,3 +167,18 @@ def test_the_printed_table_names_each_class_in_full_with_its_values_aligned():
     value_end = {line.index(v) + len(v) for line, v in zip(lines, ("value", "0.5000")) }
     value_end |= {line.index(k) + len(k) for line in lines for k in ("0.1000", "0.2000", "0.3000") if k in line}
     assert len(value_end) == 1, table  # one column of values, right-aligned
+
+
+def test_the_knn_kl_is_left_out_where_a_distance_to_the_kth_neighbour_is_0():
+    """Reference: the distances by brute force. A point repeated 6 times has its 5th other neighbour at distance 0,
+    so the estimator would divide by 0; so do 5 samples on one data point."""
+    rng = np.random.default_rng(0)
+    data = np.vstack([rng.normal(size=(2000, 2)), np.repeat([[0.3, -0.2]], 6, axis=0)])
+    fifth = np.sort(np.abs(data[:, None] - data[None]).max(-1), 1)[:, evaluate.KNN_K]  # column 0: the point itself
+    assert (fifth == 0).sum() == 6
+    m = evaluate.compute_metrics(data, rng.normal(size=(2000, 2)))
+    assert math.isnan(m["knn_kl_bits"]) and "6 of 2006 data points have 5 or more exact duplicates" in m["warnings"][0]
+    clean = data[:2000]
+    m = evaluate.compute_metrics(clean, np.vstack([rng.normal(size=(1995, 2)), np.repeat(clean[:1], 5, axis=0)]))
+    assert math.isnan(m["knn_kl_bits"]) and "5 or more samples fall exactly on 1 of the data points" in m["warnings"][0]
+    assert "warnings" not in evaluate.compute_metrics(clean, rng.normal(size=(2000, 2)))
