@@ -10,6 +10,7 @@ The matmul bound is timed in the same run: every nn.Linear call of one training 
 and the three matmuls it costs (forward, grad of input, grad of weight) are timed alone with
 torch.mm. ratio = ms/step / bound. Compare numbers within one run: this box is shared and noisy.
 """
+
 import json
 import os
 import statistics
@@ -45,7 +46,13 @@ def linear_shapes(model, scheduler, x):
     shapes, hooks = [], []
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
-            hooks.append(m.register_forward_hook(lambda mod, inp, out: shapes.append((inp[0].numel() // mod.in_features, mod.in_features, mod.out_features))))
+            hooks.append(
+                m.register_forward_hook(
+                    lambda mod, inp, out: shapes.append(
+                        (inp[0].numel() // mod.in_features, mod.in_features, mod.out_features)
+                    )
+                )
+            )
     td.ddpm_loss(model, scheduler, x)
     for h in hooks:
         h.remove()
@@ -67,14 +74,29 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="finish in under a minute")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast for training, matmul bound in bf16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (sampling stays eager, as in train.py)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast for training, matmul bound in bf16"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training (sampling stays eager, as in train.py)",
+    )
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--n", type=int, default=10_000, help="samples to draw")
-    p.add_argument("--fast_steps", type=int, default=20, help="network evaluations of the few-step sampler (DPM-Solver++)")
+    p.add_argument(
+        "--fast_steps", type=int, default=20, help="network evaluations of the few-step sampler (DPM-Solver++)"
+    )
     p.add_argument("--only", nargs="*", default=None, help=f"backbones to run (default all: {', '.join(runs.CONFIGS)})")
-    p.add_argument("--block", choices=["gelu", "relu"], default="gelu", help="residual block form (relu: --preset paper's); same matrix work")
-    p.add_argument("--json", default=None, help="also write each backbone's ms/step, by sweep configuration name, to this file")
+    p.add_argument(
+        "--block",
+        choices=["gelu", "relu"],
+        default="gelu",
+        help="residual block form (relu: --preset paper's); same matrix work",
+    )
+    p.add_argument(
+        "--json", default=None, help="also write each backbone's ms/step, by sweep configuration name, to this file"
+    )
     args = p.parse_args(argv)
     for name in ("threads", "batch_size", "n"):
         if getattr(args, name) < 1:
@@ -91,10 +113,15 @@ def main(argv=None):
     bf16 = args.dtype == "bf16"
     blocks, per_block, warmup = (3, 10, 10) if args.quick else (7, 25, 30)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name} | threads {torch.get_num_threads()} | torch {torch.__version__} | dtype {args.dtype} | batch {args.batch_size}"
-          f" | {'quick' if args.quick else 'full'}{' | compiled training' if args.compile else ''}")
-    print(f"{'backbone':<10}{'params':>9}{'ms/step':>9}{'bound ms':>9}{'ratio':>7}{'x base':>8}"
-          f"{'DDPM-100 s':>12}{f'DPM++-{args.fast_steps} s':>12}")
+    print(
+        f"device {name} | threads {torch.get_num_threads()} | torch {torch.__version__} | dtype {args.dtype} | batch "
+        f"{args.batch_size}"
+        f" | {'quick' if args.quick else 'full'}{' | compiled training' if args.compile else ''}"
+    )
+    print(
+        f"{'backbone':<10}{'params':>9}{'ms/step':>9}{'bound ms':>9}{'ratio':>7}{'x base':>8}"
+        f"{'DDPM-100 s':>12}{f'DPM++-{args.fast_steps} s':>12}"
+    )
     rows = {}
     for label, kw in runs.CONFIGS.items():
         if args.only and label not in args.only:
@@ -102,7 +129,13 @@ def main(argv=None):
         torch.manual_seed(0)
         cfg = td.DenoiserConfig(block=args.block, **kw)
         try:
-            runs.check_flag_memory("--batch_size", args.batch_size, args.batch_size * runs.activation_bytes_per_row(td.Denoiser(cfg), td.NoiseScheduler(), torch.randn(64, 2)), device)
+            runs.check_flag_memory(
+                "--batch_size",
+                args.batch_size,
+                args.batch_size
+                * runs.activation_bytes_per_row(td.Denoiser(cfg), td.NoiseScheduler(), torch.randn(64, 2)),
+                device,
+            )
             runs.check_flag_memory("--n", args.n, args.n * 2 * 4 * 8, device)
         except ValueError as e:
             runs.fail(str(e))
@@ -121,30 +154,87 @@ def main(argv=None):
             opt.step()
 
         ms = median_ms(train_step, device, blocks, per_block, warmup)
-        bound = matmul_bound_ms(linear_shapes(model, scheduler, x), device, torch.bfloat16 if bf16 else torch.float32, blocks, per_block)
+        bound = matmul_bound_ms(
+            linear_shapes(model, scheduler, x), device, torch.bfloat16 if bf16 else torch.float32, blocks, per_block
+        )
         model.eval()
         T = scheduler.num_train_timesteps
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             g = torch.Generator(device=device)
             if args.quick:  # time a 2-step DDIM run (two network evaluations), scale by the number of evaluations
-                nfe_s = median_ms(lambda: td.sample(model, scheduler, args.n, "ddim", 2, generator=g.manual_seed(0), device=device), device, 3, 2, 1) / 2e3
+                nfe_s = (
+                    median_ms(
+                        lambda: td.sample(
+                            model, scheduler, args.n, "ddim", 2, generator=g.manual_seed(0), device=device
+                        ),
+                        device,
+                        3,
+                        2,
+                        1,
+                    )
+                    / 2e3
+                )
                 ddpm_s, fast_s = nfe_s * T, nfe_s * args.fast_steps
             else:
-                ddpm_s = median_ms(lambda: td.sample(model, scheduler, args.n, generator=g.manual_seed(0), device=device), device, 1, 1, 0) / 1e3
-                fast_s = median_ms(lambda: td.sample(model, scheduler, args.n, sampler="dpm++", steps=args.fast_steps, generator=g.manual_seed(0), device=device), device, 3, 1, 1) / 1e3
+                ddpm_s = (
+                    median_ms(
+                        lambda: td.sample(model, scheduler, args.n, generator=g.manual_seed(0), device=device),
+                        device,
+                        1,
+                        1,
+                        0,
+                    )
+                    / 1e3
+                )
+                fast_s = (
+                    median_ms(
+                        lambda: td.sample(
+                            model,
+                            scheduler,
+                            args.n,
+                            sampler="dpm++",
+                            steps=args.fast_steps,
+                            generator=g.manual_seed(0),
+                            device=device,
+                        ),
+                        device,
+                        3,
+                        1,
+                        1,
+                    )
+                    / 1e3
+                )
         rows[label] = ms
         n_params = sum(q.numel() for q in model.parameters())
-        print(f"{label:<10}{n_params:>9,}{ms:>9.2f}{bound:>9.2f}{ms / bound:>7.2f}{ms / rows.get('base', ms):>8.2f}{ddpm_s:>12.2f}{fast_s:>12.2f}", flush=True)
+        vs_base = ms / rows.get("base", ms)
+        print(
+            f"{label:<10}{n_params:>9,}{ms:>9.2f}{bound:>9.2f}{ms / bound:>7.2f}{vs_base:>8.2f}"
+            f"{ddpm_s:>12.2f}{fast_s:>12.2f}",
+            flush=True,
+        )
     if args.json:  # keyed as sweep.py and train.py name the configurations ("base", "attn1x4", "ssm1", ...)
-        record = dict(device=name, threads=torch.get_num_threads(), torch=torch.__version__, dtype=args.dtype, compile=args.compile,
-                      batch_size=args.batch_size, block=args.block, mode="quick" if args.quick else "full",
-                      ms_per_step={label: round(ms, 4) for label, ms in rows.items()})
-        runs.write_or_fail(args.json, lambda f: f.write(json.dumps(record, indent=1).encode()), "give --json a writable path")
+        record = dict(
+            device=name,
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            dtype=args.dtype,
+            compile=args.compile,
+            batch_size=args.batch_size,
+            block=args.block,
+            mode="quick" if args.quick else "full",
+            ms_per_step={label: round(ms, 4) for label, ms in rows.items()},
+        )
+        runs.write_or_fail(
+            args.json, lambda f: f.write(json.dumps(record, indent=1).encode()), "give --json a writable path"
+        )
         print(f"wrote {args.json}")
     if "base" in rows:
         base = rows["base"]
-        print("summary: " + ", ".join(f"{k} {v / base:.2f}x base" for k, v in rows.items() if k != "base")
-              + f" | sampling: {'per-NFE estimate' if args.quick else 'measured'}")
+        print(
+            "summary: "
+            + ", ".join(f"{k} {v / base:.2f}x base" for k, v in rows.items() if k != "base")
+            + f" | sampling: {'per-NFE estimate' if args.quick else 'measured'}"
+        )
 
 
 if __name__ == "__main__":

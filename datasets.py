@@ -1,9 +1,11 @@
-"""The study's four 2-D datasets, ring8, a 3-D swiss roll, and loading a user's own points; exact densities. numpy, scipy.
+"""The study's four 2-D datasets, ring8, a 3-D swiss roll, and loading a user's own points; exact densities. numpy,
+scipy.
 
 Each named dataset has n = 100,000 points by default, drawn with np.random.default_rng(42).
 The named datasets lie inside [-5, 5]^D; a user's points may have any offset and scale (the
 model standardizes them: tinydiff.Denoiser.set_data_stats).
 """
+
 import csv
 import math
 import os
@@ -104,7 +106,10 @@ def check_file_memory(path, n_bytes):
     """Refuse to read a file whose points would need more memory than is available."""
     free = available_memory()
     if free is not None and n_bytes > free:
-        raise DataError(f"{path} would need about {n_bytes / 2**30:.1f} GiB of memory to read, more than the {free / 2**30:.1f} GiB available; subsample it first")
+        raise DataError(
+            f"{path} would need about {n_bytes / 2**30:.1f} GiB of memory to read, more than the {free / 2**30:.1f} "
+            "GiB available; subsample it first"
+        )
 
 
 def read_npy(path, size):
@@ -121,18 +126,26 @@ def read_npy(path, size):
         reason = str(e).strip().splitlines()[0][:80] if str(e).strip() else type(e).__name__
         raise DataError(f"{path} is not a readable .npy file ({reason}); save your points with numpy.save") from None
     if dtype.kind == "c":
-        raise DataError(f"{path} holds complex numbers ({dtype}); give real coordinates, e.g. the real and imaginary parts as two columns")
+        raise DataError(
+            f"{path} holds complex numbers ({dtype}); give real coordinates, e.g. the real and imaginary parts as two "
+            "columns"
+        )
     if dtype.kind not in "iuf":
         raise DataError(f"{path} holds {dtype} values; it must hold real numbers (integers or floats)")
     n_items = math.prod(shape)
     if header_bytes + n_items * dtype.itemsize != size:
-        raise DataError(f"{path} has a header for an array of shape {shape} ({dtype}) that does not match the file's {size} bytes;"
-                         " the file is truncated or corrupt, so save it again with numpy.save")
+        raise DataError(
+            f"{path} has a header for an array of shape {shape} ({dtype}) that does not match the file's {size} bytes;"
+            " the file is truncated or corrupt, so save it again with numpy.save"
+        )
     check_file_memory(path, 2 * n_items * 8)  # the array, then its float64 copy
     return np.load(path, allow_pickle=False)
 
 
-ROW_LABEL_FIELDS = ("", "Unnamed: 0")  # the header field above a first column of row labels: pandas, R (""), pandas read back
+ROW_LABEL_FIELDS = (
+    "",
+    "Unnamed: 0",
+)  # the header field above a first column of row labels: pandas, R (""), pandas read back
 
 
 def head_lines(path):
@@ -163,7 +176,12 @@ def first_row(lines):
         return first, row, delim, None
     except ValueError:  # a header row; names with spaces survive in a tab-separated one
         delim = delimiter(lines[rows[1]].split("#")[0]) if len(rows) > 1 else delimiter(row)
-        return first, row, delim, split(delim) if delim else split("\t") if "\t" in row else split(" ", skipinitialspace=True)
+        return (
+            first,
+            row,
+            delim,
+            split(delim) if delim else split("\t") if "\t" in row else split(" ", skipinitialspace=True),
+        )
 
 
 def column_names(name, D):
@@ -191,45 +209,79 @@ def read_text(path, size):
     first, row, delim, header = first_row(lines)
     if first is None:
         return np.zeros((0, 0))
-    body = lines[first + 1 if header else 0:]
+    body = lines[first + 1 if header else 0 :]
     values = sum(len(line.split("#")[0].split(delim)) for line in body if line.split("#")[0].strip())
     if values:  # float64 points, and as much again while numpy parses them
         check_file_memory(path, 2 * 8 * values * size / max(1, sum(len(line.encode()) for line in body)))
     with warnings.catch_warnings():  # an empty file is reported by the caller, in one sentence
         warnings.simplefilter("ignore", UserWarning)
         try:
-            X = np.loadtxt(path, delimiter=delim, comments="#", skiprows=first + 1 if header else 0, quotechar='"', ndmin=2, encoding="utf-8-sig")
+            X = np.loadtxt(
+                path,
+                delimiter=delim,
+                comments="#",
+                skiprows=first + 1 if header else 0,
+                quotechar='"',
+                ndmin=2,
+                encoding="utf-8-sig",
+            )
         except ValueError as e:
-            if delim == ";" and re.search(r"string '[^']*\d,\d", str(e)):  # the value numpy could not read has a decimal comma
-                raise DataError(f"{path} separates columns with ';' and writes decimal commas (1,5); write the numbers with '.' as the"
-                                " decimal point (a spreadsheet: export CSV with '.' as the decimal separator)") from None
+            if delim == ";" and re.search(
+                r"string '[^']*\d,\d", str(e)
+            ):  # the value numpy could not read has a decimal comma
+                raise DataError(
+                    f"{path} separates columns with ';' and writes decimal commas (1,5); write the numbers with '.' "
+                    "as the"
+                    " decimal point (a spreadsheet: export CSV with '.' as the decimal separator)"
+                ) from None
             raise
     col = X[:, 0] if len(X) and X.shape[1] > 1 else None
     if header:
         # an unnamed first field, or one field fewer than the columns (a tab- or space-separated pandas file)
         labels = col is not None and (header[0] in ROW_LABEL_FIELDS or len(header) == X.shape[1] - 1)
         labels = labels and np.array_equal(col, np.round(col)) and len(np.unique(col)) == len(col)
-        print(f"note: skipped the header row of {path}: {row.strip()[:80]}" + (
-            "; and dropped its first column, unnamed row labels (pandas: save with to_csv(index=False))" if labels else ""), file=sys.stderr)
+        print(
+            f"note: skipped the header row of {path}: {row.strip()[:80]}"
+            + (
+                "; and dropped its first column, unnamed row labels (pandas: save with to_csv(index=False))"
+                if labels
+                else ""
+            ),
+            file=sys.stderr,
+        )
         if labels:
             return X[:, 1:]
     if col is not None and len(X) > 2 and np.array_equal(col, np.arange(len(X))):
-        print(f"warning: the first column of {path} counts 0, 1, 2, ... like a row index, and is used as a coordinate;"
-              " if it is an index, save the file without it", file=sys.stderr)
+        print(
+            f"warning: the first column of {path} counts 0, 1, 2, ... like a row index, and is used as a coordinate;"
+            " if it is an index, save the file without it",
+            file=sys.stderr,
+        )
     return X
 
 
 def check_file(path):
     """A data file's size, after refusing a folder, a pipe, a missing file or one larger than MAX_FILE_BYTES."""
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not a data file; give the path of an (N, D) .csv, .tsv, .txt or .npy file")
+        raise ValueError(
+            f"{path} is a folder, not a data file; give the path of an (N, D) .csv, .tsv, .txt or .npy file"
+        )
     if os.path.exists(path) and not os.path.isfile(path):
-        raise ValueError(f"{path} is not a regular file (a pipe or a device?); save the points to a .csv, .tsv, .txt or .npy file first")
+        raise ValueError(
+            f"{path} is not a regular file (a pipe or a device?); save the points to a .csv, .tsv, .txt or .npy file "
+            "first"
+        )
     if not os.path.isfile(path):
-        raise ValueError(f"no data file at {path}; give a dataset name ({', '.join(DATASETS)}) or a path to an (N, D) .csv, .tsv, .txt or .npy file")
+        raise ValueError(
+            f"no data file at {path}; give a dataset name ({', '.join(DATASETS)}) or a path to an (N, D) .csv, .tsv, "
+            ".txt or .npy file"
+        )
     size = os.path.getsize(path)
     if size > MAX_FILE_BYTES:
-        raise ValueError(f"{path} is {size / 1e9:.1f} GB, larger than the {MAX_FILE_BYTES / 1e9:.0f} GB tinydiff reads; subsample it first")
+        raise ValueError(
+            f"{path} is {size / 1e9:.1f} GB, larger than the {MAX_FILE_BYTES / 1e9:.0f} GB tinydiff reads; subsample "
+            "it first"
+        )
     return size
 
 
@@ -244,19 +296,30 @@ def load_points(path):
         raise
     except ValueError as e:  # numpy's reason, up to its first '; '
         reason = (str(e).strip() or type(e).__name__).splitlines()[0].split("; ")[0][:100]
-        raise ValueError(f"{path} is not a table of numbers ({reason}); give numeric columns, one point per row") from None
+        raise ValueError(
+            f"{path} is not a table of numbers ({reason}); give numeric columns, one point per row"
+        ) from None
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path} could not be read as points ({e}); give an (N, D) .npy or a text file with numeric columns") from None
+        raise ValueError(
+            f"{path} could not be read as points ({e}); give an (N, D) .npy or a text file with numeric columns"
+        ) from None
     if X.ndim == 2 and X.shape[0] == 0:
-        raise ValueError(f"{path} holds no points (no rows of numbers); give one point per row, its coordinates as columns")
+        raise ValueError(
+            f"{path} holds no points (no rows of numbers); give one point per row, its coordinates as columns"
+        )
     if X.ndim != 2 or X.shape[1] == 0:
-        raise ValueError(f"{path} holds an array of shape {X.shape}; it must be (N, D) with N >= 1 rows (points) and D >= 1 columns"
-                         " (coordinates); save 1-D points as one column, x.reshape(-1, 1)")
+        raise ValueError(
+            f"{path} holds an array of shape {X.shape}; it must be (N, D) with N >= 1 rows (points) and D >= 1 columns"
+            " (coordinates); save 1-D points as one column, x.reshape(-1, 1)"
+        )
     if np.iscomplexobj(X) or not np.issubdtype(X.dtype, np.number):
         raise ValueError(f"{path} holds {X.dtype} values; it must hold real numbers")
     bad = np.flatnonzero(~np.isfinite(X).all(1))
     if len(bad):
-        raise ValueError(f"{path} has NaN or infinite values in {len(bad)} of its {len(X)} points (the first is point {bad[0] + 1}); remove those rows")
+        raise ValueError(
+            f"{path} has NaN or infinite values in {len(bad)} of its {len(X)} points (the first is point "
+            f"{bad[0] + 1}); remove those rows"
+        )
     return X.astype(np.float64)
 
 
@@ -265,12 +328,24 @@ def read_table(path):
     quotes and the separators are read as read_text reads them."""
     if path.lower().endswith(".npy"):
         X = load_points(path)
-        return None, np.where(X == np.round(X), np.round(X).astype(np.int64).astype(str), X.astype(str)), X  # 2.0 -> "2"
+        return (
+            None,
+            np.where(X == np.round(X), np.round(X).astype(np.int64).astype(str), X.astype(str)),
+            X,
+        )  # 2.0 -> "2"
     first, _, delim, header = first_row(head_lines(path))
     if first is None:
         raise ValueError(f"{path} holds no rows; give one point per row")
-    fields = np.loadtxt(path, dtype=str, delimiter=delim, comments="#", skiprows=first + 1 if header else 0, quotechar='"', ndmin=2,
-                        encoding="utf-8-sig")
+    fields = np.loadtxt(
+        path,
+        dtype=str,
+        delimiter=delim,
+        comments="#",
+        skiprows=first + 1 if header else 0,
+        quotechar='"',
+        ndmin=2,
+        encoding="utf-8-sig",
+    )
     return header, np.char.strip(fields), None
 
 
@@ -285,9 +360,10 @@ def column_index(spec, header, n_cols, path, flag):
 
 
 def load_conditioned(path, label_column=None, cond_columns=None):
-    """(X (N, D) float64 points, y, names, the coordinates' names or None) from a file whose label column (category names or integers) or condition
-    columns (numbers) are not coordinates. y: (N,) int labels indexing names, the sorted class names; or (N, C)
-    float64 conditions, names the columns'. Refused in one sentence: a missing column, empty or NaN labels
+    """(X (N, D) float64 points, y, names, the coordinates' names or None) from a file whose label column (category
+    names or integers) or condition columns (numbers) are not coordinates. y: (N,) int labels indexing names, the sorted
+    class names; or (N, C) float64 conditions, names the columns'. Refused in one sentence: a missing column, empty or
+    NaN labels
     (naming the first bad row), one class, more classes than a tenth of the points, a non-numeric condition."""
     check_file(path)
     header, fields, _ = read_table(path)
@@ -297,36 +373,59 @@ def load_conditioned(path, label_column=None, cond_columns=None):
     if len(set(cols)) != len(cols):
         raise ValueError(f"{flag} {','.join(specs)} names a column of {path} twice; name each column once")
     if len(cols) >= fields.shape[1]:
-        raise ValueError(f"{flag} {','.join(specs)} leaves no coordinates in {path} (it has {fields.shape[1]} columns); name fewer columns")
-    keep = [j for j in range(fields.shape[1]) if j not in cols and not (j == 0 and header and header[0] in ROW_LABEL_FIELDS)]
+        raise ValueError(
+            f"{flag} {','.join(specs)} leaves no coordinates in {path} (it has {fields.shape[1]} columns); name fewer "
+            "columns"
+        )
+    keep = [
+        j for j in range(fields.shape[1]) if j not in cols and not (j == 0 and header and header[0] in ROW_LABEL_FIELDS)
+    ]
     try:
         X = fields[:, keep].astype(np.float64)
     except ValueError:  # name the column and the value
         j = next(j for j in keep if not all(is_number(v) for v in fields[:, j]))
         bad = next(v for v in fields[:, j] if not is_number(v))
-        raise ValueError(f"column {header[j] if header else j} of {path} is not numeric (it holds {str(bad)!r}); name it with {flag}"
-                         " if it is the condition, or remove it") from None
-    columns = [header[j] for j in keep] if header and len(header) == fields.shape[1] else None  # the coordinates' names, for plots
+        raise ValueError(
+            f"column {header[j] if header else j} of {path} is not numeric (it holds {str(bad)!r}); name it with {flag}"
+            " if it is the condition, or remove it"
+        ) from None
+    columns = (
+        [header[j] for j in keep] if header and len(header) == fields.shape[1] else None
+    )  # the coordinates' names, for plots
     if not np.isfinite(X).all():
-        raise ValueError(f"{path} has NaN or infinite coordinates (the first in data row {np.flatnonzero(~np.isfinite(X).all(1))[0] + 1}); remove those rows")
+        raise ValueError(
+            f"{path} has NaN or infinite coordinates (the first in data row "
+            f"{np.flatnonzero(~np.isfinite(X).all(1))[0] + 1}); remove those rows"
+        )
     names = [header[j] if header else str(j) for j in cols]
     if label_column is None:
         try:
             y = fields[:, cols].astype(np.float64)
         except ValueError:
             bad = next(j for j in cols if not all(is_number(v) for v in fields[:, j]))
-            raise ValueError(f"condition column {names[cols.index(bad)]!r} of {path} is not numeric; give numbers, or use it as --label_column") from None
+            raise ValueError(
+                f"condition column {names[cols.index(bad)]!r} of {path} is not numeric; give numbers, or use it as "
+                "--label_column"
+            ) from None
         if not np.isfinite(y).all():
-            raise ValueError(f"{path} has an empty or NaN condition in data row {np.flatnonzero(~np.isfinite(y).all(1))[0] + 1}; fill or remove those rows")
+            raise ValueError(
+                f"{path} has an empty or NaN condition in data row {np.flatnonzero(~np.isfinite(y).all(1))[0] + 1}; "
+                "fill or remove those rows"
+            )
         return X, y, names, columns
     labels = fields[:, cols[0]]
     bad = np.flatnonzero((labels == "") | (np.char.lower(labels) == "nan"))
     if len(bad):
-        raise ValueError(f"{path} has an empty or NaN label in column {names[0]!r}, data row {bad[0] + 1}; give every point a label")
+        raise ValueError(
+            f"{path} has an empty or NaN label in column {names[0]!r}, data row {bad[0] + 1}; give every point a label"
+        )
     classes = sorted(set(labels.tolist()), key=lambda v: (0, float(v), v) if is_number(v) else (1, 0, v))
     if len(classes) < 2 or len(classes) > max(2, len(labels) // 10):
-        raise ValueError(f"label column {names[0]!r} of {path} has {len(classes)} class{'es' * (len(classes) != 1)} in {len(labels)} points; "
-                         "a label needs 2 to a tenth as many classes as points (numbers that vary continuously: use --cond_columns)")
+        raise ValueError(
+            f"label column {names[0]!r} of {path} has {len(classes)} class{'es' * (len(classes) != 1)} in "
+            f"{len(labels)} points; "
+            "a label needs 2 to a tenth as many classes as points (numbers that vary continuously: use --cond_columns)"
+        )
     index = {c: i for i, c in enumerate(classes)}
     return X, np.array([index[v] for v in labels.tolist()]), classes, columns
 
@@ -345,7 +444,9 @@ def load_dataset(name, n=100_000, seed=42):
         return DATASETS[name](n, np.random.default_rng(seed))
     if os.path.splitext(name)[1].lower() in (".csv", ".txt", ".tsv", ".npy") or os.path.sep in name:
         return load_points(name)
-    raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a path to a .csv, .tsv, .txt or .npy file")
+    raise ValueError(
+        f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a path to a .csv, .tsv, .txt or .npy file"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -359,7 +460,8 @@ CIRCLE_BLOB = 0.09  # a blob's radius, 3 x 0.03
 
 
 def load_labeled(name, n=100_000, seed=42):
-    """(X (n, 2), labels (n,) int, class names) of a named dataset with classes (CLASSES), drawn as load_dataset draws it."""
+    """(X (n, 2), labels (n,) int, class names) of a named dataset with classes (CLASSES), drawn as load_dataset draws
+    it."""
     if name not in CLASSES:
         raise ValueError(f"{name!r} has no classes; labeled datasets are {', '.join(CLASSES)}")
     X, labels = DATASETS[name](n, np.random.default_rng(seed), labels=True)
@@ -396,10 +498,10 @@ def gaussian_mixture_log_density(x, centres, sd, weights):
     b = np.concatenate([centres.T, -0.5 * ((centres / sd) ** 2).sum(1)[None]], 0)  # (3, K)
     out = np.empty(len(x))
     for i in range(0, len(x), 4096):  # (rows, K) at a time
-        e = a[i:i + 4096] @ b
+        e = a[i : i + 4096] @ b
         m = e.max(1)
         with np.errstate(divide="ignore"):
-            out[i:i + 4096] = m + np.log(np.exp(e - m[:, None]) @ weights)
+            out[i : i + 4096] = m + np.log(np.exp(e - m[:, None]) @ weights)
     return out - 0.5 * ((x / sd) ** 2).sum(1) - np.log(2 * np.pi * sd.prod())
 
 
@@ -410,10 +512,15 @@ def class_log_densities(name, x):
         raise ValueError(f"log_density takes 2-D points (N, 2), got shape {x.shape}")
     if name == "ring8":
         sd = np.full(2, RING8_SD)
-        return np.stack([gaussian_mixture_log_density(x, c[None], sd, np.ones(1)) for c in RING8_CENTRES], 1), np.full(8, -np.log(8))
+        return np.stack([gaussian_mixture_log_density(x, c[None], sd, np.ones(1)) for c in RING8_CENTRES], 1), np.full(
+            8, -np.log(8)
+        )
     if name == "dino":  # the 142 points, each with weight 1/142, jittered by 0.15 in the original units
         pts = np.loadtxt(DINO_TSV, skiprows=1)
-        centres, sd = np.stack([(pts[:, 0] / 54 - 1) * 4, (pts[:, 1] / 48 - 1) * 4], 1), np.array([0.15 * 4 / 54, 0.15 * 4 / 48])
+        centres, sd = (
+            np.stack([(pts[:, 0] / 54 - 1) * 4, (pts[:, 1] / 48 - 1) * 4], 1),
+            np.array([0.15 * 4 / 54, 0.15 * 4 / 48]),
+        )
         return gaussian_mixture_log_density(x, centres, sd, np.full(len(pts), 1 / len(pts)))[:, None], np.zeros(1)
     if name == "line":
         inside = (np.abs(x[:, 0]) <= 2) & (np.abs(x[:, 1]) <= 4)
@@ -434,7 +541,9 @@ def class_log_densities(name, x):
         half = np.diff(edges)[:, None] / 2
         theta, weights = (edges[:-1, None] + half * (u + 1)).ravel(), (half * w).ravel() / np.pi
         sd = np.array(MOONS_SD)
-        return np.stack([gaussian_mixture_log_density(x, c, sd, weights) for c in moons_curves(theta)], 1), np.full(2, -np.log(2))
+        return np.stack([gaussian_mixture_log_density(x, c, sd, weights) for c in moons_curves(theta)], 1), np.full(
+            2, -np.log(2)
+        )
     have = ", ".join(n for n in DATASETS if n != "swissroll3d")
     raise ValueError(f"no exact density for dataset {name!r}; densities exist for {have}")
 
@@ -446,7 +555,9 @@ def log_density(name, x, label=None):
     if label is None:
         return logsumexp(lp + log_w, axis=1)
     if name not in CLASSES:
-        raise ValueError(f"{name!r} has no classes, so no conditional density; labeled datasets are {', '.join(CLASSES)}")
+        raise ValueError(
+            f"{name!r} has no classes, so no conditional density; labeled datasets are {', '.join(CLASSES)}"
+        )
     label = np.broadcast_to(np.asarray(label), (len(lp),))
     if not np.isin(label, np.arange(len(CLASSES[name]))).all():
         raise ValueError(f"labels of {name} are 0..{len(CLASSES[name]) - 1} ({', '.join(CLASSES[name])})")

@@ -26,6 +26,7 @@ Metrics (train.py writes the same ones into metrics.json; this file is their one
            points with fixed seeds (in the model's standardized space for a user's file), and the
            time to draw the samples.
 """
+
 import itertools
 import os
 import sys
@@ -53,7 +54,10 @@ def check_samples(samples, dim=None):
         raise ValueError(f"samples hold {samples.dtype} values; they must be real numbers")
     samples = samples.astype(np.float64)
     if samples.ndim != 2 or (dim is not None and samples.shape[1] != dim):
-        raise ValueError(f"samples have shape {samples.shape}; they must be an (N, {dim or 'D'}) array of points, as many coordinates as the data")
+        raise ValueError(
+            f"samples have shape {samples.shape}; they must be an (N, {dim or 'D'}) array of points, as many "
+            "coordinates as the data"
+        )
     finite = np.isfinite(samples).all(1)
     if not finite.any():
         raise ValueError("every sample is NaN or infinite; the model diverged, so retrain it (a lower --lr helps)")
@@ -83,11 +87,21 @@ def knn_kl_warning(data, samples, rho, k=KNN_K):
     """Why the kNN KL is undefined for these points, in one sentence (None when it is defined)."""
     dup = int((rho == 0).sum())
     if dup:
-        return (f"{dup} of {len(data)} data points have {k} or more exact duplicates (rounded or discrete data), where the kNN KL divides by a"
-                " zero distance; it is left out (null): compare hist KL, or add noise below the data's resolution")
+        return (
+            f"{dup} of {len(data)} data points have {k} or more exact duplicates (rounded or discrete data), where "
+            "the kNN KL divides by a"
+            " zero distance; it is left out (null): compare hist KL, or add noise below the data's resolution"
+        )
     on = int((cKDTree(samples).query(data, k=k, p=np.inf)[0][:, k - 1] == 0).sum())
-    return (f"{k} or more samples fall exactly on {on} of the data points (a model that copies its training points?), where the kNN KL"
-            " divides by a zero distance; it is left out (null)") if on else None
+    return (
+        (
+            f"{k} or more samples fall exactly on {on} of the data points (a model that copies its training points?), "
+            "where the kNN KL"
+            " divides by a zero distance; it is left out (null)"
+        )
+        if on
+        else None
+    )
 
 
 def grid_box(data):
@@ -97,7 +111,9 @@ def grid_box(data):
     lo, hi = data.min(0), data.max(0)
     if (lo >= -HIST_LIM).all() and (hi <= HIST_LIM).all() and (hi - lo >= 2).all():
         return np.full(data.shape[1], -HIST_LIM), np.full(data.shape[1], HIST_LIM)
-    pad = np.maximum(0.05 * (hi - lo), 1e-6 * np.maximum(np.abs(lo), np.abs(hi)) + 1e-12)  # > 0 for a constant coordinate too
+    pad = np.maximum(
+        0.05 * (hi - lo), 1e-6 * np.maximum(np.abs(lo), np.abs(hi)) + 1e-12
+    )  # > 0 for a constant coordinate too
     return lo - pad, hi + pad
 
 
@@ -117,17 +133,27 @@ def hist_kl(data, samples, box=None, bins=HIST_BINS, eps=HIST_EPS):
 
 
 def compute_metrics(data, samples, floor_samples=None, density=True):
-    """The KL metrics (and their floors, if floor_samples is given) for one set of samples; density=False (discrete data,
-    discrete_warning): the kNN KL and its floor are null."""
+    """The KL metrics (and their floors, if floor_samples is given) for one set of samples; density=False (discrete
+    data, discrete_warning): the kNN KL and its floor are null."""
     samples, bad = check_samples(samples, data.shape[1])
     if len(data) <= KNN_K:
-        raise ValueError(f"{len(data)} data points are too few to score (the kNN KL uses {KNN_K} nearest neighbours); give more than {KNN_K}")
+        raise ValueError(
+            f"{len(data)} data points are too few to score (the kNN KL uses {KNN_K} nearest neighbours); give more "
+            f"than {KNN_K}"
+        )
     if len(samples) < KNN_K:
-        raise ValueError(f"only {len(samples)} samples are finite, too few to score; the model diverged, so retrain it (a lower --lr helps)"
-                         if bad else f"{len(samples)} samples are too few to score (the kNN KL uses {KNN_K} nearest neighbours); draw at least {KNN_K}")
+        raise ValueError(
+            f"only {len(samples)} samples are finite, too few to score; the model diverged, so retrain it (a lower "
+            "--lr helps)"
+            if bad
+            else f"{len(samples)} samples are too few to score (the kNN KL uses {KNN_K} nearest neighbours); draw at "
+            f"least {KNN_K}"
+        )
     rho = cKDTree(data).query(data, k=KNN_K + 1, p=np.inf)[0][:, KNN_K]
     knn = (lambda x: float(knn_kl(data, x, rho=rho))) if density else (lambda x: None)
-    out = dict(knn_kl_bits=knn(samples), hist_kl_nats=hist_kl(data, samples), nonfinite_frac=float(bad), n_samples=len(samples))
+    out = dict(
+        knn_kl_bits=knn(samples), hist_kl_nats=hist_kl(data, samples), nonfinite_frac=float(bad), n_samples=len(samples)
+    )
     warning = knn_kl_warning(data, samples, rho) if density else None
     if warning:
         out["warnings"] = [warning]
@@ -148,7 +174,11 @@ def heldout_points(dataset, data, n=10_000):
     """(points, conditions) for the eval loss: a fresh draw of a named dataset, a file's held-out points
     (its training points when it holds none out)."""
     if dataset in datasets.DATASETS:
-        return datasets.load_labeled(dataset, n, HELDOUT_SEED)[:2] if data.kind == "labels" else (datasets.load_dataset(dataset, n, HELDOUT_SEED), None)
+        return (
+            datasets.load_labeled(dataset, n, HELDOUT_SEED)[:2]
+            if data.kind == "labels"
+            else (datasets.load_dataset(dataset, n, HELDOUT_SEED), None)
+        )
     points, cond = (data.points, data.cond) if data.held is None else (data.held, data.held_cond)
     return points[:n], None if cond is None else cond[:n]
 
@@ -167,17 +197,28 @@ def discrete_warning(data, dataset):
     repeated = len(points) - len(np.unique(points, axis=0))
     if repeated <= REPEATS * len(points):
         return None
-    return (f"{repeated} of the data's {len(points)} rows repeat another exactly (rounded or discrete data), where the kNN KL and the"
-            " NLL, which assume a density, mean nothing; they are left out (null): compare hist KL, or add noise below the data's resolution")
+    return (
+        f"{repeated} of the data's {len(points)} rows repeat another exactly (rounded or discrete data), where the "
+        "kNN KL and the"
+        " NLL, which assume a density, mean nothing; they are left out (null): compare hist KL, or add noise below "
+        "the data's resolution"
+    )
+
+
 VOTE_K = 10  # neighbours in the class-fidelity vote
 
 
 def references(data, dataset, n):
     """What n samples are scored against: (points, conditions) of the reference and of the floor. A named dataset:
-    its training draw and a fresh draw; a file: its held-out points and a training subsample of the same size, or every training point
-    when there are fewer (the same estimator, given points the model never made); a file with nothing held out: its points, no floor."""
+    its training draw and a fresh draw; a file: its held-out points and a training subsample of the same size, or every
+    training point when there are fewer (the same estimator, given points the model never made); a file with nothing
+    held out: its points, no floor."""
     if dataset in datasets.DATASETS:
-        fresh = datasets.load_labeled(dataset, n, FLOOR_SEED)[:2] if data.kind == "labels" else (floor_draw(dataset, n), None)
+        fresh = (
+            datasets.load_labeled(dataset, n, FLOOR_SEED)[:2]
+            if data.kind == "labels"
+            else (floor_draw(dataset, n), None)
+        )
         return (data.points, data.cond), fresh
     if data.held is None:
         return (data.points, data.cond), (None, None)
@@ -190,7 +231,9 @@ def sample_conditions(model, data, ref_cond, n, seed=0):
     if data.kind == "labels":
         return td.draw_labels(model, n, torch.Generator().manual_seed(seed))
     if data.kind == "numbers":
-        return torch.as_tensor(ref_cond[np.random.default_rng(seed).integers(len(ref_cond), size=n)], dtype=torch.float64)
+        return torch.as_tensor(
+            ref_cond[np.random.default_rng(seed).integers(len(ref_cond), size=n)], dtype=torch.float64
+        )
     return None
 
 
@@ -209,15 +252,22 @@ def class_metrics(data, ref, floor, samples, labels, floor_in_training=False, de
     tree = cKDTree(data.points / scale)
     votes = lambda x, skip: data.cond[tree.query(x / scale, k=VOTE_K + skip)[1][:, skip:]]
     vote = lambda x, skip=0: np.array([np.bincount(row, minlength=len(data.names)).argmax() for row in votes(x, skip)])
-    won, won_floor = vote(samples) == labels, None if floor[0] is None else vote(floor[0], int(floor_in_training)) == floor[1]
+    won, won_floor = (
+        vote(samples) == labels,
+        None if floor[0] is None else vote(floor[0], int(floor_in_training)) == floor[1],
+    )
     per_class = {}
     for k, name in enumerate(data.names):
         mine, theirs = samples[labels == k], ref[0][ref[1] == k]
         row = dict(n=int(len(mine)), fidelity=float(won[labels == k].mean()) if len(mine) else None)
-        row["knn_kl_bits"] = float(knn_kl(theirs, mine)) if density and len(mine) > KNN_K and len(theirs) > KNN_K else None
+        row["knn_kl_bits"] = (
+            float(knn_kl(theirs, mine)) if density and len(mine) > KNN_K and len(theirs) > KNN_K else None
+        )
         if floor[0] is not None:
             f = floor[0][floor[1] == k]
-            row["knn_kl_floor"] = float(knn_kl(theirs, f)) if density and len(f) > KNN_K and len(theirs) > KNN_K else None
+            row["knn_kl_floor"] = (
+                float(knn_kl(theirs, f)) if density and len(f) > KNN_K and len(theirs) > KNN_K else None
+            )
             row["fidelity_floor"] = float(won_floor[floor[1] == k].mean()) if len(f) else None
         per_class[name] = row
     return per_class, float(won.mean()), None if won_floor is None else float(won_floor.mean())
@@ -233,11 +283,21 @@ def memorisation(train, samples, fresh):
     d_samples, d_fresh = (tree.query(x / scale)[0] for x in (samples, fresh))
     median, copies = np.median(d_fresh), int((d_fresh == 0).sum())
     if copies:  # duplicated rows: the unseen points are not unseen, and a distance of 0 is no yardstick
-        return dict(dcr_ratio=None, near_copy_frac=None, near_copy_ref=None, warnings=[
-            f"{copies} of the {len(fresh)} held-out points are exact copies of training points (duplicated rows), so the memorisation"
-            " check has no unseen points to compare with; dcr_ratio and the near-copy share are left out (null)"])
-    return dict(dcr_ratio=float(np.median(d_samples) / median),
-                near_copy_frac=float((d_samples < NEAR_COPY * median).mean()), near_copy_ref=float((d_fresh < NEAR_COPY * median).mean()))
+        return dict(
+            dcr_ratio=None,
+            near_copy_frac=None,
+            near_copy_ref=None,
+            warnings=[
+                f"{copies} of the {len(fresh)} held-out points are exact copies of training points (duplicated rows), "
+                "so the memorisation"
+                " check has no unseen points to compare with; dcr_ratio and the near-copy share are left out (null)"
+            ],
+        )
+    return dict(
+        dcr_ratio=float(np.median(d_samples) / median),
+        near_copy_frac=float((d_samples < NEAR_COPY * median).mean()),
+        near_copy_ref=float((d_fresh < NEAR_COPY * median).mean()),
+    )
 
 
 def likelihood_metrics(model, scheduler, data, dataset, n, device):
@@ -247,8 +307,11 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
     import likelihood
 
     if dataset not in datasets.DATASETS and data.held is None:
-        raise ValueError("--nll needs points the model never saw, and this file's run held none out (--holdout 0, or too few points to hold"
-                         f" out {runs.MIN_HELDOUT}); train on it with --holdout 0.1 and enough points")
+        raise ValueError(
+            "--nll needs points the model never saw, and this file's run held none out (--holdout 0, or too few "
+            "points to hold"
+            f" out {runs.MIN_HELDOUT}); train on it with --holdout 0.1 and enough points"
+        )
     x, y = heldout_points(dataset, data, n)
     y_t = None if y is None else torch.as_tensor(y, dtype=torch.long if data.kind == "labels" else torch.float64)
     t0 = time.perf_counter()
@@ -262,7 +325,10 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
         else:  # H(x | class): the mean of -log2 p(x | class) over a fresh labelled draw
             X, labels, _ = datasets.load_labeled(dataset, 200_000, 7)
             bits = -datasets.log_density(dataset, X, labels) / np.log(2)
-            out["data_entropy_bits"], out["data_entropy_se"] = float(bits.mean()), float(bits.std() / np.sqrt(len(bits)))
+            out["data_entropy_bits"], out["data_entropy_se"] = (
+                float(bits.mean()),
+                float(bits.std() / np.sqrt(len(bits))),
+            )
     return out
 
 
@@ -288,11 +354,14 @@ def score_points(data, dataset, ref, floor, samples, cond=None):
     warning. Returns (metrics, the finite samples, their conditions)."""
     discrete = discrete_warning(data, dataset)
     metrics = compute_metrics(ref[0], samples, floor[0], density=discrete is None)
-    finite = np.isfinite(samples).all(1)  # compute_metrics counted and dropped the others; the checks below use the rest
+    finite = np.isfinite(samples).all(
+        1
+    )  # compute_metrics counted and dropped the others; the checks below use the rest
     samples, cond = samples[finite], None if cond is None else cond[torch.as_tensor(finite)]
     if data.kind == "labels":
         metrics["per_class"], metrics["fidelity"], metrics["fidelity_floor"] = class_metrics(
-            data, ref, floor, samples, cond.numpy(), dataset not in datasets.DATASETS, density=discrete is None)
+            data, ref, floor, samples, cond.numpy(), dataset not in datasets.DATASETS, density=discrete is None
+        )
     warnings = metrics.pop("warnings", []) + ([discrete] if discrete else [])
     fresh = floor[0] if dataset in datasets.DATASETS else data.held
     if fresh is not None:
@@ -308,12 +377,28 @@ def eval_loss(model, scheduler, points, cond, device, seed=0, batch_size=None):
     from a fixed seed. With a batch_size: the mean of the per-batch losses over one pass, as the study reports it."""
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.as_tensor(points, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-    numbers = torch.float32 if device.type == "mps" else torch.float64  # conditions far from 0 are standardised in float64
-    y = None if cond is None else torch.as_tensor(cond, device=device, dtype=numbers if np.asarray(cond).ndim == 2 else torch.long)
+    numbers = (
+        torch.float32 if device.type == "mps" else torch.float64
+    )  # conditions far from 0 are standardised in float64
+    y = (
+        None
+        if cond is None
+        else torch.as_tensor(cond, device=device, dtype=numbers if np.asarray(cond).ndim == 2 else torch.long)
+    )
     T, losses, size = scheduler.num_train_timesteps, [], batch_size or len(x0)
     for i, b in enumerate(x0.split(size)):
         t = td.sample_timesteps(len(b), T, low_frac=0.0, generator=g, device=device)
-        losses.append(td.ddpm_loss(model, scheduler, b, t, generator=g, y=None if y is None else y[i * size : i * size + len(b)], p_uncond=0.0))
+        losses.append(
+            td.ddpm_loss(
+                model,
+                scheduler,
+                b,
+                t,
+                generator=g,
+                y=None if y is None else y[i * size : i * size + len(b)],
+                p_uncond=0.0,
+            )
+        )
     return float(torch.stack(losses).mean())
 
 
@@ -384,9 +469,13 @@ def plot_samples(data, samples, path, title="", names=None, data_labels=None, sa
     pick = None if data is None else np.random.default_rng(0).permutation(len(data))[: len(samples)]
     shown = None if data is None else data[pick]
     colours = [None if data is None or data_labels is None else data_labels[pick], sample_labels]
-    panels = ([] if data is None else [(shown, f"data ({len(shown)} shown)", colours[0])]) + [(samples, f"samples ({len(samples)})", colours[1])]
+    panels = ([] if data is None else [(shown, f"data ({len(shown)} shown)", colours[0])]) + [
+        (samples, f"samples ({len(samples)})", colours[1])
+    ]
     n = len(panels)
-    fig, axes = plt.subplots(rows, n * per_row, figsize=(4 * n * per_row, 4.2 * rows if D <= 2 else 3.8 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, n * per_row, figsize=(4 * n * per_row, 4.2 * rows if D <= 2 else 3.8 * rows + 0.4), squeeze=False
+    )
     cmap = plt.get_cmap("tab10" if classes is None or len(classes) <= 10 else "tab20")
     for k, (i, j) in enumerate(pairs):
         for m, (pts, name, c) in enumerate(panels):
@@ -394,11 +483,20 @@ def plot_samples(data, samples, path, title="", names=None, data_labels=None, sa
             if D == 1:
                 ax.hist(pts[:, 0], bins=HIST_BINS, range=(lo[0], hi[0]), density=True)
             else:
-                ax.scatter(pts[:, i], pts[:, j], s=1, alpha=0.4, linewidths=0, **({} if c is None else dict(c=c, cmap=cmap, vmin=0, vmax=cmap.N - 1)))
+                ax.scatter(
+                    pts[:, i],
+                    pts[:, j],
+                    s=1,
+                    alpha=0.4,
+                    linewidths=0,
+                    **({} if c is None else dict(c=c, cmap=cmap, vmin=0, vmax=cmap.N - 1)),
+                )
                 ax.set_xlim(lo[i], hi[i])
                 ax.set_ylim(lo[j], hi[j])
                 wi, wj = hi[i] - lo[i], hi[j] - lo[j]
-                ax.set_aspect("equal" if max(wi, wj) < 4 * min(wi, wj) else "auto")  # coordinates in other units: fill the panel
+                ax.set_aspect(
+                    "equal" if max(wi, wj) < 4 * min(wi, wj) else "auto"
+                )  # coordinates in other units: fill the panel
             if names or D > 2:  # parse_math=False: a header field such as "$x_1" is a name, not TeX
                 ax.set_xlabel(labels[i], parse_math=False)
                 if D > 1:
@@ -409,13 +507,15 @@ def plot_samples(data, samples, path, title="", names=None, data_labels=None, sa
         top = max(ax.get_ylim()[1] for ax in axes[0, :n])
         for ax in axes[0, :n]:
             ax.set_ylim(0, top)
-    for ax in axes.flat[n * len(pairs):]:
+    for ax in axes.flat[n * len(pairs) :]:
         ax.set_visible(False)
     if classes is not None and sample_labels is not None and len(classes) <= 20:
         handles = [plt.Line2D([], [], ls="", marker="o", color=cmap(k), label=name) for k, name in enumerate(classes)]
         axes[0, n - 1].legend(handles=handles, fontsize=7, loc="upper right", markerscale=0.8, framealpha=0.6)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if D > 2 else None)  # room for the title above the panels' titles
+    fig.tight_layout(
+        rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if D > 2 else None
+    )  # room for the title above the panels' titles
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
@@ -432,13 +532,38 @@ def plot_guidance(model, scheduler, data, device, path, title, n=2000):
     lo, hi = grid_box(data.points)
     cmap = plt.get_cmap("tab10" if len(data.names) <= 10 else "tab20")
     for ax, w in zip(axes[0], GUIDANCE_PLOT):
-        x = td.sample(model, scheduler, n, "dpm++", generator=torch.Generator(device=device).manual_seed(0), device=device, y=labels, guidance=w).cpu().numpy()
-        ax.scatter(x[:, 0], x[:, 1 % x.shape[1]], s=1, alpha=0.4, linewidths=0, c=labels.numpy(), cmap=cmap, vmin=0, vmax=cmap.N - 1)
+        x = (
+            td.sample(
+                model,
+                scheduler,
+                n,
+                "dpm++",
+                generator=torch.Generator(device=device).manual_seed(0),
+                device=device,
+                y=labels,
+                guidance=w,
+            )
+            .cpu()
+            .numpy()
+        )
+        ax.scatter(
+            x[:, 0],
+            x[:, 1 % x.shape[1]],
+            s=1,
+            alpha=0.4,
+            linewidths=0,
+            c=labels.numpy(),
+            cmap=cmap,
+            vmin=0,
+            vmax=cmap.N - 1,
+        )
         ax.set_xlim(lo[0], hi[0])
         ax.set_ylim(lo[1 % len(lo)], hi[1 % len(hi)])
         ax.set_title(f"w = {w:g}" + (" (unconditional)" if w == 0 else " (conditional)" if w == 1 else " (guided)"))
     if len(data.names) <= 20:
-        handles = [plt.Line2D([], [], ls="", marker="o", color=cmap(k), label=name) for k, name in enumerate(data.names)]
+        handles = [
+            plt.Line2D([], [], ls="", marker="o", color=cmap(k), label=name) for k, name in enumerate(data.names)
+        ]
         axes[0, -1].legend(handles=handles, fontsize=7, loc="upper right", framealpha=0.6)
     fig.suptitle(f"{title} · DPM++ 20 steps, {n} samples, coloured by the label asked for")
     fig.tight_layout()
@@ -453,7 +578,11 @@ def plot_loss(losses, path):
     ax.plot(losses, lw=0.3, alpha=0.4, label="per step")
     w = max(1, len(losses) // 100)
     if w > 1:
-        ax.plot(np.arange(w - 1, len(losses)), np.convolve(losses, np.ones(w) / w, mode="valid"), label=f"running mean of {w} steps")
+        ax.plot(
+            np.arange(w - 1, len(losses)),
+            np.convolve(losses, np.ones(w) / w, mode="valid"),
+            label=f"running mean of {w} steps",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("noise MSE")
     ax.set_yscale("log")
@@ -467,7 +596,13 @@ def plot_curve(curve, floor, path, title):
     """kNN KL of the EMA model against training step (--eval_interval), with the floor if known."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([c["step"] for c in curve], [c["knn_kl_bits"] for c in curve], marker="o", ms=3, label=f"EMA model, {CURVE_N} DPM++-20 samples")
+    ax.plot(
+        [c["step"] for c in curve],
+        [c["knn_kl_bits"] for c in curve],
+        marker="o",
+        ms=3,
+        label=f"EMA model, {CURVE_N} DPM++-20 samples",
+    )
     if floor is not None:
         ax.axhline(floor, color="gray", ls="--", lw=1, label=f"floor {floor:.3f} (a perfect model)")
     ax.set_xlabel("step")
@@ -490,22 +625,49 @@ def sample_title(prefix, metrics):
 
 
 def format_table(metrics):
-    hist = "pair hist KL (nats)" if "hist_kl_pairs" in metrics else "hist KL (nats)"  # D > 2: the mean over the 2-D marginals
+    hist = (
+        "pair hist KL (nats)" if "hist_kl_pairs" in metrics else "hist KL (nats)"
+    )  # D > 2: the mean over the 2-D marginals
     value = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) and np.isfinite(v) else "n/a"
-    rows = [("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"), (hist, "hist_kl_nats", "hist_kl_floor"), ("class fidelity", "fidelity", "fidelity_floor"),
-            ("dcr_ratio", "dcr_ratio", None), ("near-copy share", "near_copy_frac", "near_copy_ref"), ("NLL (bits/point)", "nll_bits", None),
-            ("exact KL (bits)", "exact_kl_bits", None), ("H(data) (bits)", "data_entropy_bits", None)]
+    rows = [
+        ("kNN KL (bits)", "knn_kl_bits", "knn_kl_floor"),
+        (hist, "hist_kl_nats", "hist_kl_floor"),
+        ("class fidelity", "fidelity", "fidelity_floor"),
+        ("dcr_ratio", "dcr_ratio", None),
+        ("near-copy share", "near_copy_frac", "near_copy_ref"),
+        ("NLL (bits/point)", "nll_bits", None),
+        ("exact KL (bits)", "exact_kl_bits", None),
+        ("H(data) (bits)", "data_entropy_bits", None),
+    ]
     classes = [f"  {name} kNN KL" for name in metrics.get("per_class", {})]
     w = max([20] + [len(c) + 1 for c in classes])  # class names in full: two names may share their first letters
     lines = [f"{'metric':<{w}}{'value':>10}{'floor':>10}"]
     for name, key, floor in rows:
         if key in metrics:
-            se = metrics.get({"nll_bits": "nll_bits_se", "exact_kl_bits": "exact_kl_se", "data_entropy_bits": "data_entropy_se"}.get(key, ""))
-            lines.append(f"{name:<{w}}{value(metrics[key]):>10}{value(metrics.get(floor)) if floor else '':>10}" + (f"   ± {se:.4f} (1 se)" if se else ""))
+            se = metrics.get(
+                {"nll_bits": "nll_bits_se", "exact_kl_bits": "exact_kl_se", "data_entropy_bits": "data_entropy_se"}.get(
+                    key, ""
+                )
+            )
+            lines.append(
+                f"{name:<{w}}{value(metrics[key]):>10}{value(metrics.get(floor)) if floor else '':>10}"
+                + (f"   ± {se:.4f} (1 se)" if se else "")
+            )
     for label, row in zip(classes, metrics.get("per_class", {}).values()):
-        lines.append(f"{label:<{w}}{value(row['knn_kl_bits']):>10}{value(row.get('knn_kl_floor')):>10}"
-                     f"   fidelity {value(row['fidelity'])} (floor {value(row.get('fidelity_floor'))}), {row['n']} samples")
-    for key in ("eval_loss", "inference_s", "nonfinite_frac", "n_samples", "hist_kl_pairs", "holdout", "nll_points", "nll_s"):
+        lines.append(
+            f"{label:<{w}}{value(row['knn_kl_bits']):>10}{value(row.get('knn_kl_floor')):>10}"
+            f"   fidelity {value(row['fidelity'])} (floor {value(row.get('fidelity_floor'))}), {row['n']} samples"
+        )
+    for key in (
+        "eval_loss",
+        "inference_s",
+        "nonfinite_frac",
+        "n_samples",
+        "hist_kl_pairs",
+        "holdout",
+        "nll_points",
+        "nll_s",
+    ):
         if key in metrics:
             v = metrics[key]
             lines.append(f"{key:<{w}}{v:>10}" if isinstance(v, int) else f"{key:<{w}}{v:>10.4g}")
@@ -521,20 +683,42 @@ def main(argv=None):
     p.add_argument("--dataset", help="dataset name or data file (default: the checkpoint's)")
     p.add_argument("--n", type=int, default=10_000, help="samples to draw from a checkpoint")
     p.add_argument("--sampler", choices=td.SAMPLERS, default="ddpm", help="sampler for a checkpoint")
-    p.add_argument("--sample_steps", "--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
+    p.add_argument(
+        "--sample_steps", "--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)"
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w for a conditional checkpoint (1: conditional, 0: unconditional)")
-    p.add_argument("--nll", type=int, nargs="?", const=1000, default=0, help="also the exact NLL of this many held-out points (--nll alone: 1000)")
-    p.add_argument("--holdout", type=float, default=None,
-                   help="with --samples and a data file: the share of its rows the run held out (train.py's --holdout, default 0.1)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="guidance weight w for a conditional checkpoint (1: conditional, 0: unconditional)",
+    )
+    p.add_argument(
+        "--nll",
+        type=int,
+        nargs="?",
+        const=1000,
+        default=0,
+        help="also the exact NLL of this many held-out points (--nll alone: 1000)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        help="with --samples and a data file: the share of its rows the run held out (train.py's --holdout, default "
+        "0.1)",
+    )
     p.add_argument("--json", action="store_true", help="print strict JSON on stdout instead of a table")
     args = p.parse_args(argv)
     try:
         runs.check_sampling_flags(args)
         if args.holdout is not None and not (args.samples and 0 <= args.holdout <= 0.5):
-            raise ValueError(f"--holdout must lie in [0, 0.5], such as 0.1, got {args.holdout}" if args.samples else
-                             "--holdout applies to --samples with a data file; a run's held-out rows are in its checkpoint")
+            raise ValueError(
+                f"--holdout must lie in [0, 0.5], such as 0.1, got {args.holdout}"
+                if args.samples
+                else "--holdout applies to --samples with a data file; a run's held-out rows are in its checkpoint"
+            )
         metrics = run(args)
     except (ValueError, OSError) as e:
         runs.fail(str(e))
@@ -548,8 +732,12 @@ def run(args):
     metrics = {}
     if args.samples:
         if not os.path.isfile(args.samples):
-            raise ValueError(f"no samples file at {runs.quote(args.samples)}; write one with `python sample.py --out_dir out/<run>`")
-        samples = datasets.read_npy(args.samples, datasets.check_file(args.samples))  # a forged header is refused before it allocates
+            raise ValueError(
+                f"no samples file at {runs.quote(args.samples)}; write one with `python sample.py --out_dir out/<run>`"
+            )
+        samples = datasets.read_npy(
+            args.samples, datasets.check_file(args.samples)
+        )  # a forged header is refused before it allocates
         dataset = args.dataset
         if dataset is None:
             raise ValueError("say which data the samples should match with --dataset (a name or a data file)")
@@ -563,26 +751,50 @@ def run(args):
         runs.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 64)
         dataset = args.dataset or runs.run_dataset(ckpt)
         if args.dataset is None and dataset not in datasets.DATASETS and not os.path.isfile(dataset):
-            raise ValueError(f"the run's data file {runs.quote(dataset)} (recorded as {ckpt['data'].get('path') or dataset}) is not found from here;"
-                             " give its path with --dataset")
+            raise ValueError(
+                f"the run's data file {runs.quote(dataset)} (recorded as {ckpt['data'].get('path') or dataset}) is "
+                "not found from here;"
+                " give its path with --dataset"
+            )
         a = ckpt["args"]
         data = runs.load_data(dataset, a["label_column"], a["cond_columns"], a["conditional"], a["holdout"])
         if data.points.shape[1] != model.cfg.data_dim:
-            raise ValueError(f"{dataset} holds {data.points.shape[1]}-D points but the checkpoint's model makes {model.cfg.data_dim}-D ones;"
-                             " score it against the data it was trained on (leave out --dataset)")
+            raise ValueError(
+                f"{dataset} holds {data.points.shape[1]}-D points but the checkpoint's model makes "
+                f"{model.cfg.data_dim}-D ones;"
+                " score it against the data it was trained on (leave out --dataset)"
+            )
         if args.guidance != 1 and not model.conditional:
             raise ValueError("--guidance needs a conditional run; this checkpoint's model is unconditional")
         if ckpt["step"] < ckpt["args"]["train_steps"]:  # a stopped run: its numbers describe a model in training
             metrics["unfinished"] = f"step {ckpt['step']} of {ckpt['args']['train_steps']}"
-            print(f"note: this run stopped at step {ckpt['step']} of {ckpt['args']['train_steps']}; it scores the model as it was then", file=sys.stderr)
+            print(
+                f"note: this run stopped at step {ckpt['step']} of {ckpt['args']['train_steps']}; it scores the model "
+                "as it was then",
+                file=sys.stderr,
+            )
         model.eval()
-        _, _, scored = score(model, scheduler, data, dataset, args.n, torch.device("cpu"), args.seed, args.guidance, args.nll,
-                             sampler=args.sampler, steps=steps, eta=args.eta)
+        _, _, scored = score(
+            model,
+            scheduler,
+            data,
+            dataset,
+            args.n,
+            torch.device("cpu"),
+            args.seed,
+            args.guidance,
+            args.nll,
+            sampler=args.sampler,
+            steps=steps,
+            eta=args.eta,
+        )
         if data.fingerprint["sha256"] != ckpt["data"]["sha256"] and scored.get("dcr_ratio") is not None:
             scored.update(dcr_ratio=None, near_copy_frac=None, near_copy_ref=None)
             scored["warnings"] = scored.get("warnings", []) + [
-                f"{dataset} holds other points than the run trained on, so the memorisation check cannot measure copying of its training"
-                " points; dcr_ratio and the near-copy share are left out (null)"]
+                f"{dataset} holds other points than the run trained on, so the memorisation check cannot measure "
+                "copying of its training"
+                " points; dcr_ratio and the near-copy share are left out (null)"
+            ]
         return {**scored, **metrics, "dataset": dataset}
 
 

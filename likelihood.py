@@ -18,7 +18,8 @@ point z (model space) is the ODE's state x_bar at sigma_bar_0, i.e. x_{t=0} = sq
 Change of variables (instantaneous, Chen et al. 2018, arXiv:1806.07366, thm. 1):
     log p(z) = log p_xbar(x_bar_T) + int_{s_0}^{s_T} div_xbar f ds,    f = sigma_bar eps_theta,
     div_xbar f = sigma_bar sqrt(ab) div_x eps_theta,
-    log p_xbar(x_bar_T) = log N(x_T; sqrt(ab_T) mu, ab_T Sigma + (1 - ab_T) I) + (D/2) log ab_T,  x_T = sqrt(ab_T) x_bar_T,
+    log p_xbar(x_bar_T) = log N(x_T; sqrt(ab_T) mu, ab_T Sigma + (1 - ab_T) I) + (D/2) log ab_T,  x_T = sqrt(ab_T)
+    x_bar_T,
 with mu, Sigma the moments the sampler starts from (Denoiser.start_moments: per class, a linear fit on numbers, or the
 data's), and finally
 log p(x) = log p(z) - sum log scale for the affine map x = shift + scale z (data_map).
@@ -28,6 +29,7 @@ one state (the error norm is over the batch, so a batch's accuracy is the tolera
 Divergence: exact for D <= 8 (D backward passes), else Hutchinson's estimator with `probes` Rademacher
 vectors drawn once per batch from `seed` (unbiased; its noise shrinks as 1/sqrt(probes)).
 """
+
 import math
 
 import numpy as np
@@ -44,7 +46,9 @@ def data_map(model, D):
     its space z: model.data_map.shift / .scale, else model.data_shift / .data_scale, else the identity."""
     net = tinydiff.unwrap(model)
     m = getattr(net, "data_map", None)
-    if m is not None and hasattr(m, "shift"):  # tinydiff's AffineMap keeps the offset as a float32 pair: add both halves in float64
+    if m is not None and hasattr(
+        m, "shift"
+    ):  # tinydiff's AffineMap keeps the offset as a float32 pair: add both halves in float64
         shift, scale = m.shift.double() + getattr(m, "shift_lo", torch.zeros(D)).double(), m.scale
     elif hasattr(net, "data_shift"):
         shift, scale = net.data_shift, net.data_scale
@@ -58,6 +62,7 @@ class ProbabilityFlow:
 
     def __init__(self, model, scheduler, D, exact_div=True):
         self.model, self.D, self.exact_div = model, D, exact_div
+        self.convert = getattr(scheduler, "convert", None)  # the network's output -> (x_0, eps), by prediction_type
         ab = scheduler.alphas_cumprod.detach().cpu().double().numpy()
         self.log_sigma = 0.5 * np.log((1 - ab) / ab)  # s at t = 0..T-1, increasing in t
         self.param = next(iter(model.parameters()), None)
@@ -67,16 +72,21 @@ class ProbabilityFlow:
         """Fractional timestep at s = log sigma_bar: linear in log-SNR between the integer timesteps."""
         return float(np.interp(s, self.log_sigma, np.arange(len(self.log_sigma))))
 
-    def eps(self, x_t, t):
-        t = torch.full((len(x_t),), t, dtype=torch.float32, device=x_t.device)
-        return self.model(x_t, t) if self.y is None else self.model(x_t, t, self.y)
+    def eps(self, x_t, s):
+        """The noise prediction at x_t and s = log sigma_bar, whatever the network outputs."""
+        t = torch.full((len(x_t),), self.t_of(s), dtype=torch.float32, device=x_t.device)
+        out = self.model(x_t, t) if self.y is None else self.model(x_t, t, self.y)
+        if self.convert is None:
+            return out
+        alpha = 1 / math.sqrt(1 + math.exp(2 * s))
+        return self.convert(out, x_t, alpha, alpha * math.exp(s))[1]
 
     def velocity(self, s, state):
         """d x_bar / ds only (flow: no divergence)."""
         sigma = math.exp(s)
         x_bar = torch.as_tensor(state, dtype=torch.float32, device=self.device).view(-1, self.D)
         with torch.no_grad():
-            eps = self.eps(x_bar / math.sqrt(1 + sigma**2), self.t_of(s))
+            eps = self.eps(x_bar / math.sqrt(1 + sigma**2), s)
         return (sigma * eps).double().cpu().numpy().ravel()
 
     def __call__(self, s, state):
@@ -84,9 +94,11 @@ class ProbabilityFlow:
         sqrt_ab = 1 / math.sqrt(1 + sigma**2)
         n = len(state) // (self.D + 1)
         with torch.enable_grad():
-            x_t = torch.as_tensor(state[: n * self.D], dtype=torch.float32, device=self.device).view(n, self.D) * sqrt_ab
+            x_t = (
+                torch.as_tensor(state[: n * self.D], dtype=torch.float32, device=self.device).view(n, self.D) * sqrt_ab
+            )
             x_t.requires_grad_(True)
-            eps = self.eps(x_t, self.t_of(s))  # (n, D)
+            eps = self.eps(x_t, s)  # (n, D)
             div = torch.zeros(n, dtype=torch.float64, device=x_t.device)
             if self.exact_div:  # points are independent, so d(sum_b eps_bi)/dx_t = d eps_bi / dx_bi per row
                 for i in range(self.D):
@@ -116,12 +128,12 @@ def points(x):
 def batches(x, y, batch_size):
     """(rows of x, the same rows of y or None), batch_size rows at a time."""
     for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size], None if y is None else y[i:i + batch_size]
+        yield x[i : i + batch_size], None if y is None else y[i : i + batch_size]
 
 
 def start_log_prob(net, y, x_T, ab_T):
-    """log density of the sampler's start at x_T (n, D): N(sqrt(ab_T) mu, ab_T Sigma + (1 - ab_T) I) with the moments the
-    sampler uses for these conditions (Denoiser.start_moments: per class, or a linear fit on the numbers), else the
+    """log density of the sampler's start at x_T (n, D): N(sqrt(ab_T) mu, ab_T Sigma + (1 - ab_T) I) with the moments
+    the sampler uses for these conditions (Denoiser.start_moments: per class, or a linear fit on the numbers), else the
     model's data_mean / data_cov, else 0 and I."""
     D = x_T.shape[1]
     if hasattr(net, "start_moments"):  # the conditions on the model's device, where its buffers are
@@ -132,7 +144,9 @@ def start_log_prob(net, y, x_T, ab_T):
     if groups is not None:
         groups = groups.cpu()
         mean, cov = mean[groups], cov[groups] if cov.ndim == 3 else cov
-    start = torch.distributions.MultivariateNormal(ab_T.sqrt() * mean, ab_T * cov + (1 - ab_T) * torch.eye(D, dtype=torch.float64))
+    start = torch.distributions.MultivariateNormal(
+        ab_T.sqrt() * mean, ab_T * cov + (1 - ab_T) * torch.eye(D, dtype=torch.float64)
+    )
     return start.log_prob(x_T)
 
 
@@ -140,7 +154,8 @@ def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probe
     """-log p(x) (N,) in nats per point, in data units, of the model's probability-flow ODE (module docstring).
 
     model(z, t) or model(z, t, y) -> eps in model space; x (N, D) points in data units; y: (N,) class labels,
-    (N, C) numbers, or None. exact_div=None: exact divergence when D <= 8, else Hutchinson with `probes` draws from `seed`.
+    (N, C) numbers, or None. exact_div=None: exact divergence when D <= 8, else Hutchinson with `probes` draws from
+    `seed`.
     """
     x, D = points(x)
     exact_div = D <= EXACT_DIV_MAX_D if exact_div is None else exact_div
@@ -155,14 +170,23 @@ def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probe
     for xb, yb in batches(x, y, batch_size):
         n = len(xb)
         f.y = None if yb is None else torch.as_tensor(yb, device=f.device)
-        f.noise = [(torch.randint(0, 2, (n, D), generator=generator) * 2 - 1).float().to(f.device) for _ in range(probes)]
+        f.noise = [
+            (torch.randint(0, 2, (n, D), generator=generator) * 2 - 1).float().to(f.device) for _ in range(probes)
+        ]
         z = (xb - shift) / scale
-        sol = solve_ivp(f, s_span, np.concatenate([z.numpy().ravel(), np.zeros(n)]), method="RK45", rtol=rtol, atol=atol)
+        sol = solve_ivp(
+            f, s_span, np.concatenate([z.numpy().ravel(), np.zeros(n)]), method="RK45", rtol=rtol, atol=atol
+        )
         if not sol.success:
             raise RuntimeError(f"the probability-flow ODE solver failed ({sol.message}); try a looser rtol/atol")
         end = torch.from_numpy(sol.y[:, -1])
-        x_bar_T, delta = end[: n * D].view(n, D), end[n * D:]
-        log_p = start_log_prob(net, yb, ab_T.sqrt() * x_bar_T, ab_T) + D / 2 * torch.log(ab_T) + delta - torch.log(scale).sum()
+        x_bar_T, delta = end[: n * D].view(n, D), end[n * D :]
+        log_p = (
+            start_log_prob(net, yb, ab_T.sqrt() * x_bar_T, ab_T)
+            + D / 2 * torch.log(ab_T)
+            + delta
+            - torch.log(scale).sum()
+        )
         out.append(-log_p.numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -189,7 +213,8 @@ def flow(model, scheduler, x, y=None, reverse=False, rtol=1e-5, atol=1e-5, batch
 
 
 def summarize(nll_nats, D):
-    """dict(nll_bits, nll_bits_se, nll_bits_per_dim): the mean NLL in bits per point, its standard error, per coordinate."""
+    """dict(nll_bits, nll_bits_se, nll_bits_per_dim): the mean NLL in bits per point, its standard error, per
+    coordinate."""
     bits = np.asarray(nll_nats, dtype=np.float64) / math.log(2)
     se = bits.std() / math.sqrt(len(bits)) if len(bits) > 1 else float("nan")
     return dict(nll_bits=float(bits.mean()), nll_bits_se=float(se), nll_bits_per_dim=float(bits.mean() / D))

@@ -9,6 +9,7 @@ A run folder (train.py's --out_dir) holds:
   samples_labels.npy or samples_cond.npy (each sample's condition) and guidance.png
   samples-*     sample.py's outputs
 """
+
 import argparse
 import hashlib
 import json
@@ -26,7 +27,17 @@ import datasets
 import tinydiff as td
 
 FORMAT = "tinydiff-2"
-RUN_FILES = ("ckpt.pt", "metrics.json", "samples.npy", "samples_labels.npy", "samples_cond.npy", "samples.png", "guidance.png", "loss.png", "kl.png")
+RUN_FILES = (
+    "ckpt.pt",
+    "metrics.json",
+    "samples.npy",
+    "samples_labels.npy",
+    "samples_cond.npy",
+    "samples.png",
+    "guidance.png",
+    "loss.png",
+    "kl.png",
+)
 
 
 # -----------------------------------------------------------------------------
@@ -117,7 +128,10 @@ def script(main):
         except KeyboardInterrupt as e:  # args: the signal's number, then what to do next; both optional
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
             then = f"; {e.args[-1]}" if e.args and isinstance(e.args[-1], str) else ""
-            fail(f"interrupted by {signal.Signals(signum).name}; every file already written is intact{then}", code=128 + signum)
+            fail(
+                f"interrupted by {signal.Signals(signum).name}; every file already written is intact{then}",
+                code=128 + signum,
+            )
 
     return run
 
@@ -145,8 +159,15 @@ class StopFlag:
 
 def to_json(obj):
     """Strict JSON: NaN and infinities become null, which every JSON reader accepts."""
-    clean = lambda v: {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else [clean(x) for x in v] if isinstance(v, (list, tuple)) \
-        else None if isinstance(v, float) and not math.isfinite(v) else v
+    clean = lambda v: (
+        {k: clean(x) for k, x in v.items()}
+        if isinstance(v, dict)
+        else [clean(x) for x in v]
+        if isinstance(v, (list, tuple))
+        else None
+        if isinstance(v, float) and not math.isfinite(v)
+        else v
+    )
     return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
@@ -191,7 +212,8 @@ class DirLock:
             self.fd = None
 
     def abandon(self):
-        """Release the folder, and remove it if this process made it and left it empty: a refused command leaves nothing."""
+        """Release the folder, and remove it if this process made it and left it empty: a refused command leaves
+        nothing."""
         self.close()
         if self.created and os.path.isdir(self.path) and not os.listdir(self.path):
             os.rmdir(self.path)
@@ -271,11 +293,16 @@ def check_sampling_flags(args):
 
 
 def param_bound(cfg):
-    """An upper bound on the parameters of the Denoiser cfg describes, from its layer shapes, without building it: a huge
+    """An upper bound on the parameters of the Denoiser cfg describes, from its layer shapes, without building it: a
+    huge
     --hidden is refused before anything is allocated (building it on the meta device costs seconds of imports)."""
     E, H, S, D = cfg.emb_dim, cfg.hidden, cfg.ssm_dim, cfg.data_dim
     mlp = (D + 2) * E * H + cfg.hidden_layers * H * (H + 1) + H * (D + 2)
-    mixers = cfg.attn_layers * (4 * E * E + 6 * E) + cfg.ssm_layers * (16 * S * S + 64 * S * (cfg.d_state + 2)) + (2 * E * S + E + S)
+    mixers = (
+        cfg.attn_layers * (4 * E * E + 6 * E)
+        + cfg.ssm_layers * (16 * S * S + 64 * S * (cfg.d_state + 2))
+        + (2 * E * S + E + S)
+    )
     condition = (cfg.num_classes + 1) * E + cfg.cond_dim * E + E * E + 3 * E
     return mlp + mixers + condition
 
@@ -283,10 +310,20 @@ def param_bound(cfg):
 def activation_bytes_per_row(model, scheduler, X, rows=32):
     """Bytes that autograd saves for the backward pass, per batch row, measured on a small batch."""
     saved, cfg, n = [], model.cfg, min(2 * rows, len(X))
-    y = torch.zeros(n, dtype=torch.long) if cfg.num_classes else torch.zeros(n, cfg.cond_dim, dtype=torch.float64) if cfg.cond_dim else None
+    y = (
+        torch.zeros(n, dtype=torch.long)
+        if cfg.num_classes
+        else torch.zeros(n, cfg.cond_dim, dtype=torch.float64)
+        if cfg.cond_dim
+        else None
+    )
     model.set_data_stats(X[:n], y)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
-        td.ddpm_loss(model, scheduler, torch.zeros(rows, X.shape[1]), y=None if y is None else y[:1].expand(rows, *y.shape[1:]))
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
+        td.ddpm_loss(
+            model, scheduler, torch.zeros(rows, X.shape[1]), y=None if y is None else y[:1].expand(rows, *y.shape[1:])
+        )
     return sum(saved) / rows
 
 
@@ -294,7 +331,10 @@ def check_flag_memory(flag, value, nbytes, device=None):
     """Refuse a flag whose value would take more than half the memory free on the device."""
     free = available_memory(device)
     if free is not None and nbytes > free / 2:
-        raise ValueError(f"{flag} {value} needs about {nbytes / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; use a smaller value")
+        raise ValueError(
+            f"{flag} {value} needs about {nbytes / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; "
+            "use a smaller value"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -305,8 +345,15 @@ class CheckpointError(ValueError):
     """A file that is not a usable tinydiff checkpoint; the message says what to do."""
 
 
-CONFIGS = {"base": {}, "attn1x4": dict(attn_layers=1, heads=4), "attn1x8": dict(attn_layers=1, heads=8), "attn1x16": dict(attn_layers=1, heads=16),
-           "attn2x4": dict(attn_layers=2, heads=4), "ssm1": dict(ssm_layers=1), "ssm2": dict(ssm_layers=2)}  # the study's grid, and bench.py's backbones
+CONFIGS = {
+    "base": {},
+    "attn1x4": dict(attn_layers=1, heads=4),
+    "attn1x8": dict(attn_layers=1, heads=8),
+    "attn1x16": dict(attn_layers=1, heads=16),
+    "attn2x4": dict(attn_layers=2, heads=4),
+    "ssm1": dict(ssm_layers=1),
+    "ssm2": dict(ssm_layers=2),
+}  # the study's grid, and bench.py's backbones
 
 
 def config_name(attn_layers=0, heads=4, ssm_layers=0, **_):
@@ -327,6 +374,7 @@ MIN_HELDOUT = 20  # fewer held-out points than this make no floor (the kNN KL us
 
 class RunData(NamedTuple):
     """A run's data: training points and their conditions, a file's held-out points, and what identifies them."""
+
     points: np.ndarray  # (N, D) training points, float64
     cond: object  # their conditions: (N,) labels, (N, C) numbers, or None
     held: object  # (M, D) held-out points of a file, or None (a named dataset draws fresh points instead)
@@ -353,13 +401,22 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     if len(constant):  # every metric would score a (D-1)-dimensional cloud as if it filled D dimensions
         j, names_ = constant[0], columns or datasets.column_names(dataset, X.shape[1])
         which = f"column {names_[j]!r}" if names_ else f"coordinate {j + 1} of {X.shape[1]}"
-        raise ValueError(f"{which} of {dataset} holds one value ({X[0, j]:g}) in every row; a constant coordinate has no density to"
-                         " learn or score, so remove it")
+        raise ValueError(
+            f"{which} of {dataset} holds one value ({X[0, j]:g}) in every row; a constant coordinate has no density to"
+            " learn or score, so remove it"
+        )
     ident = fingerprint(X if y is None else np.column_stack([X, y]))
     m = round(holdout * len(X)) if dataset not in datasets.DATASETS else 0
     if m < MIN_HELDOUT:
-        note = (f"{len(X)} points are too few to hold out {holdout:g} of them ({m} < {MIN_HELDOUT}); the metrics compare the samples with"
-                " the training points, and have no floor") if dataset not in datasets.DATASETS and holdout > 0 else None
+        note = (
+            (
+                f"{len(X)} points are too few to hold out {holdout:g} of them ({m} < {MIN_HELDOUT}); the metrics "
+                "compare the samples with"
+                " the training points, and have no floor"
+            )
+            if dataset not in datasets.DATASETS and holdout > 0
+            else None
+        )
         return RunData(X, y, None, None, names, kind, ident, note, columns)
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(X))
     held, train = np.sort(perm[:m]), np.sort(perm[m:])
@@ -377,6 +434,12 @@ def save_checkpoint(state, path):
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
+# what a run did for a setting before its flag existed: a run recorded without the key is read with this value
+BEFORE_FLAG = dict(
+    label_column=None, cond_columns=None, conditional=False, p_uncond=0.1, holdout=0.1, prediction_type="epsilon"
+)
+
+
 def load_checkpoint(path):
     """A checkpoint written by train.py, read safely (weights_only: no code from the file runs);
     anything else raises one CheckpointError that says what to do."""
@@ -386,27 +449,38 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = " ".join(str(e).split())[:100] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{quote(path)} is not a readable tinydiff checkpoint ({reason}); use a ckpt.pt written by train.py") from None
+        raise CheckpointError(
+            f"{quote(path)} is not a readable tinydiff checkpoint ({reason}); use a ckpt.pt written by train.py"
+        ) from None
     if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("tinydiff-"):
         raise CheckpointError(f"{quote(path)} is not a tinydiff checkpoint; use a ckpt.pt written by train.py")
     if ckpt["format"] != FORMAT:
-        raise CheckpointError(f"{quote(path)} has checkpoint format {ckpt['format']}, and this tinydiff reads {FORMAT};"
-                              " train the run again with this version (--overwrite)")
+        raise CheckpointError(
+            f"{quote(path)} has checkpoint format {ckpt['format']}, and this tinydiff reads {FORMAT};"
+            " train the run again with this version (--overwrite)"
+        )
     missing = [k for k in ("args", "model_config", "scheduler_config", "model", "ema", "step", "data") if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{quote(path)} lacks parts of a tinydiff checkpoint ({', '.join(missing)}); use a ckpt.pt written by train.py")
+        raise CheckpointError(
+            f"{quote(path)} lacks parts of a tinydiff checkpoint ({', '.join(missing)}); use a ckpt.pt written by "
+            "train.py"
+        )
+    ckpt["args"] = {**BEFORE_FLAG, **ckpt["args"]}
     return ckpt
 
 
 def model_from_checkpoint(ckpt, key="ema"):
-    """The Denoiser (with its EMA weights, or key="model" for the raw ones) and NoiseScheduler a checkpoint describes."""
+    """The Denoiser (with its EMA weights, or key="model" for the raw ones) and NoiseScheduler a checkpoint
+    describes."""
     try:
         model = td.Denoiser(td.DenoiserConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt[key])
         scheduler = td.NoiseScheduler(**ckpt["scheduler_config"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:100]
-        raise CheckpointError(f"the checkpoint's weights do not fit its config ({reason}); it is damaged, so train the run again") from None
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit its config ({reason}); it is damaged, so train the run again"
+        ) from None
     return model, scheduler
 
 

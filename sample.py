@@ -10,12 +10,13 @@ Writes <name>.npy and <name>.png (samples beside the data) into the run director
 samples-<sampler><steps> and the settings that differ from the defaults (-seed5, -raw, -n300, ...);
 <name>_labels.npy (each sample's class name) for a class-conditional run, and <name>.gif with --gif.
 """
+
 import math
 import os
 import sys
-import urllib.parse
 import tempfile
 import time
+import urllib.parse
 
 import numpy as np
 import torch
@@ -50,8 +51,12 @@ def save_gif(trajectory, f, box, fps=12, max_points=3000):
         title.set_text(f"reverse step {i}/{len(traj) - 1}")
         return scat, title
 
-    with tempfile.TemporaryDirectory() as tmp:  # Pillow picks the format from the file name, so write a .gif, then copy it
-        FuncAnimation(fig, draw, frames=frames, blit=False).save(os.path.join(tmp, "a.gif"), writer=PillowWriter(fps=fps))
+    with (
+        tempfile.TemporaryDirectory() as tmp
+    ):  # Pillow picks the format from the file name, so write a .gif, then copy it
+        FuncAnimation(fig, draw, frames=frames, blit=False).save(
+            os.path.join(tmp, "a.gif"), writer=PillowWriter(fps=fps)
+        )
         with open(os.path.join(tmp, "a.gif"), "rb") as g:
             f.write(g.read())
     plt.close(fig)
@@ -68,29 +73,50 @@ def main(argv=None):
     p.add_argument("--ckpt", help="checkpoint file (instead of --out_dir)")
     p.add_argument("--n", type=int, default=N_DEFAULT, help="number of samples")
     p.add_argument("--sampler", choices=td.SAMPLERS, default="ddpm")
-    p.add_argument("--sample_steps", "--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)")
+    p.add_argument(
+        "--sample_steps", "--steps", type=int, default=None, help="network evaluations (default: all T; dpm++: 20)"
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 as DDPM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--gif", action="store_true", help="also write an animation of the reverse process")
-    p.add_argument("--label", action="append", help="a class to sample (repeat for several: n is split evenly); default: the training shares")
-    p.add_argument("--cond", action="append", help="the condition of a run trained with --cond_columns: NAME=VALUE,NAME=VALUE (every column), once")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w: 1 conditional, 0 unconditional, > 1 guided")
-    p.add_argument("--out", default=None, help="output path stem (default <run>/samples-<sampler><steps>, then the settings that differ from the defaults)")
+    p.add_argument(
+        "--label",
+        action="append",
+        help="a class to sample (repeat for several: n is split evenly); default: the training shares",
+    )
+    p.add_argument(
+        "--cond",
+        action="append",
+        help="the condition of a run trained with --cond_columns: NAME=VALUE,NAME=VALUE (every column), once",
+    )
+    p.add_argument(
+        "--guidance", type=float, default=1.0, help="guidance weight w: 1 conditional, 0 unconditional, > 1 guided"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output path stem (default <run>/samples-<sampler><steps>, then the settings that differ from the "
+        "defaults)",
+    )
     args = p.parse_args(argv)
     try:
         if not (args.ckpt or args.out_dir):
             raise ValueError("give --out_dir of a run (or --ckpt) to sample from")
         runs.check_sampling_flags(args)
         if args.cond is not None and len(args.cond) > 1:
-            raise ValueError(f"--cond was given {len(args.cond)} times; give one condition, NAME=VALUE for each column, once")
+            raise ValueError(
+                f"--cond was given {len(args.cond)} times; give one condition, NAME=VALUE for each column, once"
+            )
         args.cond = args.cond[0] if args.cond else None
         ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
         ckpt = runs.load_checkpoint(ckpt_path)
         model, scheduler = runs.model_from_checkpoint(ckpt, key="model" if args.raw else "ema")
         steps = runs.sampler_steps(args.sampler, args.sample_steps, scheduler.num_train_timesteps)
         frames = steps + 1 if args.gif else 1
-        runs.check_flag_memory("--n", args.n, args.n * model.cfg.data_dim * 8 * (frames + 4))  # the samples (each frame for --gif) and the sampler's copies
+        runs.check_flag_memory(
+            "--n", args.n, args.n * model.cfg.data_dim * 8 * (frames + 4)
+        )  # the samples (each frame for --gif) and the sampler's copies
         y, label_names = condition(args, ckpt, model)
         stem = args.out or os.path.join(os.path.dirname(ckpt_path), default_name(args, steps))
         check_out(stem, args.gif)
@@ -101,21 +127,47 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     print(f"sampling {args.n:,} points with {args.sampler} ({steps} steps)", flush=True)
     t0 = time.perf_counter()
-    show = lambda i, n: print(f"\rsampling {args.n:,} points: step {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)", end="", file=sys.stderr, flush=True)
+    show = lambda i, n: print(
+        f"\rsampling {args.n:,} points: step {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
     if y is None and label_names is not None:  # a class-conditional run without --label: the training shares
         y = td.draw_labels(model, args.n, g)
-    out = td.sample(model, scheduler, args.n, sampler=args.sampler, steps=steps, eta=args.eta, generator=g, y=y, guidance=args.guidance,
-                    return_trajectory=args.gif, callback=show if sys.stderr.isatty() else None)
+    out = td.sample(
+        model,
+        scheduler,
+        args.n,
+        sampler=args.sampler,
+        steps=steps,
+        eta=args.eta,
+        generator=g,
+        y=y,
+        guidance=args.guidance,
+        return_trajectory=args.gif,
+        callback=show if sys.stderr.isatty() else None,
+    )
     if sys.stderr.isatty():
         print(file=sys.stderr)
     samples = (out[-1] if args.gif else out).numpy()
     bad = (~np.isfinite(samples).all(1)).sum()
     if bad:  # never a silent wrong result
-        runs.fail(f"{bad} of {len(samples)} samples are NaN or infinite: the model or the sampler diverged; nothing was written", code=1)
-    far = int((model.data_map.to_model(torch.as_tensor(samples)).abs() > 25 * td.MODEL_SD).any(1).sum())  # 25 of the data's sd out
+        runs.fail(
+            f"{bad} of {len(samples)} samples are NaN or infinite: the model or the sampler diverged; nothing was "
+            "written",
+            code=1,
+        )
+    far = int(
+        (model.data_map.to_model(torch.as_tensor(samples)).abs() > 25 * td.MODEL_SD).any(1).sum()
+    )  # 25 of the data's sd out
     if far:
-        print(f"warning: {far} of {len(samples)} samples lie more than 25 standard deviations of the training data away from its mean;"
-              " a guidance weight or a condition far outside what the model was trained on gives such samples", file=sys.stderr)
+        print(
+            f"warning: {far} of {len(samples)} samples lie more than 25 standard deviations of the training data away "
+            "from its mean;"
+            " a guidance weight or a condition far outside what the model was trained on gives such samples",
+            file=sys.stderr,
+        )
     dataset = runs.run_dataset(ckpt)
     data, names, data_labels = run_data(ckpt, dataset, samples.shape[1])
     write = lambda path, fn: runs.write_or_fail(path, fn)
@@ -126,7 +178,11 @@ def main(argv=None):
         write(stem + "_labels.npy", lambda f: np.save(f, np.array(label_names)[y.numpy()]))
         wrote.insert(1, stem + "_labels.npy")
         colours = dict(data_labels=data_labels, sample_labels=y.numpy(), classes=label_names)
-    title = f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}" + (f" · w={args.guidance:g}" if args.guidance != 1 else "") + (f" · {args.cond}" if args.cond else "")
+    title = (
+        f"{dataset} · {args.sampler} · {steps} steps · seed {args.seed}"
+        + (f" · w={args.guidance:g}" if args.guidance != 1 else "")
+        + (f" · {args.cond}" if args.cond else "")
+    )
     write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, title, names, **colours))
     if args.gif:
         write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(samples if data is None else data)))
@@ -138,10 +194,18 @@ def default_name(args, steps):
     """samples-<sampler><steps>, then every setting that changes the draw and is not its default, so that each
     draw keeps its own file and only the same draw from the same checkpoint is written again."""
     asked = "+".join(args.label) if args.label else args.cond
-    parts = [f"samples-{args.sampler}{steps}", f"eta{args.eta:g}" if args.sampler == "ddim" and args.eta else "",
-             f"w{args.guidance:g}" if args.guidance != 1 else "", urllib.parse.quote(asked, safe="=+,.-") if asked else "",
-             f"n{args.n}" if args.n != N_DEFAULT else "", f"seed{args.seed}" if args.seed else "", "raw" if args.raw else "",
-             os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt and os.path.basename(args.ckpt) != "ckpt.pt" else ""]
+    parts = [
+        f"samples-{args.sampler}{steps}",
+        f"eta{args.eta:g}" if args.sampler == "ddim" and args.eta else "",
+        f"w{args.guidance:g}" if args.guidance != 1 else "",
+        urllib.parse.quote(asked, safe="=+,.-") if asked else "",
+        f"n{args.n}" if args.n != N_DEFAULT else "",
+        f"seed{args.seed}" if args.seed else "",
+        "raw" if args.raw else "",
+        os.path.splitext(os.path.basename(args.ckpt))[0]
+        if args.ckpt and os.path.basename(args.ckpt) != "ckpt.pt"
+        else "",
+    ]
     return "-".join(p for p in parts if p)
 
 
@@ -150,49 +214,73 @@ def check_out(stem, gif):
     is what metrics.json describes)."""
     folder = os.path.dirname(os.path.abspath(stem))
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-        raise ValueError(f"cannot write to {runs.quote(folder)} (--out {runs.quote(stem)}); choose a writable folder that exists")
+        raise ValueError(
+            f"cannot write to {runs.quote(folder)} (--out {runs.quote(stem)}); choose a writable folder that exists"
+        )
     is_run = any(os.path.isfile(os.path.join(folder, f)) for f in ("ckpt.pt", "metrics.json"))
     for ext in (".npy", ".png") + ((".gif",) if gif else ()):
         if is_run and os.path.basename(stem) + ext in runs.RUN_FILES:
-            raise ValueError(f"--out {runs.quote(stem)} would write over train.py's {os.path.basename(stem) + ext} in that run folder;"
-                             " choose another name, such as the default samples-<sampler><steps>")
+            raise ValueError(
+                f"--out {runs.quote(stem)} would write over train.py's {os.path.basename(stem) + ext} in that run "
+                "folder;"
+                " choose another name, such as the default samples-<sampler><steps>"
+            )
 
 
 def condition(args, ckpt, model):
     """(y, class names) from --label / --cond, checked against the run's condition; y None: none asked for."""
     kind, names = ckpt["condition"]["kind"], ckpt["condition"]["names"]
     if args.label and kind != "labels":
-        raise ValueError("--label needs a run trained with labels (--label_column or --conditional); " + (
-            "this one is conditioned on numbers: use --cond" if kind else "this run is unconditional"))
+        raise ValueError(
+            "--label needs a run trained with labels (--label_column or --conditional); "
+            + ("this one is conditioned on numbers: use --cond" if kind else "this run is unconditional")
+        )
     if args.cond is not None and kind != "numbers":
-        raise ValueError("--cond needs a run trained with --cond_columns; " + ("this one has labels: use --label" if kind else "this run is unconditional"))
+        raise ValueError(
+            "--cond needs a run trained with --cond_columns; "
+            + ("this one has labels: use --label" if kind else "this run is unconditional")
+        )
     if not (math.isfinite(args.guidance) and 0 <= args.guidance <= 20):
-        raise ValueError(f"--guidance must be a number in [0, 20] (1: conditional, 0: unconditional, 1-5: guided; docs/conditioning.md), got {args.guidance}")
+        raise ValueError(
+            "--guidance must be a number in [0, 20] (1: conditional, 0: unconditional, 1-5: guided; "
+            f"docs/conditioning.md), got {args.guidance}"
+        )
     if args.guidance != 1 and not kind:
         raise ValueError("--guidance needs a conditional run; this one is unconditional")
     if kind == "labels" and args.label:
         unknown = [name for name in args.label if name not in names]
         if unknown:
-            raise ValueError(f"--label {unknown[0]} is not a class of this run; its classes are {', '.join(map(str, names))}")
+            raise ValueError(
+                f"--label {unknown[0]} is not a class of this run; its classes are {', '.join(map(str, names))}"
+            )
         share = np.array_split(np.arange(args.n), len(args.label))
         return torch.cat([torch.full((len(rows),), names.index(name)) for name, rows in zip(args.label, share)]), names
     if kind == "numbers":
         if args.cond is None and args.guidance != 1:
-            raise ValueError("--guidance needs --cond on this run: without a condition there is nothing to guide towards")
+            raise ValueError(
+                "--guidance needs --cond on this run: without a condition there is nothing to guide towards"
+            )
         if args.cond is None:
             print("note: no --cond, so this samples the unconditional model (the run's null condition)")
             return None, None
         pairs = [part.split("=", 1) if "=" in part else (part, "") for part in args.cond.split(",")]
         values = dict(pairs)
-        if len(values) != len(pairs) or sorted(values) != sorted(names) or not all(datasets.is_number(v) and math.isfinite(float(v)) for v in values.values()):
-            raise ValueError(f"--cond {args.cond} must give one finite number for each of this run's condition columns: "
-                             + ",".join(f"{name}=VALUE" for name in names))
+        if (
+            len(values) != len(pairs)
+            or sorted(values) != sorted(names)
+            or not all(datasets.is_number(v) and math.isfinite(float(v)) for v in values.values())
+        ):
+            raise ValueError(
+                f"--cond {args.cond} must give one finite number for each of this run's condition columns: "
+                + ",".join(f"{name}=VALUE" for name in names)
+            )
         return torch.tensor([[float(values[name]) for name in names]] * args.n, dtype=torch.float64), None
     return None, names if kind == "labels" else None
 
 
 def run_data(ckpt, dataset, D):
-    """The run's training points, their column names and labels, for the plot; Nones, with a note, when they cannot be read."""
+    """The run's training points, their column names and labels, for the plot; Nones, with a note, when they cannot be
+    read."""
     a = ckpt["args"]
     try:
         data = runs.load_data(dataset, a["label_column"], a["cond_columns"], a["conditional"], a["holdout"])
@@ -201,9 +289,16 @@ def run_data(ckpt, dataset, D):
         print(f"note: could not read the run's data, {where}: {str(e).split(';')[0]}; plotting the samples alone")
         return None, None, None
     if data.points.shape[1] != D:
-        print(f"note: {dataset} now holds {data.points.shape[1]}-D points, not the model's {D}-D ones; plotting the samples alone")
+        print(
+            f"note: {dataset} now holds {data.points.shape[1]}-D points, not the model's {D}-D ones; plotting the "
+            "samples alone"
+        )
         return None, None, None
-    return data.points, data.columns if data.kind else datasets.column_names(dataset, D), data.cond if data.kind == "labels" else None
+    return (
+        data.points,
+        data.columns if data.kind else datasets.column_names(dataset, D),
+        data.cond if data.kind == "labels" else None,
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Each run is `python train.py ... --auto_resume` in its own folder, so rerunning 
 continues a stopped grid, and the printed commands can run anywhere, in any order, more than once.
 Any train.py flag that is not one of the grid's own (dataset, configuration, seed, folder) is passed on.
 """
+
 import argparse
 import glob
 import json
@@ -28,10 +29,24 @@ import evaluate
 import runs
 import train  # its flag table: the parser, the presets and the run keys
 
-CONFIGS = {name: [a for k, v in kw.items() for a in (f"--{k}", str(v))] for name, kw in runs.CONFIGS.items()}  # as train.py flags
+CONFIGS = {
+    name: [a for k, v in kw.items() for a in (f"--{k}", str(v))] for name, kw in runs.CONFIGS.items()
+}  # as train.py flags
 DATASETS = ["circle", "dino", "line", "moons"]
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paper")  # the committed paper grid
-GRID_FLAGS = ("dataset", "attn_layers", "heads", "ssm_layers", "seed", "out_dir", "resume", "auto_resume", "overwrite", "threads", "log_interval")
+GRID_FLAGS = (
+    "dataset",
+    "attn_layers",
+    "heads",
+    "ssm_layers",
+    "seed",
+    "out_dir",
+    "resume",
+    "auto_resume",
+    "overwrite",
+    "threads",
+    "log_interval",
+)
 
 
 def get_parser():
@@ -40,11 +55,21 @@ def get_parser():
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration and dataset")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one CPU thread each")
     p.add_argument("--print", action="store_true", help="print the unfinished runs' commands, one per line, and exit")
-    p.add_argument("--collect", action="store_true", help="write results.md and the figures from the runs found, and exit")
-    p.add_argument("--costs", default=None, help="a `bench.py --json` file: curves.png and the time-to-quality table count training seconds"
-                   " as steps x its ms/step, one sitting for every configuration (default: each run's own clock)")
-    p.add_argument("--reference", default=REFERENCE,
-                   help="a paper-preset grid whose base runs' curves set the time-to-quality targets (default: the committed results/paper)")
+    p.add_argument(
+        "--collect", action="store_true", help="write results.md and the figures from the runs found, and exit"
+    )
+    p.add_argument(
+        "--costs",
+        default=None,
+        help="a `bench.py --json` file: curves.png and the time-to-quality table count training seconds"
+        " as steps x its ms/step, one sitting for every configuration (default: each run's own clock)",
+    )
+    p.add_argument(
+        "--reference",
+        default=REFERENCE,
+        help="a paper-preset grid whose base runs' curves set the time-to-quality targets (default: the committed "
+        "results/paper)",
+    )
     return train.get_parser(p, skip=GRID_FLAGS)
 
 
@@ -65,8 +90,23 @@ def run_dirs(root, seeds):
 
 
 def command(args, c, d, s, out):
-    return [sys.executable, os.path.abspath(train.__file__), *passed_on(args), "--dataset", d, *CONFIGS[c], "--seed", str(s),
-            "--threads", "1", "--out_dir", out, "--log_interval", str(10**9), "--auto_resume"]
+    return [
+        sys.executable,
+        os.path.abspath(train.__file__),
+        *passed_on(args),
+        "--dataset",
+        d,
+        *CONFIGS[c],
+        "--seed",
+        str(s),
+        "--threads",
+        "1",
+        "--out_dir",
+        out,
+        "--log_interval",
+        str(10**9),
+        "--auto_resume",
+    ]
 
 
 def check(args, root):
@@ -87,10 +127,16 @@ def check(args, root):
                 continue
             differ = settings_differ(have, args, c, d, s, out)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            runs.fail(f"cannot read the earlier run in {runs.quote(out)} ({' '.join(str(e).split())[:80]}); delete that folder and rerun the sweep")
+            runs.fail(
+                f"cannot read the earlier run in {runs.quote(out)} ({' '.join(str(e).split())[:80]}); delete that "
+                "folder and rerun the sweep"
+            )
         if differ:
-            runs.fail(f"{runs.quote(root)} holds runs made with other settings ({', '.join(differ)} differ in {runs.quote(out)}); "
-                      f"pass --out_dir for a new sweep, or delete the old one")
+            runs.fail(
+                f"{runs.quote(root)} holds runs made with other settings ({', '.join(differ)} differ in "
+                f"{runs.quote(out)}); "
+                f"pass --out_dir for a new sweep, or delete the old one"
+            )
 
 
 def run_args(args, c, d, s, out):
@@ -98,17 +144,13 @@ def run_args(args, c, d, s, out):
     return train.fill_preset(train.get_parser().parse_args(command(args, c, d, s, out)[2:-1]))
 
 
-# Run settings that came after the first grids, at the values that give what a run made before them did: no
-# condition, and the whole of a named dataset (a grid trains only those; --holdout splits files).
-BEFORE_FLAG = dict(label_column=None, cond_columns=None, conditional=False, p_uncond=0.1, holdout=0.1)
-
-
 def settings_differ(have, args, c, d, s, out):
-    """The run keys in which a run's recorded settings (have: its metrics.json's or checkpoint's args) differ from the grid's."""
+    """The run keys in which a run's recorded settings (have: its metrics.json's or checkpoint's args) differ from the
+    grid's."""
     if not isinstance(have, dict):
         raise TypeError("its settings are not a JSON object")
     want = json.loads(runs.to_json(vars(run_args(args, c, d, s, out))))  # as metrics.json holds it
-    return [k for k in train.RUN_KEYS if have.get(k, BEFORE_FLAG.get(k)) != want[k]]
+    return [k for k in train.RUN_KEYS if have.get(k, runs.BEFORE_FLAG.get(k)) != want[k]]
 
 
 def run_grid(args, root):
@@ -136,7 +178,9 @@ def run_grid(args, root):
                 os.makedirs(root, exist_ok=True)
                 log = open(os.path.join(root, f"{d}-{c}-s{s}.log"), "a")
                 # its own session: a Ctrl-C reaches the sweep, which passes one SIGTERM on
-                p = subprocess.Popen(command(args, c, d, s, out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                p = subprocess.Popen(
+                    command(args, c, d, s, out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 children.add(p)
             rc = p.wait()
             log.close()
@@ -148,7 +192,11 @@ def run_grid(args, root):
                     failed.append(log.name)
 
     t0 = time.time()
-    print(f"sweep: {len(todo)} of {len(CONFIGS) * len(DATASETS) * args.seeds} runs to go, {args.jobs} at a time, into {root}/", flush=True)
+    print(
+        f"sweep: {len(todo)} of {len(CONFIGS) * len(DATASETS) * args.seeds} runs to go, {args.jobs} at a time, into "
+        f"{root}/",
+        flush=True,
+    )
     threads = [threading.Thread(target=worker) for _ in range(min(args.jobs, len(todo)))]
     for t in threads:
         t.start()
@@ -156,9 +204,15 @@ def run_grid(args, root):
         for t in threads:
             t.join(0.2)
     if stopped:
-        runs.fail(f"sweep stopped by {signal.Signals(stopped[0]).name}; stopped runs kept their checkpoints; rerun the same command to continue",
-                      code=128 + stopped[0])
-    print(f"sweep finished in {time.time() - t0:.0f}s" + (f"; {len(failed)} runs FAILED (see their logs)" if failed else ""))
+        runs.fail(
+            f"sweep stopped by {signal.Signals(stopped[0]).name}; stopped runs kept their checkpoints; rerun the same "
+            "command to continue",
+            code=128 + stopped[0],
+        )
+    print(
+        f"sweep finished in {time.time() - t0:.0f}s"
+        + (f"; {len(failed)} runs FAILED (see their logs)" if failed else "")
+    )
     return len(failed)
 
 
@@ -166,10 +220,14 @@ def run_grid(args, root):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     root = args.out_dir or os.path.join("out", f"sweep-{args.preset}-{args.train_steps}")
-    extra = ([] if args.reference == REFERENCE else ["--reference", args.reference]) + (["--costs", args.costs] if args.costs else [])
+    extra = ([] if args.reference == REFERENCE else ["--reference", args.reference]) + (
+        ["--costs", args.costs] if args.costs else []
+    )
     if args.costs:
         read_costs(args.costs, args)  # refused now, not after the grid
-    cmd = "python sweep.py " + " ".join(shlex.quote(a) for a in [*passed_on(args), "--out_dir", root, "--seeds", str(args.seeds), *extra])
+    cmd = "python sweep.py " + " ".join(
+        shlex.quote(a) for a in [*passed_on(args), "--out_dir", root, "--seeds", str(args.seeds), *extra]
+    )
     if args.collect:
         if not os.path.isdir(root):
             runs.fail(f"no grid at {root}; give the --out_dir and the flags the grid was run with")
@@ -191,7 +249,15 @@ def main(argv=None):
         sys.exit(1)
 
 
-TABLED = ("train_time_s", "eval_loss", "inference_s", "knn_kl_bits", "hist_kl_nats", "knn_kl_floor", "hist_kl_floor")  # what results.md reads
+TABLED = (
+    "train_time_s",
+    "eval_loss",
+    "inference_s",
+    "knn_kl_bits",
+    "hist_kl_nats",
+    "knn_kl_floor",
+    "hist_kl_floor",
+)  # what results.md reads
 
 
 def load_run(out):
@@ -211,8 +277,14 @@ def load_run(out):
     if missing:
         return skipped(out, f"its metrics.json has no number for {', '.join(missing)}")
     curve = metrics.get("curve")
-    if curve is not None and not (isinstance(curve, list) and curve and all(
-            isinstance(p, dict) and all(number(p.get(k)) for k in ("step", "train_time_s", "knn_kl_bits")) for p in curve)):
+    if curve is not None and not (
+        isinstance(curve, list)
+        and curve
+        and all(
+            isinstance(p, dict) and all(number(p.get(k)) for k in ("step", "train_time_s", "knn_kl_bits"))
+            for p in curve
+        )
+    ):
         print(f"warning: leaving out the KL curve of {out} (not a list of steps with numbers)", file=sys.stderr)
         metrics["curve"] = None
     try:
@@ -229,7 +301,8 @@ def skipped(out, why):
 
 
 def grid_run(root, args, c, d, s):
-    """load_run for the grid's run (config c, dataset d, seed s), skipped with a warning if it was made with other settings."""
+    """load_run for the grid's run (config c, dataset d, seed s), skipped with a warning if it was made with other
+    settings."""
     out = os.path.join(root, f"{d}-{c}-s{s}")
     metrics, samples = load_run(out)
     if metrics is not None:
@@ -244,19 +317,35 @@ def write_results(root, args, command="python sweep.py"):
     """results.md (one table per configuration, mean +- sd over seeds) and samples.png (datasets x configs)."""
     plt = evaluate.pyplot()
 
-    cols = [("train_time_s", "train time (s)", 1), ("eval_loss", "eval loss", 4), ("inference_s", "inference (s)", 2),
-            ("knn_kl_bits", "kNN KL (bits)", 3), ("hist_kl_nats", "hist KL (nats)", 3)]
-    lines = [f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})", "",
-             "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own generator.",
-             f"Excess = kNN KL - its floor. Written by `{command}`.", ""]
+    cols = [
+        ("train_time_s", "train time (s)", 1),
+        ("eval_loss", "eval loss", 4),
+        ("inference_s", "inference (s)", 2),
+        ("knn_kl_bits", "kNN KL (bits)", 3),
+        ("hist_kl_nats", "hist KL (nats)", 3),
+    ]
+    lines = [
+        f"# Sweep results ({args.preset} preset, {args.train_steps} steps, batch {args.batch_size})",
+        "",
+        "Mean +- sample sd over seeds (n = seeds found). Floors: the metric for a fresh draw from the data's own "
+        "generator.",
+        f"Excess = kNN KL - its floor. Written by `{command}`.",
+        "",
+    ]
     cell, found = {}, 0  # (config, dataset) -> excess kNN KL, for the summary table; runs found
     loaded = {(c, d, s): grid_run(root, args, c, d, s) for c, d, s, _ in run_dirs(root, args.seeds)}
     # mean +- sample sd over seeds (just the value for a single seed)
     mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
-    fig, axes = plt.subplots(len(DATASETS), len(CONFIGS), figsize=(2.2 * len(CONFIGS), 2.2 * len(DATASETS)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(DATASETS), len(CONFIGS), figsize=(2.2 * len(CONFIGS), 2.2 * len(DATASETS)), squeeze=False
+    )
     for j, c in enumerate(CONFIGS):
-        lines += [f"## {c}", "", "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
-                  "|---" * (len(cols) + 5) + "|"]
+        lines += [
+            f"## {c}",
+            "",
+            "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
+            "|---" * (len(cols) + 5) + "|",
+        ]
         for i, d in enumerate(DATASETS):
             found_runs = [loaded[c, d, s] for s in range(args.seeds)]
             ms = [m for m, _ in found_runs if m is not None]
@@ -273,32 +362,54 @@ def write_results(root, args, command="python sweep.py"):
             fmt = lambda k, nd: mean_sd([m[k] for m in ms], nd)
             excess = [m["knn_kl_bits"] - m["knn_kl_floor"] for m in ms]
             cell[c, d] = f"{mean_sd(excess, 3)} ({len(ms)})"
-            lines.append(f"| {d} | {len(ms)} | " + " | ".join(fmt(k, nd) for k, _, nd in cols)
-                         + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {mean_sd(excess, 3)}"
-                         + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |")
-            shown = [pts for m, pts in found_runs if m is not None and pts is not None and pts.ndim == 2 and pts.shape[1] >= 2]
+            lines.append(
+                f"| {d} | {len(ms)} | "
+                + " | ".join(fmt(k, nd) for k, _, nd in cols)
+                + f" | {np.mean([m['knn_kl_floor'] for m in ms]):.3f} | {mean_sd(excess, 3)}"
+                + f" | {np.mean([m['hist_kl_floor'] for m in ms]):.3f} |"
+            )
+            shown = [
+                pts
+                for m, pts in found_runs
+                if m is not None and pts is not None and pts.ndim == 2 and pts.shape[1] >= 2
+            ]
             if shown:  # the lowest seed that finished
                 ax.scatter(shown[0][:, 0], shown[0][:, 1], s=0.3, alpha=0.3, linewidths=0)
                 ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
         lines.append("")
     total = len(CONFIGS) * len(DATASETS) * args.seeds
-    summary = [f"Runs finished: {found} of {total}" + ("." if found == total else " (rerun the same command to finish the rest)."), "",
-               "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)", "",
-               "| configuration | " + " | ".join(DATASETS) + " |", "|---" * (len(DATASETS) + 1) + "|"]
+    summary = [
+        f"Runs finished: {found} of {total}"
+        + ("." if found == total else " (rerun the same command to finish the rest)."),
+        "",
+        "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)",
+        "",
+        "| configuration | " + " | ".join(DATASETS) + " |",
+        "|---" * (len(DATASETS) + 1) + "|",
+    ]
     summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in DATASETS) + " |" for c in CONFIGS]
     lines[5:5] = summary + [""] + time_to_quality(root, args, loaded)
     fig.suptitle("the lowest finished seed's samples; corner: excess kNN KL (bits), the mean over seeds", fontsize=9)
     fig.tight_layout()
-    runs.write_or_fail(os.path.join(root, "samples.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
+    runs.write_or_fail(
+        os.path.join(root, "samples.png"),
+        lambda f: fig.savefig(f, dpi=100, format="png"),
+        "free some space, then rerun",
+    )
     plt.close(fig)
-    runs.write_or_fail(os.path.join(root, "results.md"), lambda f: f.write("\n".join(lines).encode()), "free some space, then rerun")
-    print(f"wrote {root}/results.md and {root}/samples.png" + (" and curves.png" if os.path.isfile(os.path.join(root, "curves.png")) else ""))
+    runs.write_or_fail(
+        os.path.join(root, "results.md"), lambda f: f.write("\n".join(lines).encode()), "free some space, then rerun"
+    )
+    print(
+        f"wrote {root}/results.md and {root}/samples.png"
+        + (" and curves.png" if os.path.isfile(os.path.join(root, "curves.png")) else "")
+    )
 
 
 def curves(loaded):
     """{(config, dataset): [metrics of each seed]} of the runs with --eval_interval records ("curve")."""
     out = {}
-    for (c, d, s), (m, _) in loaded.items():
+    for (c, d, _seed), (m, _) in loaded.items():
         if m and m.get("curve"):
             out.setdefault((c, d), []).append(m)
     return out
@@ -314,8 +425,14 @@ def reference_targets(args):
         last = []
         for run in sorted(glob.glob(os.path.join(args.reference, f"{d}-base-s*[0-9]"))):  # every seed there
             m, _ = load_run(run)
-            if (m and m.get("curve") and m["args"].get("preset") == "paper" and m["curve"][-1]["step"] == 10_000
-                    and m.get("curve_floor") is not None and m.get("curve_samples") == evaluate.CURVE_N):
+            if (
+                m
+                and m.get("curve")
+                and m["args"].get("preset") == "paper"
+                and m["curve"][-1]["step"] == 10_000
+                and m.get("curve_floor") is not None
+                and m.get("curve_samples") == evaluate.CURVE_N
+            ):
                 last.append(m["curve"][-1]["knn_kl_bits"] - m["curve_floor"])
         if last:
             out[d] = float(np.mean(last))
@@ -330,16 +447,30 @@ def read_costs(path, args):
             bench = json.load(f)
         missing = [c for c in CONFIGS if c not in bench["ms_per_step"]]
         ms = {c: float(bench["ms_per_step"][c]) for c in CONFIGS if c not in missing}
-        label = f"{bench['device']}, {bench['threads']} thread{'s' if bench['threads'] > 1 else ''}{', compiled' if bench.get('compile') else ''}"
+        threads = f"{bench['threads']} thread{'s' if bench['threads'] > 1 else ''}"
+        label = f"{bench['device']}, {threads}{', compiled' if bench.get('compile') else ''}"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        runs.fail(f"--costs {path} is not a `bench.py --json` file ({type(e).__name__}: {str(e)[:80]}); write one with `python bench.py --json PATH`")
+        runs.fail(
+            f"--costs {path} is not a `bench.py --json` file ({type(e).__name__}: {str(e)[:80]}); write one with "
+            "`python bench.py --json PATH`"
+        )
     if missing:
-        runs.fail(f"--costs {path} lacks {', '.join(missing)} (a bench run with --only?); write one with every backbone: `python bench.py --json PATH`")
+        runs.fail(
+            f"--costs {path} lacks {', '.join(missing)} (a bench run with --only?); write one with every backbone: "
+            "`python bench.py --json PATH`"
+        )
     grid = vars(train.fill_preset(argparse.Namespace(**vars(args))))
-    wrong = [f"--{k} {bench.get(k)} (this grid: {grid[k]})" for k in ("block", "batch_size", "dtype") if bench.get(k) != grid[k]]
+    wrong = [
+        f"--{k} {bench.get(k)} (this grid: {grid[k]})"
+        for k in ("block", "batch_size", "dtype")
+        if bench.get(k) != grid[k]
+    ]
     if wrong:
-        runs.fail(f"--costs {path} was timed with {', '.join(wrong)}; time this grid's model: `python bench.py --block {grid['block']}"
-                      f" --batch_size {grid['batch_size']} --dtype {grid['dtype']} --json PATH`")
+        runs.fail(
+            f"--costs {path} was timed with {', '.join(wrong)}; time this grid's model: `python bench.py --block "
+            f"{grid['block']}"
+            f" --batch_size {grid['batch_size']} --dtype {grid['dtype']} --json PATH`"
+        )
     return ms, label
 
 
@@ -353,20 +484,37 @@ def time_to_quality(root, args, loaded):
     targets = reference_targets(args)
     costs, clock = read_costs(args.costs, args) if args.costs else (None, "each run's own clock")
     if not targets:
-        print(f"warning: {args.reference} holds no paper-preset base runs with KL curves; the time-to-quality table has no targets "
-              "(give --reference a grid made with --preset paper --eval_interval)", file=sys.stderr)
+        print(
+            f"warning: {args.reference} holds no paper-preset base runs with KL curves; the time-to-quality table has "
+            "no targets "
+            "(give --reference a grid made with --preset paper --eval_interval)",
+            file=sys.stderr,
+        )
     plt = evaluate.pyplot()
     fig, axes = plt.subplots(2, len(DATASETS), figsize=(3.6 * len(DATASETS), 6.4), squeeze=False)
-    rows = ["## Time to the study's KL", "",
-            f"First step (training seconds) at which the seed mean of the excess kNN KL during training ({evaluate.CURVE_N} DPM++-20",
-            "samples every --eval_interval steps, less the floor at that sample size) reaches the study's MLP after 10,000 steps,",
-            f"measured the same way: the paper preset's base runs in {'results/paper' if args.reference == REFERENCE else args.reference} (the target under each dataset).",
-            "never = not reached by step 10,000; a blank = no runs. " + (
-                f"Training seconds are steps x bench.py's ms/step from one sitting ({clock}; `--costs {args.costs}`)." if costs else
-                "Training seconds are each run's own clock: on a shared machine, runs made on different days differ by up to 2x,"
-                " so compare steps, or give --costs (bench.py's per-step costs from one sitting)."), "",
-            "| configuration | " + " | ".join(f"{d} ({targets[d]:.3f})" if d in targets else f"{d} (no target)" for d in DATASETS) + " |",
-            "|---" * (len(DATASETS) + 1) + "|"]
+    rows = [
+        "## Time to the study's KL",
+        "",
+        "First step (training seconds) at which the seed mean of the excess kNN KL during training "
+        f"({evaluate.CURVE_N} DPM++-20",
+        "samples every --eval_interval steps, less the floor at that sample size) reaches the study's MLP after "
+        "10,000 steps,",
+        "measured the same way: the paper preset's base runs in "
+        f"{'results/paper' if args.reference == REFERENCE else args.reference} (the target under each dataset).",
+        "never = not reached by step 10,000; a blank = no runs. "
+        + (
+            f"Training seconds are steps x bench.py's ms/step from one sitting ({clock}; `--costs {args.costs}`)."
+            if costs
+            else "Training seconds are each run's own clock: on a shared machine, runs made on different days differ "
+            "by up to 2x,"
+            " so compare steps, or give --costs (bench.py's per-step costs from one sitting)."
+        ),
+        "",
+        "| configuration | "
+        + " | ".join(f"{d} ({targets[d]:.3f})" if d in targets else f"{d} (no target)" for d in DATASETS)
+        + " |",
+        "|---" * (len(DATASETS) + 1) + "|",
+    ]
     for c in CONFIGS:
         cells = []
         for j, d in enumerate(DATASETS):
@@ -397,16 +545,22 @@ def time_to_quality(root, args, loaded):
             ax.set_yscale("symlog", linthresh=0.1)  # log above 0.1 bits, linear through zero (excess can be negative)
             lo, hi = ax.get_ylim()
             ticks = [t for t in (-0.1, 0, 0.1, 0.2, 0.5, 1, 2, 5, 10) if lo <= t <= hi]
-            ax.yaxis.set_major_locator(plt.FixedLocator(ticks) if len(ticks) > 2 else plt.MaxNLocator(4))  # a narrow range gets linear ticks
+            ax.yaxis.set_major_locator(
+                plt.FixedLocator(ticks) if len(ticks) > 2 else plt.MaxNLocator(4)
+            )  # a narrow range gets linear ticks
             ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_locator(plt.NullLocator())
             ax.set_xlabel(xlabel)
         axes[0, j].set_ylabel("excess kNN KL (bits)" if j == 0 else "")
     next(ax for ax in axes[0] if ax.get_legend_handles_labels()[0]).legend(fontsize=7)  # on the first panel with curves
-    fig.suptitle(f"{args.preset} preset: excess kNN KL during training (dashed: the study's MLP after 10,000 steps)"
-                 + (f"\nseconds = steps x bench.py's ms/step ({clock})" if costs else ""))
+    fig.suptitle(
+        f"{args.preset} preset: excess kNN KL during training (dashed: the study's MLP after 10,000 steps)"
+        + (f"\nseconds = steps x bench.py's ms/step ({clock})" if costs else "")
+    )
     fig.tight_layout()
-    runs.write_or_fail(os.path.join(root, "curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun")
+    runs.write_or_fail(
+        os.path.join(root, "curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"), "free some space, then rerun"
+    )
     plt.close(fig)
     return rows + [""]
 

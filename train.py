@@ -10,6 +10,7 @@ settings -> data, model, optimizer -> training loop -> evaluation.
 Under torchrun every process draws the same global batch (--batch_size) and takes its own share of
 the rows; rank 0 alone logs, writes checkpoints and evaluates.
 """
+
 import glob
 import math
 import os
@@ -36,67 +37,220 @@ from runs import fail, quote
 
 class Preset(NamedTuple):
     """A flag's value under each preset, when the command line does not give it."""
+
     tinydiff: object
     paper: object
 
 
 # name, default (a Preset: set by --preset), run (True: defines the run; --resume keeps it), argparse keywords
 FLAGS = [
-    ("dataset", "dino", True, dict(help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.tsv/.txt/.npy file")),
-    ("preset", "tinydiff", True, dict(choices=["tinydiff", "paper"], help="tinydiff (measured defaults) or paper (the study's code path)")),
-    ("label_column", None, True, dict(help="a file's column of class labels (names or integers), by header name or 0-based index: trains p(x | label)")),
-    ("cond_columns", None, True, dict(help="a file's columns of numbers to condition on, NAME[,NAME...] or indices: trains p(x | c)")),
-    ("conditional", False, True, dict(action="store_true", help=f"train a named dataset with its labels ({', '.join(datasets.CLASSES)})")),
-    ("p_uncond", 0.1, True, dict(type=float, help="share of rows trained without their condition, for classifier-free guidance")),
-    ("holdout", 0.1, True, dict(type=float, help="share of a file's points held out for the metrics, split with a fixed seed")),
+    (
+        "dataset",
+        "dino",
+        True,
+        dict(help=f"{', '.join(datasets.DATASETS)}, or a path to an (N, D) .csv/.tsv/.txt/.npy file"),
+    ),
+    (
+        "preset",
+        "tinydiff",
+        True,
+        dict(choices=["tinydiff", "paper"], help="tinydiff (measured defaults) or paper (the study's code path)"),
+    ),
+    (
+        "label_column",
+        None,
+        True,
+        dict(
+            help="a file's column of class labels (names or integers), by header name or 0-based index: trains p(x | "
+            "label)"
+        ),
+    ),
+    (
+        "cond_columns",
+        None,
+        True,
+        dict(help="a file's columns of numbers to condition on, NAME[,NAME...] or indices: trains p(x | c)"),
+    ),
+    (
+        "conditional",
+        False,
+        True,
+        dict(action="store_true", help=f"train a named dataset with its labels ({', '.join(datasets.CLASSES)})"),
+    ),
+    (
+        "p_uncond",
+        0.1,
+        True,
+        dict(type=float, help="share of rows trained without their condition, for classifier-free guidance"),
+    ),
+    (
+        "holdout",
+        0.1,
+        True,
+        dict(type=float, help="share of a file's points held out for the metrics, split with a fixed seed"),
+    ),
     ("attn_layers", 0, True, dict(type=int, help="self-attention layers over the tokens [x1, ..., xD, t]")),
     ("heads", 4, True, dict(type=int, help="attention heads; must divide 128")),
     ("ssm_layers", 0, True, dict(type=int, help="bidirectional SSM (Mamba) blocks over the tokens")),
     ("hidden", 256, True, dict(type=int, help="width of the residual MLP")),
-    ("block", Preset("gelu", "relu"), True, dict(choices=["gelu", "relu"],
-     help="residual MLP form: gelu = Linear-GELU-(x+GELU(Wx))-Linear, relu = the study's Linear-(x+W ReLU(x))-ReLU-Linear")),
+    (
+        "block",
+        Preset("gelu", "relu"),
+        True,
+        dict(
+            choices=["gelu", "relu"],
+            help="residual MLP form: gelu = Linear-GELU-(x+GELU(Wx))-Linear, relu = the study's Linear-(x+W "
+            "ReLU(x))-ReLU-Linear",
+        ),
+    ),
     ("coord_scale", Preset(50.0, 25.0), True, dict(type=float, help="sinusoidal-embedding scale of the coordinates")),
     ("num_timesteps", Preset(100, 100), True, dict(type=int, help="diffusion steps T")),
-    ("beta_schedule", Preset("linear", "linear"), True, dict(choices=["linear", "quadratic", "cosine"], help="noise schedule")),
-    ("prior", Preset("data", "standard"), True, dict(choices=["data", "standard"],
-     help="sampler start: data = Gaussian with the moments of q(x_T) given the data's mean and covariance, standard = N(0, I)")),
+    (
+        "beta_schedule",
+        Preset("linear", "linear"),
+        True,
+        dict(
+            choices=td.BETA_SCHEDULES,
+            help="noise schedule; logsnr: log(alpha_t / sigma_t) even in t, from linear's first step to pure noise",
+        ),
+    ),
+    (
+        "prediction_type",
+        Preset("epsilon", "epsilon"),
+        True,
+        dict(
+            choices=td.PREDICTION_TYPES, help="what the network predicts: the noise, v = alpha eps - sigma x_0, or x_0"
+        ),
+    ),
+    (
+        "prior",
+        Preset("data", "standard"),
+        True,
+        dict(
+            choices=["data", "standard"],
+            help="sampler start: data = Gaussian with the moments of q(x_T) given the data's mean and covariance, "
+            "standard = N(0, I)",
+        ),
+    ),
     ("low_t", Preset(2, 0), True, dict(type=int, help="oversample timesteps t < low_t in training (0 = off)")),
     ("low_frac", Preset(0.25, 0.0), True, dict(type=float, help="share of each batch drawn from t < low_t")),
     ("train_steps", 10_000, True, dict(type=int, help="optimizer steps")),
     ("batch_size", 256, True, dict(type=int, help="rows per optimizer step")),
-    ("batches", Preset("random", "epochs"), True, dict(choices=["random", "epochs"],
-     help="random = rows drawn with replacement; epochs = shuffled passes without replacement, as a DataLoader")),
+    (
+        "batches",
+        Preset("random", "epochs"),
+        True,
+        dict(
+            choices=["random", "epochs"],
+            help="random = rows drawn with replacement; epochs = shuffled passes without replacement, as a DataLoader",
+        ),
+    ),
     ("lr", Preset(2e-3, 3e-4), True, dict(type=float, help="peak AdamW learning rate")),
     ("warmup_steps", Preset(0, 0), True, dict(type=int, help="linear LR warm-up steps before the cosine decay")),
     ("ema_decay", Preset(0.995, 0.995), True, dict(type=float, help="EMA decay of the weights used for sampling")),
     ("ema_every", Preset(1, 10), True, dict(type=int, help="update the EMA every this many steps")),
-    ("ema_warmup", Preset(100, 100), True, dict(type=int,
-     help="0 = constant decay; N > 0 = the study's EMA: copy the weights for N steps, then decay min(ema_decay, 1 - (1 + s - N)^(-2/3))")),
+    (
+        "ema_warmup",
+        Preset(100, 100),
+        True,
+        dict(
+            type=int,
+            help="0 = constant decay; N > 0 = the study's EMA: copy the weights for N steps, then decay "
+            "min(ema_decay, 1 - (1 + s - N)^(-2/3))",
+        ),
+    ),
     ("grad_clip", Preset(10.0, 0.5), True, dict(type=float, help="gradient-norm clip")),
-    ("eval_loss", Preset("ema-heldout", "raw-train"), True, dict(choices=["ema-heldout", "raw-train"],
-     help="eval loss: EMA model on 10,000 fresh points (a file: its held-out points), or the study's raw model over one pass of the training points")),
+    (
+        "eval_loss",
+        Preset("ema-heldout", "raw-train"),
+        True,
+        dict(
+            choices=["ema-heldout", "raw-train"],
+            help="eval loss: EMA model on 10,000 fresh points (a file: its held-out points), or the study's raw model "
+            "over one pass of the training points",
+        ),
+    ),
     ("seed", 0, True, dict(type=int, help="seeds model init, batches, timesteps and noise")),
-    ("threads", None, True, dict(type=int, help="CPU threads (default 1: fastest for this model size; docs/performance.md)")),
+    (
+        "threads",
+        None,
+        True,
+        dict(type=int, help="CPU threads (default 1: fastest for this model size; docs/performance.md)"),
+    ),
     ("dtype", "fp32", True, dict(choices=["fp32", "bf16"], help="bf16 autocasts the forward pass")),
-    ("eval_interval", 0, False, dict(type=int, help="every this many steps, record the EMA model's kNN KL (2,000 DPM++-20 samples) and draw kl.png (0 = off)")),
+    (
+        "eval_interval",
+        0,
+        False,
+        dict(
+            type=int,
+            help="every this many steps, record the EMA model's kNN KL (2,000 DPM++-20 samples) and draw kl.png (0 = "
+            "off)",
+        ),
+    ),
     ("device", "auto", False, dict(help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")),
     ("compile", False, False, dict(action="store_true", help="torch.compile the model (needs a C++ compiler on CPU)")),
     ("out_dir", None, False, dict(help="run directory (default out/<dataset>-<config>)")),
-    ("resume", False, False, dict(action="store_true", help="continue the run in --out_dir from its ckpt.pt, with its settings")),
-    ("auto_resume", False, False, dict(action="store_true", help="resume if --out_dir holds a checkpoint, else start; a finished run is left as it is")),
+    (
+        "resume",
+        False,
+        False,
+        dict(action="store_true", help="continue the run in --out_dir from its ckpt.pt, with its settings"),
+    ),
+    (
+        "auto_resume",
+        False,
+        False,
+        dict(
+            action="store_true",
+            help="resume if --out_dir holds a checkpoint, else start; a finished run is left as it is",
+        ),
+    ),
     ("overwrite", False, False, dict(action="store_true", help="replace the run already in --out_dir")),
     ("ckpt_interval", 1000, False, dict(type=int, help="save a checkpoint every this many steps")),
     ("eval_batch_size", 10_000, False, dict(type=int, help="samples drawn for the final evaluation")),
     ("sampler", "ddpm", False, dict(choices=td.SAMPLERS, help="sampler for the final evaluation")),
-    ("sample_steps", None, False, dict(type=int, help="network evaluations for the final evaluation (default: all T; dpm++: 20, at most T)")),
-    ("guidance", 1.0, False, dict(type=float, help="guidance weight w for the final evaluation: 1 = conditional, 0 = unconditional, > 1 guided")),
-    ("nll", 0, False, dict(type=int, nargs="?", const=1000, help="also compute the exact NLL (probability-flow ODE) of this many held-out points; --nll alone: 1000")),
+    (
+        "sample_steps",
+        None,
+        False,
+        dict(type=int, help="network evaluations for the final evaluation (default: all T; dpm++: 20, at most T)"),
+    ),
+    (
+        "guidance",
+        1.0,
+        False,
+        dict(
+            type=float,
+            help="guidance weight w for the final evaluation: 1 = conditional, 0 = unconditional, > 1 guided",
+        ),
+    ),
+    (
+        "nll",
+        0,
+        False,
+        dict(
+            type=int,
+            nargs="?",
+            const=1000,
+            help="also compute the exact NLL (probability-flow ODE) of this many held-out points; --nll alone: 1000",
+        ),
+    ),
     ("log_interval", 500, False, dict(type=int, help="print a log line every this many steps")),
 ]
 PRESETS = {name: {k: getattr(d, name) for k, d, _, _ in FLAGS if isinstance(d, Preset)} for name in Preset._fields}
 RUN_KEYS = tuple(k for k, _, run, _ in FLAGS if run)
 RESUME_FREE = ("threads", "train_steps")  # run settings that --resume lets a user change (train_steps: only upwards)
-KEPT = ("eval_interval", "ckpt_interval", "eval_batch_size", "sampler", "sample_steps", "log_interval", "guidance", "nll")  # resumed unless given
+KEPT = (
+    "eval_interval",
+    "ckpt_interval",
+    "eval_batch_size",
+    "sampler",
+    "sample_steps",
+    "log_interval",
+    "guidance",
+    "nll",
+)  # resumed unless given
 
 
 def get_parser(p=None, skip=()):
@@ -106,7 +260,9 @@ def get_parser(p=None, skip=()):
         if name in skip:
             continue
         if isinstance(default, Preset):
-            kw = dict(kw, help=f"{kw['help']} (default from --preset: tinydiff: {default.tinydiff}, paper: {default.paper})")
+            kw = dict(
+                kw, help=f"{kw['help']} (default from --preset: tinydiff: {default.tinydiff}, paper: {default.paper})"
+            )
             default = None
         elif "action" not in kw:
             kw = dict(kw, help=f"{kw['help']} (default: {default})")
@@ -128,33 +284,53 @@ def fill_preset(args):
 def default_out_dir(args):
     stem, ext = os.path.splitext(os.path.basename(args.dataset.rstrip("/")))
     condition = "-cond" if args.conditional or args.label_column is not None or args.cond_columns is not None else ""
-    return os.path.join("out", f"{stem}{'-' + ext[1:].lower() if ext else ''}-{runs.config_name(**vars(args))}{condition}"
-                        + ("-paper" if args.preset == "paper" else ""))
+    return os.path.join(
+        "out",
+        f"{stem}{'-' + ext[1:].lower() if ext else ''}-{runs.config_name(**vars(args))}{condition}"
+        + ("-paper" if args.preset == "paper" else ""),
+    )
 
 
 def check_flags(args):
     """Every flag's value on its own, before any work: one line naming the flag and what is valid."""
-    for name in ("train_steps", "batch_size", "eval_batch_size", "log_interval", "ckpt_interval", "heads", "hidden", "ema_every", "num_timesteps"):
+    for name in (
+        "train_steps",
+        "batch_size",
+        "eval_batch_size",
+        "log_interval",
+        "ckpt_interval",
+        "heads",
+        "hidden",
+        "ema_every",
+        "num_timesteps",
+    ):
         if getattr(args, name) < 1:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.sample_steps is not None and args.sample_steps < 1:
         fail(f"--sample_steps must be a positive integer, got {args.sample_steps}")
     if args.eval_batch_size <= evaluate.KNN_K:
-        fail(f"--eval_batch_size must be more than {evaluate.KNN_K} (the kNN estimator's k), got {args.eval_batch_size}")
+        fail(
+            f"--eval_batch_size must be more than {evaluate.KNN_K} (the kNN estimator's k), got {args.eval_batch_size}"
+        )
     for name in ("eval_interval", "attn_layers", "ssm_layers", "warmup_steps", "ema_warmup", "low_t"):
         if getattr(args, name) < 0:
             fail(f"--{name} must be 0 or more, got {getattr(args, name)}")
-    checks = [("lr", math.isfinite(args.lr) and args.lr > 0, "a positive number, such as 1e-3"),
-              ("grad_clip", args.grad_clip > 0, "a positive number (inf = no clipping)"),
-              ("coord_scale", math.isfinite(args.coord_scale) and args.coord_scale > 0, "a positive number"),
-              ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1), such as 0.995"),
-              ("threads", args.threads is None or args.threads >= 1, "a positive integer"),
-              ("seed", 0 <= args.seed < 2**63, "an integer in [0, 2^63)")]
+    checks = [
+        ("lr", math.isfinite(args.lr) and args.lr > 0, "a positive number, such as 1e-3"),
+        ("grad_clip", args.grad_clip > 0, "a positive number (inf = no clipping)"),
+        ("coord_scale", math.isfinite(args.coord_scale) and args.coord_scale > 0, "a positive number"),
+        ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1), such as 0.995"),
+        ("threads", args.threads is None or args.threads >= 1, "a positive integer"),
+        ("seed", 0 <= args.seed < 2**63, "an integer in [0, 2^63)"),
+    ]
     for name, ok, valid in checks:  # written so that NaN fails too
         if not ok:
             fail(f"--{name} must be {valid}, got {getattr(args, name)}")
     if not 0 <= args.low_frac <= 1 or (args.low_frac > 0 and not 1 <= args.low_t <= args.num_timesteps):
-        fail(f"--low_frac must lie in [0, 1] and --low_t in [1, T={args.num_timesteps}] (got {args.low_frac:g} and {args.low_t})")
+        fail(
+            f"--low_frac must lie in [0, 1] and --low_t in [1, T={args.num_timesteps}] (got {args.low_frac:g} and "
+            f"{args.low_t})"
+        )
     if args.attn_layers and 128 % args.heads:
         fail(f"--heads {args.heads} must divide the token width 128; use 1, 2, 4, 8, 16, 32, 64 or 128")
     try:
@@ -169,9 +345,15 @@ def check_condition_flags(args, given=()):
     if args.label_column is not None and args.cond_columns is not None:
         fail("--label_column and --cond_columns both name a condition; give one of them")
     if named and (args.label_column is not None or args.cond_columns is not None):
-        fail(f"--label_column and --cond_columns read a file's columns; for a named dataset with labels use --conditional ({', '.join(datasets.CLASSES)})")
+        fail(
+            "--label_column and --cond_columns read a file's columns; for a named dataset with labels use "
+            f"--conditional ({', '.join(datasets.CLASSES)})"
+        )
     if args.conditional and args.dataset not in datasets.CLASSES:
-        fail(f"--conditional trains a named dataset's labels ({', '.join(datasets.CLASSES)} have them); for a file give --label_column NAME")
+        fail(
+            f"--conditional trains a named dataset's labels ({', '.join(datasets.CLASSES)} have them); for a file "
+            "give --label_column NAME"
+        )
     if not 0 <= args.p_uncond < 1:
         fail(f"--p_uncond must lie in [0, 1), such as 0.1, got {args.p_uncond}")
     if not 0 <= args.holdout <= 0.5:
@@ -180,13 +362,23 @@ def check_condition_flags(args, given=()):
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
         fail(f"--guidance must be a number >= 0 (1: conditional, 0: unconditional, > 1: guided), got {args.guidance}")
     if args.guidance != 1 and not conditional:
-        fail("--guidance needs a conditional run (--label_column, --cond_columns or --conditional); this one is unconditional")
+        fail(
+            "--guidance needs a conditional run (--label_column, --cond_columns or --conditional); this one is "
+            "unconditional"
+        )
     if args.nll < 0:
         fail(f"--nll must be a number of points (0 = off), got {args.nll}")
     if "p_uncond" in given and not conditional:
-        print("warning: --p_uncond has no effect on an unconditional run (no --label_column, --cond_columns or --conditional)", file=sys.stderr)
+        print(
+            "warning: --p_uncond has no effect on an unconditional run (no --label_column, --cond_columns or "
+            "--conditional)",
+            file=sys.stderr,
+        )
     if "holdout" in given and named:
-        print(f"warning: --holdout has no effect on a named dataset: {args.dataset} is scored against a fresh draw", file=sys.stderr)
+        print(
+            f"warning: --holdout has no effect on a named dataset: {args.dataset} is scored against a fresh draw",
+            file=sys.stderr,
+        )
 
 
 def check_data(args, data_file, device):
@@ -195,27 +387,62 @@ def check_data(args, data_file, device):
     try:
         data = runs.load_data(data_file, args.label_column, args.cond_columns, args.conditional, args.holdout)
         X, K = data.points, len(data.names) if data.kind == "labels" else 0
-        cfg = td.DenoiserConfig(attn_layers=args.attn_layers, heads=args.heads, ssm_layers=args.ssm_layers, hidden=args.hidden, block=args.block,
-                                coord_scale=args.coord_scale, data_dim=X.shape[1], num_classes=K, cond_dim=len(data.names) if data.kind == "numbers" else 0)
-        sched_cfg = dict(num_train_timesteps=args.num_timesteps, beta_schedule=args.beta_schedule)
-        runs.check_flag_memory("--hidden", args.hidden, 16 * runs.param_bound(cfg), device)  # weights, gradients and AdamW's two moments
+        cfg = td.DenoiserConfig(
+            attn_layers=args.attn_layers,
+            heads=args.heads,
+            ssm_layers=args.ssm_layers,
+            hidden=args.hidden,
+            block=args.block,
+            coord_scale=args.coord_scale,
+            data_dim=X.shape[1],
+            num_classes=K,
+            cond_dim=len(data.names) if data.kind == "numbers" else 0,
+        )
+        sched_cfg = dict(
+            num_train_timesteps=args.num_timesteps,
+            beta_schedule=args.beta_schedule,
+            prediction_type=args.prediction_type,
+        )
+        runs.check_flag_memory(
+            "--hidden", args.hidden, 16 * runs.param_bound(cfg), device
+        )  # weights, gradients and AdamW's two moments
         model = td.Denoiser(cfg)
-        runs.check_flag_memory("--batch_size", args.batch_size, args.batch_size * runs.activation_bytes_per_row(model, td.NoiseScheduler(**sched_cfg), X), device)
-        runs.check_flag_memory("--eval_batch_size", args.eval_batch_size, args.eval_batch_size * X.shape[1] * 64, device)
+        runs.check_flag_memory(
+            "--batch_size",
+            args.batch_size,
+            args.batch_size * runs.activation_bytes_per_row(model, td.NoiseScheduler(**sched_cfg), X),
+            device,
+        )
+        runs.check_flag_memory(
+            "--eval_batch_size", args.eval_batch_size, args.eval_batch_size * X.shape[1] * 64, device
+        )
     except ValueError as e:
         fail(str(e))
     if len(X) <= evaluate.KNN_K:
-        fail(f"{data_file} holds {len(X)} point{'s' * (len(X) != 1)}; scoring a model needs more than {evaluate.KNN_K}"
-             f" (the kNN KL compares each point with its {evaluate.KNN_K} nearest neighbours); give more points")
+        fail(
+            f"{data_file} holds {len(X)} point{'s' * (len(X) != 1)}; scoring a model needs more than {evaluate.KNN_K}"
+            f" (the kNN KL compares each point with its {evaluate.KNN_K} nearest neighbours); give more points"
+        )
     with np.errstate(over="ignore"):  # the overflow is the finding, said in one line below
         beyond = not np.isfinite(X.astype(np.float32)).all()
     if beyond:
         fail(f"{data_file} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
     if args.nll and data_file not in datasets.DATASETS and data.held is None:
-        least = math.ceil(100 * runs.MIN_HELDOUT / len(X)) / 100  # the smallest --holdout that holds out MIN_HELDOUT rows
-        need = "--holdout 0.1" if args.holdout == 0 else f"--holdout {least:g}" if least <= 0.5 else f"a file of {math.ceil(runs.MIN_HELDOUT / args.holdout)} points or more"
-        fail(f"--nll scores points the model never saw, and this run holds none of {data_file}'s {len(X)} points out; give {need},"
-             " or --nll 0")
+        least = (
+            math.ceil(100 * runs.MIN_HELDOUT / len(X)) / 100
+        )  # the smallest --holdout that holds out MIN_HELDOUT rows
+        need = (
+            "--holdout 0.1"
+            if args.holdout == 0
+            else f"--holdout {least:g}"
+            if least <= 0.5
+            else f"a file of {math.ceil(runs.MIN_HELDOUT / args.holdout)} points or more"
+        )
+        fail(
+            f"--nll scores points the model never saw, and this run holds none of {data_file}'s {len(X)} points out; "
+            f"give {need},"
+            " or --nll 0"
+        )
     if data.note:
         print(f"note: {data.note}", file=sys.stderr)
     return data, cfg, sched_cfg
@@ -227,7 +454,10 @@ def check_compile(device):
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
     except Exception as e:
         reason = " ".join(str(e).split())[:120]
-        fail(f"--compile does not work here ({type(e).__name__}: {reason}); install a C++ compiler (g++) or run without --compile")
+        fail(
+            f"--compile does not work here ({type(e).__name__}: {reason}); install a C++ compiler (g++) or run "
+            "without --compile"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -243,24 +473,35 @@ def open_run(args, given):
     if args.auto_resume:
         args.resume = os.path.isfile(ckpt_path)
     if args.resume and not os.path.isfile(ckpt_path):
-        fail(f"--resume found no checkpoint at {quote(ckpt_path)}; run without --resume to start, or point --out_dir at the run")
+        fail(
+            f"--resume found no checkpoint at {quote(ckpt_path)}; run without --resume to start, or point --out_dir "
+            "at the run"
+        )
     lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds the folder
     lock = runs.claim_run_dir(args.out_dir) if lead else None
     if not args.resume:
         old = [f for f in runs.RUN_FILES if os.path.isfile(os.path.join(args.out_dir, f))] if lead else []
         if old and not args.overwrite:
-            fail(f"{quote(args.out_dir)} already holds a run ({', '.join(old)}); continue it with --resume, replace it with --overwrite, or choose another --out_dir")
+            fail(
+                f"{quote(args.out_dir)} already holds a run ({', '.join(old)}); continue it with --resume, replace it "
+                "with --overwrite, or choose another --out_dir"
+            )
         return lock, None
     try:
         ckpt = runs.load_checkpoint(ckpt_path)
     except runs.CheckpointError as e:
         fail(str(e))
-    finished = ckpt["step"] >= ckpt["args"]["train_steps"] and os.path.isfile(os.path.join(args.out_dir, "metrics.json"))
+    finished = ckpt["step"] >= ckpt["args"]["train_steps"] and os.path.isfile(
+        os.path.join(args.out_dir, "metrics.json")
+    )
     if finished and ("train_steps" not in given or args.train_steps <= ckpt["step"]):
         if args.auto_resume:
             print(f"{args.out_dir} is finished ({ckpt['step']} steps); nothing to do")
             sys.exit(0)
-        fail(f"{quote(args.out_dir)} is already finished ({ckpt['step']} steps); pass a larger --train_steps to train it further")
+        fail(
+            f"{quote(args.out_dir)} is already finished ({ckpt['step']} steps); pass a larger --train_steps to train "
+            "it further"
+        )
     take_settings_from(ckpt, args, given, ckpt_path)
     return lock, ckpt
 
@@ -277,17 +518,34 @@ def take_settings_from(ckpt, args, given, ckpt_path):
         if k == "dataset" and os.path.abspath(args.dataset) == ckpt["data"].get("path"):
             args.dataset = saved[k]  # the same file, named from another folder
         elif getattr(args, k) != saved[k]:
-            fail(f"--{k} {getattr(args, k)} differs from this run's {saved[k]} (in {quote(ckpt_path)}); a resumed run keeps its settings: "
-                 f"drop the flag, or start a new run with --overwrite or another --out_dir")
+            fail(
+                f"--{k} {getattr(args, k)} differs from this run's {saved[k]} (in {quote(ckpt_path)}); a resumed run "
+                "keeps its settings: "
+                f"drop the flag, or start a new run with --overwrite or another --out_dir"
+            )
     if args.train_steps < saved["train_steps"]:
-        fail(f"--train_steps {args.train_steps} is below this run's {saved['train_steps']}; a run can be extended, not shortened")
-    unused = {"label_column": None, "cond_columns": None, "conditional": False}  # a run without a condition: not worth a word
+        fail(
+            f"--train_steps {args.train_steps} is below this run's {saved['train_steps']}; a run can be extended, not "
+            "shortened"
+        )
+    unused = {
+        "label_column": None,
+        "cond_columns": None,
+        "conditional": False,
+    }  # a run without a condition: not worth a word
     unused.update(p_uncond=args.p_uncond if not (args.conditional or args.label_column or args.cond_columns) else None)
     unused.update(holdout=args.holdout if args.dataset in datasets.DATASETS else None)
-    print(f"resuming {ckpt_path} at step {ckpt['step']} of {args.train_steps}; from the checkpoint: "
-          + ", ".join(f"{k} {getattr(args, k)}" for k in RUN_KEYS if k not in given and unused.get(k, "-") != getattr(args, k)))
+    print(
+        f"resuming {ckpt_path} at step {ckpt['step']} of {args.train_steps}; from the checkpoint: "
+        + ", ".join(
+            f"{k} {getattr(args, k)}" for k in RUN_KEYS if k not in given and unused.get(k, "-") != getattr(args, k)
+        )
+    )
     if args.train_steps > saved["train_steps"]:
-        print(f"extending the run from {saved['train_steps']} to {args.train_steps} steps: the cosine schedule is stretched to the new end")
+        print(
+            f"extending the run from {saved['train_steps']} to {args.train_steps} steps: the cosine schedule is "
+            "stretched to the new end"
+        )
 
 
 def clear_old_outputs(args, ckpt):
@@ -304,8 +562,10 @@ def clear_old_outputs(args, ckpt):
         if os.path.isfile(os.path.join(args.out_dir, "metrics.json")):
             os.remove(os.path.join(args.out_dir, "metrics.json"))
         if drawn:
-            print(f"note: {', '.join(map(os.path.basename, drawn))} in {args.out_dir} were drawn at step {ckpt['step']}; "
-                  "rerun sample.py once the extended run is done")
+            print(
+                f"note: {', '.join(map(os.path.basename, drawn))} in {args.out_dir} were drawn at step {ckpt['step']}; "
+                "rerun sample.py once the extended run is done"
+            )
 
 
 def check_same_data(args, ckpt, data, data_file):
@@ -313,9 +573,15 @@ def check_same_data(args, ckpt, data, data_file):
     have, want = data.fingerprint, ckpt["data"]
     if have["shape"] != want["shape"] or have["sha256"] != want["sha256"]:
         shapes = lambda s: f"{s[0]} points of {s[1]} coordinate{'s' * (s[1] != 1)}"
-        what = f"{shapes(want['shape'])} then, {shapes(have['shape'])} now" if have["shape"] != want["shape"] else "the same shape, other values"
-        fail(f"{quote(data_file)} has changed since this run was trained on it ({what}); restore the file, "
-             "or train a new run on it with --overwrite or another --out_dir")
+        what = (
+            f"{shapes(want['shape'])} then, {shapes(have['shape'])} now"
+            if have["shape"] != want["shape"]
+            else "the same shape, other values"
+        )
+        fail(
+            f"{quote(data_file)} has changed since this run was trained on it ({what}); restore the file, "
+            "or train a new run on it with --overwrite or another --out_dir"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -397,17 +663,34 @@ class Run:
     """Everything one training run holds: settings, data, model, EMA, optimizer, and progress."""
 
     def __init__(self, args, data, cfg, sched_cfg, device, rank=0, world=1):
-        self.args, self.data, self.cfg, self.sched_cfg, self.device, self.rank, self.world = args, data, cfg, sched_cfg, device, rank, world
+        self.args, self.data, self.cfg, self.sched_cfg, self.device, self.rank, self.world = (
+            args,
+            data,
+            cfg,
+            sched_cfg,
+            device,
+            rank,
+            world,
+        )
         X = self.X = data.points
         self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         torch.manual_seed(args.seed)
         # float64 where the device has it: points far from the origin are standardised before any cast
         self.points = torch.as_tensor(X, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-        numbers = torch.float32 if device.type == "mps" else torch.float64  # conditions, like points, are standardised in float64
-        self.cond = None if data.cond is None else torch.as_tensor(data.cond, dtype=torch.long if data.kind == "labels" else numbers, device=device)
+        numbers = (
+            torch.float32 if device.type == "mps" else torch.float64
+        )  # conditions, like points, are standardised in float64
+        self.cond = (
+            None
+            if data.cond is None
+            else torch.as_tensor(data.cond, dtype=torch.long if data.kind == "labels" else numbers, device=device)
+        )
         self.model = td.Denoiser(cfg).to(device)
-        # a user's file is standardized inside the model (named datasets keep the study's coordinates); prior data: start from the data's moments
-        self.model.set_data_stats(X, data.cond, standardize=args.dataset not in datasets.DATASETS, moments=args.prior == "data")
+        # a user's file is standardized inside the model (named datasets keep the study's coordinates); prior data:
+        # start from the data's moments
+        self.model.set_data_stats(
+            X, data.cond, standardize=args.dataset not in datasets.DATASETS, moments=args.prior == "data"
+        )
         self.scheduler = td.NoiseScheduler(**sched_cfg).to(device)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(args.ema_decay, args.ema_every, args.ema_warmup))
         self.epochs = EpochBatches(len(X), args.batch_size, args.seed) if args.batches == "epochs" else None
@@ -431,47 +714,83 @@ class Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.lr_sched.load_state_dict(ckpt["lr_scheduler"])
             torch.set_rng_state(ckpt["rng"]["torch"])
-            self.step, self.losses, self.train_time, self.curve = ckpt["step"], ckpt["losses"], ckpt["train_time"], ckpt["curve"]
+            self.step, self.losses, self.train_time, self.curve = (
+                ckpt["step"],
+                ckpt["losses"],
+                ckpt["train_time"],
+                ckpt["curve"],
+            )
             if ckpt["rng"]["device"] == self.device.type:
                 self.gen.set_state(ckpt["rng"]["gen"])
-            else:  # another kind of device, whose generator state has another form: a stream of its own for this seed and step
+            # another kind of device, whose generator state has another form: a stream of its own for this seed and step
+            else:
                 self.gen.manual_seed(sub_seed(self.args.seed, self.step))
-                print(f"note: {self.ckpt_path} was saved on {ckpt['rng']['device']}, whose random-generator state {self.device.type} "
-                      "cannot use; the run goes on with a new random stream (from --seed and the step)")
+                print(
+                    f"note: {self.ckpt_path} was saved on {ckpt['rng']['device']}, whose random-generator state "
+                    f"{self.device.type} "
+                    "cannot use; the run goes on with a new random stream (from --seed and the step)"
+                )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"{quote(self.ckpt_path)} does not hold a complete training state ({type(e).__name__}: {' '.join(str(e).split())[:80]}); "
-                 "start a new run with --overwrite")
-        for group, base in zip(self.optimizer.param_groups, self.lr_sched.base_lrs):  # the schedule's value now (differs only when extended)
+            fail(
+                f"{quote(self.ckpt_path)} does not hold a complete training state ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:80]}); "
+                "start a new run with --overwrite"
+            )
+        for group, base in zip(
+            self.optimizer.param_groups, self.lr_sched.base_lrs
+        ):  # the schedule's value now (differs only when extended)
             group["lr"] = base * self.schedule(self.step)
         if self.curve and self.curve_eval is None:  # its floor goes into metrics.json
             self.curve_eval = evaluate.CurveEval(self.data, self.args.dataset, self.device)
         self.saved_step = self.step
 
     def save(self, data_path):
-        state = dict(args=vars(self.args), model_config=asdict(self.cfg), scheduler_config=self.sched_cfg,
-                     data=dict(path=data_path, **self.data.fingerprint), condition=dict(kind=self.data.kind, names=self.data.names), step=self.step, model=self.model.state_dict(),
-                     ema=self.ema.module.state_dict(), ema_n_averaged=int(self.ema.n_averaged), optimizer=self.optimizer.state_dict(),
-                     lr_scheduler=self.lr_sched.state_dict(), rng=dict(torch=torch.get_rng_state(), gen=self.gen.get_state(), device=self.device.type),
-                     losses=self.losses, train_time=self.train_time, curve=self.curve)
+        state = dict(
+            args=vars(self.args),
+            model_config=asdict(self.cfg),
+            scheduler_config=self.sched_cfg,
+            data=dict(path=data_path, **self.data.fingerprint),
+            condition=dict(kind=self.data.kind, names=self.data.names),
+            step=self.step,
+            model=self.model.state_dict(),
+            ema=self.ema.module.state_dict(),
+            ema_n_averaged=int(self.ema.n_averaged),
+            optimizer=self.optimizer.state_dict(),
+            lr_scheduler=self.lr_sched.state_dict(),
+            rng=dict(torch=torch.get_rng_state(), gen=self.gen.get_state(), device=self.device.type),
+            losses=self.losses,
+            train_time=self.train_time,
+            curve=self.curve,
+        )
         if self.rank == 0:
             try:
                 runs.save_checkpoint(state, self.ckpt_path)
             except OSError as e:
-                fail(f"could not write {quote(self.ckpt_path)} ({e.strerror or e}); free some space, then rerun with --resume (the last checkpoint is intact)")
+                fail(
+                    f"could not write {quote(self.ckpt_path)} ({e.strerror or e}); free some space, then rerun with "
+                    "--resume (the last checkpoint is intact)"
+                )
         self.saved_step = self.step
 
     def batch_loss(self):
         """One batch's loss on this process's share of the rows. Every process draws the whole batch's
         rows, timesteps and noise, so that any number of processes trains the weights one would."""
         a = self.args
-        rows = self.epochs.rows(self.step).to(self.device) if self.epochs else torch.randint(0, len(self.points), (a.batch_size,), device=self.device, generator=self.gen)
+        rows = (
+            self.epochs.rows(self.step).to(self.device)
+            if self.epochs
+            else torch.randint(0, len(self.points), (a.batch_size,), device=self.device, generator=self.gen)
+        )
         x0 = self.points[rows]
         t = td.sample_timesteps(len(x0), a.num_timesteps, a.low_t, a.low_frac, generator=self.gen, device=self.device)
         noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
         share = slice(self.rank * len(x0) // self.world, (self.rank + 1) * len(x0) // self.world)
         y = drop = None
         if self.cond is not None:  # the whole batch's condition dropout, drawn like t and noise
-            y, drop = self.cond[rows][share], (torch.rand(len(x0), generator=self.gen, device=self.device) < a.p_uncond)[share]
+            y, drop = (
+                self.cond[rows][share],
+                (torch.rand(len(x0), generator=self.gen, device=self.device) < a.p_uncond)[share],
+            )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
             loss = td.ddpm_loss(self.net, self.scheduler, x0[share], t[share], noise[share], y=y, drop=drop)
         if self.world == 1:
@@ -485,15 +804,19 @@ class Run:
 
 
 def train_loop(run, stop, data_path):
-    args, log_losses = run.args, []
+    args = run.args
     run.model.train()
     t_log, step_at_log = time.perf_counter(), run.step
     stop.active = True
     while run.step < args.train_steps:
         if stop_requested(run, stop):  # a signal: save at this step boundary, then stop
             run.save(data_path)
-            fail(f"stopped by {stop.name} at step {run.step}; saved {run.ckpt_path}; continue with: "
-                 f"python train.py --out_dir {quote(args.out_dir)} --resume", code=128 + stop.signum, together=True)
+            fail(
+                f"stopped by {stop.name} at step {run.step}; saved {run.ckpt_path}; continue with: "
+                f"python train.py --out_dir {quote(args.out_dir)} --resume",
+                code=128 + stop.signum,
+                together=True,
+            )
         t0 = time.perf_counter()
         loss = run.batch_loss()
         run.optimizer.zero_grad(set_to_none=True)
@@ -501,9 +824,17 @@ def train_loop(run, stop, data_path):
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
         loss_val = batch_mean(run, loss)
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):  # stop before the bad update
-            kept = f"the last good checkpoint (step {run.saved_step}) is kept in {run.ckpt_path}" if run.saved_step is not None else "no checkpoint was written"
-            fail(f"the run diverged at step {run.step} (loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}); start again with a lower --lr "
-                 f"(now {args.lr:g}) and --overwrite; {kept}", code=1)
+            kept = (
+                f"the last good checkpoint (step {run.saved_step}) is kept in {run.ckpt_path}"
+                if run.saved_step is not None
+                else "no checkpoint was written"
+            )
+            fail(
+                f"the run diverged at step {run.step} (loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}); start "
+                "again with a lower --lr "
+                f"(now {args.lr:g}) and --overwrite; {kept}",
+                code=1,
+            )
         run.optimizer.step()
         run.lr_sched.step()
         if run.step % args.ema_every == 0:
@@ -513,19 +844,39 @@ def train_loop(run, stop, data_path):
         run.train_time += time.perf_counter() - t0
         if run.step % args.log_interval == 0 or run.step == args.train_steps:
             ms = (time.perf_counter() - t_log) / (run.step - step_at_log) * 1e3
-            print(f"step {run.step:6d} | loss {np.mean(run.losses[-args.log_interval:]):.4f} | lr {run.lr_sched.get_last_lr()[0]:.2e} | "
-                  f"{ms:.2f} ms/step | ETA {ms * (args.train_steps - run.step) / 1e3:.0f}s", flush=True)
+            print(
+                f"step {run.step:6d} | loss {np.mean(run.losses[-args.log_interval :]):.4f} | lr "
+                f"{run.lr_sched.get_last_lr()[0]:.2e} | "
+                f"{ms:.2f} ms/step | ETA {ms * (args.train_steps - run.step) / 1e3:.0f}s",
+                flush=True,
+            )
             t_log, step_at_log = time.perf_counter(), run.step
-        if args.eval_interval and run.rank == 0 and (run.step % args.eval_interval == 0 or run.step == args.train_steps):
+        if (
+            args.eval_interval
+            and run.rank == 0
+            and (run.step % args.eval_interval == 0 or run.step == args.train_steps)
+        ):
             t_eval = time.perf_counter()
-            run.curve.append(dict(step=run.step, train_time_s=run.train_time, knn_kl_bits=run.curve_eval(run.ema.module, run.scheduler)))
+            run.curve.append(
+                dict(
+                    step=run.step,
+                    train_time_s=run.train_time,
+                    knn_kl_bits=run.curve_eval(run.ema.module, run.scheduler),
+                )
+            )
             t_log += time.perf_counter() - t_eval  # the log's ms/step counts training only
         if run.step % args.ckpt_interval == 0 or run.step == args.train_steps:
             run.save(data_path)
-    if stop_requested(run, stop):  # a signal during the last save, on any process: the run is saved; stop before evaluating
+    if stop_requested(
+        run, stop
+    ):  # a signal during the last save, on any process: the run is saved; stop before evaluating
         stop.active = False
-        fail(f"stopped by {stop.name} after the last step; saved {run.ckpt_path}; evaluate it with: "
-             f"python train.py --out_dir {quote(args.out_dir)} --resume", code=128 + stop.signum, together=True)
+        fail(
+            f"stopped by {stop.name} after the last step; saved {run.ckpt_path}; evaluate it with: "
+            f"python train.py --out_dir {quote(args.out_dir)} --resume",
+            code=128 + stop.signum,
+            together=True,
+        )
     stop.active = False
 
 
@@ -557,31 +908,65 @@ def final_eval(run, names):
     model_ema, device, data = run.ema.module.eval(), run.device, run.data
     n_params = sum(p.numel() for p in run.model.parameters())
     steps = runs.sampler_steps(args.sampler, args.sample_steps, args.num_timesteps)
-    samples, cond, metrics = evaluate.score(model_ema, run.scheduler, data, args.dataset, args.eval_batch_size, device, guidance=args.guidance,
-                                            nll=args.nll, sampler=args.sampler, steps=steps)
+    samples, cond, metrics = evaluate.score(
+        model_ema,
+        run.scheduler,
+        data,
+        args.dataset,
+        args.eval_batch_size,
+        device,
+        guidance=args.guidance,
+        nll=args.nll,
+        sampler=args.sampler,
+        steps=steps,
+    )
     if args.eval_loss == "raw-train":  # the study's: the raw model over one pass of the training points
-        metrics["eval_loss"] = evaluate.eval_loss(run.model.eval(), run.scheduler, data.points, data.cond, device, batch_size=args.batch_size)
+        metrics["eval_loss"] = evaluate.eval_loss(
+            run.model.eval(), run.scheduler, data.points, data.cond, device, batch_size=args.batch_size
+        )
     config = runs.config_name(**vars(args))
-    metrics.update(train_time_s=run.train_time, ms_per_step=run.train_time / max(1, len(run.losses)) * 1e3, dataset=args.dataset, config=config,
-                   params=n_params, alpha_bar_T=run.scheduler.alpha_bar_T, device=str(device), threads=args.threads, args=vars(args),
-                   condition=dict(kind=data.kind, names=data.names))
+    metrics.update(
+        train_time_s=run.train_time,
+        ms_per_step=run.train_time / max(1, len(run.losses)) * 1e3,
+        dataset=args.dataset,
+        config=config,
+        params=n_params,
+        alpha_bar_T=run.scheduler.alpha_bar_T,
+        device=str(device),
+        threads=args.threads,
+        args=vars(args),
+        condition=dict(kind=data.kind, names=data.names),
+    )
     if args.dataset not in datasets.DATASETS:
         metrics["holdout"] = 0 if data.held is None else len(data.held)
-    title = f"{args.dataset} · {config} · {args.preset} preset" + (f" · w={args.guidance:g}" if args.guidance != 1 else "")
+    title = f"{args.dataset} · {config} · {args.preset} preset" + (
+        f" · w={args.guidance:g}" if args.guidance != 1 else ""
+    )
     if run.curve:
         metrics.update(curve=run.curve, curve_floor=run.curve_eval.floor, curve_samples=evaluate.CURVE_N)
         if run.curve_eval.density:  # else every point is NaN, and the warning says why
             runs.write_or_fail(out("kl.png"), lambda f: evaluate.plot_curve(run.curve, run.curve_eval.floor, f, title))
     runs.write_or_fail(out("samples.npy"), lambda f: np.save(f, samples))
     if cond is not None:
-        runs.write_or_fail(out("samples_cond.npy" if data.kind == "numbers" else "samples_labels.npy"),
-                           lambda f: np.save(f, cond if data.kind == "numbers" else np.array(data.names)[cond]))
+        runs.write_or_fail(
+            out("samples_cond.npy" if data.kind == "numbers" else "samples_labels.npy"),
+            lambda f: np.save(f, cond if data.kind == "numbers" else np.array(data.names)[cond]),
+        )
     labelled = dict(data_labels=data.cond, sample_labels=cond, classes=data.names) if data.kind == "labels" else {}
-    runs.write_or_fail(out("samples.png"), lambda f: evaluate.plot_samples(data.points, samples, f, evaluate.sample_title(title, metrics), names, **labelled))
+    runs.write_or_fail(
+        out("samples.png"),
+        lambda f: evaluate.plot_samples(
+            data.points, samples, f, evaluate.sample_title(title, metrics), names, **labelled
+        ),
+    )
     if data.kind == "labels":
-        runs.write_or_fail(out("guidance.png"), lambda f: evaluate.plot_guidance(model_ema, run.scheduler, data, device, f, title))
+        runs.write_or_fail(
+            out("guidance.png"), lambda f: evaluate.plot_guidance(model_ema, run.scheduler, data, device, f, title)
+        )
     runs.write_or_fail(out("loss.png"), lambda f: evaluate.plot_loss(run.losses, f))
-    runs.write_or_fail(out("metrics.json"), lambda f: f.write(runs.to_json(metrics).encode()))  # last: it marks the run finished
+    runs.write_or_fail(
+        out("metrics.json"), lambda f: f.write(runs.to_json(metrics).encode())
+    )  # last: it marks the run finished
     print(f"\n{title} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")
     print(f"training time   {run.train_time:8.1f} s   ({metrics['ms_per_step']:.2f} ms/step)")
     print(f"inference time  {metrics['inference_s']:8.2f} s   ({args.eval_batch_size} samples, {args.sampler})")
@@ -612,7 +997,9 @@ def main(argv=None):
         check_flags(args)  # the settings taken from a checkpoint, too
         if not early:
             check_condition_flags(args, given)
-        data_file = runs.run_dataset(ckpt) if ckpt else args.dataset  # a resumed run's file where it was trained, from any folder
+        data_file = (
+            runs.run_dataset(ckpt) if ckpt else args.dataset
+        )  # a resumed run's file where it was trained, from any folder
         data, cfg, sched_cfg = check_data(args, data_file, device)
         if ckpt:
             check_same_data(args, ckpt, data, data_file)
@@ -620,16 +1007,25 @@ def main(argv=None):
             check_compile(device)
         world, last = int(os.environ.get("WORLD_SIZE", "1")), len(data.points) % args.batch_size
         if world > 1 and args.batches == "epochs" and 0 < last < world:  # a process would get no rows
-            fail(f"each pass over the {len(data.points)} points ends in a batch of {last}, fewer rows than the {world} processes;"
-                 " choose a --batch_size that leaves none or at least that many, or --batches random")
+            fail(
+                f"each pass over the {len(data.points)} points ends in a batch of {last}, fewer rows than the {world} "
+                "processes;"
+                " choose a --batch_size that leaves none or at least that many, or --batches random"
+            )
     except SystemExit:
         if lock:
             lock.abandon()
         raise
     if "heads" in given and not args.attn_layers:
-        print("warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr)
-    names = data.columns if data.kind else datasets.column_names(data_file, data.points.shape[1])  # a text file's header, for the plot's axes
-    data_path = None if data_file in datasets.DATASETS else os.path.abspath(data_file)  # for sample.py and --resume from elsewhere
+        print(
+            "warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr
+        )
+    names = (
+        data.columns if data.kind else datasets.column_names(data_file, data.points.shape[1])
+    )  # a text file's header, for the plot's axes
+    data_path = (
+        None if data_file in datasets.DATASETS else os.path.abspath(data_file)
+    )  # for sample.py and --resume from elsewhere
     stop = runs.StopFlag()
     rank, world, device = init_ddp(args, device)
     if rank == 0:
@@ -641,10 +1037,19 @@ def main(argv=None):
     run = Run(args, data, cfg, sched_cfg, device, rank, world)
     if ckpt is not None:
         run.restore(ckpt)
-    print(f"{args.dataset}: {len(data.points)} points{f' (+{len(data.held)} held out)' if data.held is not None else ''}"
-          f"{f', {len(data.names)} classes' if data.kind == 'labels' else f', conditioned on {len(data.names)} numbers' if data.kind else ''} | {runs.config_name(**vars(args))}: {sum(p.numel() for p in run.model.parameters()):,} params | device {device}"
-          f"{f' ({args.threads} thread)' if device.type == 'cpu' else ''} | T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={run.scheduler.alpha_bar_T:.3f}, prior {args.prior}"
-          + (f", {args.low_frac:.0%} of each batch at t < {args.low_t}" if args.low_frac > 0 else "") + (f" | {world} processes" if world > 1 else ""), flush=True)
+    held = f" (+{len(data.held)} held out)" if data.held is not None else ""
+    n_names = len(data.names) if data.kind else 0
+    condition = {"labels": f", {n_names} classes", "numbers": f", conditioned on {n_names} numbers"}
+    n_params = sum(p.numel() for p in run.model.parameters())
+    threads = f" ({args.threads} thread)" if device.type == "cpu" else ""
+    low_t = f", {args.low_frac:.0%} of each batch at t < {args.low_t}" if args.low_frac > 0 else ""
+    print(
+        f"{args.dataset}: {len(data.points)} points{held}{condition.get(data.kind, '')} | "
+        f"{runs.config_name(**vars(args))}: {n_params:,} params | device {device}{threads} | "
+        f"T={args.num_timesteps} {args.beta_schedule}, alpha_bar_T={run.scheduler.alpha_bar_T:.3f}, prior {args.prior}"
+        f"{low_t}{f' | {world} processes' if world > 1 else ''}",
+        flush=True,
+    )
     train_loop(run, stop, data_path)
     if world > 1:  # leave together: a rank that tears gloo down while the other still talks to it can abort
         dist.barrier()
@@ -654,7 +1059,9 @@ def main(argv=None):
     try:
         metrics = final_eval(run, names)
     except KeyboardInterrupt as e:  # the last checkpoint holds the finished run: say how to evaluate it
-        raise KeyboardInterrupt(*e.args[:1], f"evaluate it with: python train.py --out_dir {quote(args.out_dir)} --resume") from None
+        raise KeyboardInterrupt(
+            *e.args[:1], f"evaluate it with: python train.py --out_dir {quote(args.out_dir)} --resume"
+        ) from None
     if lock:
         lock.close()
     return metrics

@@ -9,6 +9,7 @@
 3. DDPM-100 sampling with that near-Bayes denoiser for t <= k and the model above k.
 Run from the repository root. Single thread; the --full row takes several minutes.
 """
+
 import argparse
 import os
 import sys

@@ -7,6 +7,7 @@ each sample lands), and the seconds to draw them.
     python train.py --dataset moons --conditional --out_dir out/moons-cond
     python docs/guidance.py out/ring8-cond out/moons-cond          # writes docs/guidance.png, prints the table
 """
+
 import os
 import sys
 import time
@@ -35,13 +36,25 @@ def measure(run_dir):
     rows = []
     for w in WEIGHTS:
         t0 = time.perf_counter()
-        x = td.sample(model, scheduler, N, "dpm++", generator=torch.Generator().manual_seed(0), y=labels, guidance=w).numpy()
+        x = td.sample(
+            model, scheduler, N, "dpm++", generator=torch.Generator().manual_seed(0), y=labels, guidance=w
+        ).numpy()
         seconds = time.perf_counter() - t0
         per_class, fidelity, fidelity_floor = evaluate.class_metrics(data, ref, floor, x, labels.numpy())
         kl = np.mean([c["knn_kl_bits"] for c in per_class.values()])
         kl_floor = np.mean([c["knn_kl_floor"] for c in per_class.values()])
         log_p = datasets.log_density(name, x, labels.numpy()).mean() / np.log(2)
-        rows.append(dict(w=w, kl=kl, kl_floor=kl_floor, fidelity=fidelity, fidelity_floor=fidelity_floor, log_p=log_p, seconds=seconds))
+        rows.append(
+            dict(
+                w=w,
+                kl=kl,
+                kl_floor=kl_floor,
+                fidelity=fidelity,
+                fidelity_floor=fidelity_floor,
+                log_p=log_p,
+                seconds=seconds,
+            )
+        )
     fresh_log_p = datasets.log_density(name, floor[0], floor[1]).mean() / np.log(2)
     return name, ckpt["step"], rows, fresh_log_p
 
@@ -57,13 +70,24 @@ def main(run_dirs):
         print("|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['w']:g} | {r['kl']:.3f} | {r['fidelity']:.4f} | {r['log_p']:.3f} | {r['seconds']:.2f} |")
-        print(f"| fresh draw (floor) | {rows[0]['kl_floor']:.3f} | {rows[0]['fidelity_floor']:.4f} | {fresh_log_p:.3f} | |")
+        print(
+            f"| fresh draw (floor) | {rows[0]['kl_floor']:.3f} | {rows[0]['fidelity_floor']:.4f} | {fresh_log_p:.3f} "
+            "| |"
+        )
         w = [r["w"] for r in rows]
-        for ax, key, floor in zip(axes, ("kl", "fidelity", "log_p"), (rows[0]["kl_floor"], rows[0]["fidelity_floor"], fresh_log_p)):
-            line, = ax.plot(w, [r[key] for r in rows], "o-", label=name)
+        for ax, key, floor in zip(
+            axes, ("kl", "fidelity", "log_p"), (rows[0]["kl_floor"], rows[0]["fidelity_floor"], fresh_log_p)
+        ):
+            (line,) = ax.plot(w, [r[key] for r in rows], "o-", label=name)
             ax.axhline(floor, color=line.get_color(), ls=":", lw=1)
-    for ax, title in zip(axes, ("per-class kNN KL (bits; dotted: floor)", "class fidelity (dotted: fresh draw)",
-                                "mean log2 p(x | class) of the samples (dotted: data)")):
+    for ax, title in zip(
+        axes,
+        (
+            "per-class kNN KL (bits; dotted: floor)",
+            "class fidelity (dotted: fresh draw)",
+            "mean log2 p(x | class) of the samples (dotted: data)",
+        ),
+    ):
         ax.set_xlabel("guidance weight w")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)

@@ -8,6 +8,7 @@ subsets). The same samples score differently at different sizes, so a curve draw
 is compared only with other curves drawn the same way.
 Run from the repository root.
 """
+
 import argparse
 import json
 import os
@@ -36,6 +37,6 @@ for run in args.run_dirs:
     cells = []
     for n in sizes:
         floor = evaluate.knn_kl(X, evaluate.floor_draw(dataset, n), rho=rho)
-        kl = [evaluate.knn_kl(X, samples[i * n:(i + 1) * n], rho=rho) for i in range(len(samples) // n)]
+        kl = [evaluate.knn_kl(X, samples[i * n : (i + 1) * n], rho=rho) for i in range(len(samples) // n)]
         cells.append(f"{np.mean(kl) - floor:.3f}" + (f" ± {np.std(kl, ddof=1):.3f}" if len(kl) > 1 else ""))
     print(f"| {os.path.basename(os.path.normpath(run))} | " + " | ".join(cells) + " |")

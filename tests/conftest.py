@@ -10,20 +10,29 @@ torch.set_num_threads(1)  # the suite runs on 2 shared cores; more threads only 
 
 
 def pytest_addoption(parser):
-    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (the longest trainings, and torch.compile, which needs a C++ compiler)")
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the tests marked slow (the longest trainings, and torch.compile, which needs a C++ compiler)",
+    )
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """-n auto: a worker per core, at most 4. Each worker runs torch on one thread; beyond 4 the longest
     test file, not the number of workers, sets the time."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # the cores this process may use
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )  # the cores this process may use
     return max(1, min(4, cores))
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: off by default; python -m pytest --slow runs them too")
-    config.addinivalue_line("markers", "unit: the library's tier, each piece of tinydiff.py against a reference; python -m pytest -q -m unit")
+    config.addinivalue_line(
+        "markers",
+        "unit: the library's tier, each piece of tinydiff.py against a reference; python -m pytest -q -m unit",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,8 +64,12 @@ def run_here(script, *args):
     import traceback
     from types import SimpleNamespace
 
-    saved = dict(argv=sys.argv, cwd=os.getcwd(), threads=torch.get_num_threads(),
-                 handlers={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+    saved = dict(
+        argv=sys.argv,
+        cwd=os.getcwd(),
+        threads=torch.get_num_threads(),
+        handlers={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
+    )
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
         os.chdir(ROOT)
@@ -71,7 +84,8 @@ def run_here(script, *args):
         code = 1
         err.write(traceback.format_exc())
     finally:
-        gc.collect()  # a refused run's frames hold its folder lock (an open file); a process would have closed it on exit
+        # a refused run's frames hold its folder lock (an open file); a process would have closed it on exit
+        gc.collect()
         os.chdir(saved["cwd"])
         sys.argv = saved["argv"]
         torch.set_num_threads(saved["threads"])

@@ -1,5 +1,7 @@
 """Points beyond the study's 2-D datasets, as a user brings them: 3-D and 8-D files trained with the
-default flags, data that no longer fit a run, data no metric can score, and the library example run exactly as written."""
+default flags, data that no longer fit a run, data no metric can score, and the library example run exactly as
+written."""
+
 import json
 import os
 import runpy
@@ -7,15 +9,26 @@ import runpy
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, refused, run_here
+from test_reliability import TINY
 
 import evaluate
 import runs
 import tinydiff as td
-from conftest import ROOT, refused, run_here
-from test_reliability import TINY
 
 # the default flags, made shorter: 1,500 steps, 2,000 samples from DPM-Solver++ (20 network evaluations)
-FLAGS = ["--train_steps", 1500, "--batch_size", 256, "--eval_batch_size", 2000, "--sampler", "dpm++", "--log_interval", 500]
+FLAGS = [
+    "--train_steps",
+    1500,
+    "--batch_size",
+    256,
+    "--eval_batch_size",
+    2000,
+    "--sampler",
+    "dpm++",
+    "--log_interval",
+    500,
+]
 
 
 def run(script, *args, check=True):
@@ -35,13 +48,17 @@ def test_points_on_a_sphere_train_onto_the_sphere(tmp_path):
     """Reference: kNN KL of a fresh draw from the sphere (a perfect model) and of N(0, I)."""
     rng = np.random.default_rng(0)
     S = sphere(20_000, rng)
-    np.savetxt(tmp_path / "sphere.csv", S, delimiter=",", header="x,y,z", comments="")  # a header row, as people write them
+    np.savetxt(
+        tmp_path / "sphere.csv", S, delimiter=",", header="x,y,z", comments=""
+    )  # a header row, as people write them
     p = run("train.py", "--dataset", tmp_path / "sphere.csv", *FLAGS, "--out_dir", tmp_path / "run")
     assert "skipped the header row" in p.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     samples = np.load(tmp_path / "run" / "samples.npy")
     assert samples.shape == (2000, 3) and m["hist_kl_pairs"] == 3 and np.isfinite(m["hist_kl_nats"])
-    held = runs.load_data(str(tmp_path / "sphere.csv")).held  # the tenth of the file the model never saw, which the metrics use
+    held = runs.load_data(
+        str(tmp_path / "sphere.csv")
+    ).held  # the tenth of the file the model never saw, which the metrics use
     assert len(held) == 2000 and m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(held, samples), abs=1e-9)
     perfect, noise = evaluate.knn_kl(held, sphere(2000, rng)), evaluate.knn_kl(held, rng.normal(size=(2000, 3)))
     assert m["knn_kl_bits"] < perfect + 0.5 and m["knn_kl_bits"] < noise - 2.5, (m["knn_kl_bits"], perfect, noise)
@@ -70,14 +87,30 @@ def test_an_8d_gaussian_mixture_trains_to_its_modes(tmp_path):
 def test_data_that_no_longer_fit_the_run_are_refused_in_one_line(tmp_path):
     P = np.random.default_rng(0).normal(size=(500, 2))
     np.savetxt(tmp_path / "p.csv", P, delimiter=",")
-    run("train.py", "--dataset", tmp_path / "p.csv", "--train_steps", 4, "--ckpt_interval", 2, "--eval_batch_size", 100, "--out_dir", tmp_path / "run")
+    run(
+        "train.py",
+        "--dataset",
+        tmp_path / "p.csv",
+        "--train_steps",
+        4,
+        "--ckpt_interval",
+        2,
+        "--eval_batch_size",
+        100,
+        "--out_dir",
+        tmp_path / "run",
+    )
     np.savetxt(tmp_path / "one.csv", P[:, :1], delimiter=",")
     p = run("evaluate.py", "--out_dir", tmp_path / "run", "--dataset", tmp_path / "one.csv", "--n", 100, check=False)
     assert p.returncode == 2 and "holds 1-D points but the checkpoint's model makes 2-D ones" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     np.savetxt(tmp_path / "p.csv", P[:, :1], delimiter=",")  # the run's own file, now with one column
     p = run("train.py", "--out_dir", tmp_path / "run", "--resume", "--train_steps", 8, check=False)
-    assert p.returncode == 2 and "has changed since this run was trained" in p.stderr and "500 points of 2 coordinates then, 500 points of 1 coordinate now" in p.stderr, p.stderr
+    assert (
+        p.returncode == 2
+        and "has changed since this run was trained" in p.stderr
+        and "500 points of 2 coordinates then, 500 points of 1 coordinate now" in p.stderr
+    ), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     p = run("sample.py", "--out_dir", tmp_path / "run", "--n", 50, "--out", tmp_path / "s")
     assert "plotting the samples alone" in p.stdout and np.load(tmp_path / "s.npy").shape == (50, 2)
@@ -88,9 +121,9 @@ def test_the_readme_library_script_runs_as_written_and_learns_the_roll(tmp_path,
     the Gaussian with the data's mean and covariance, which has the right moments but not the roll; for the
     model it saves and loads with torch alone, the samples of the model in memory."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    code = text[text.index("## Use the library"):].split("```python\n", 1)[1].split("```", 1)[0]
+    code = text[text.index("## Use the library") :].split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "example.py").write_text(code)
-    monkeypatch.chdir(tmp_path)  # it saves roll.pt where it runs
+    monkeypatch.chdir(tmp_path)  # it saves its model where it runs
     out = runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
     again = td.sample(out["again"], out["scheduler"], 2000, sampler="dpm++", generator=torch.Generator().manual_seed(0))
     assert torch.equal(again, out["samples"])
@@ -110,30 +143,63 @@ def test_discrete_data_get_no_meaningless_knn_kl_or_nll_but_a_warning(tmp_path, 
     5 copies among the held-out rows, so no distance is 0 there) put atoms in the data, where a density scores any
     number: the kNN KL and the NLL are left out, here and in evaluate.py --samples, with one warning."""
     rng = np.random.default_rng(0)
-    X = np.round(rng.normal(size=(2000, 2)) * 2) if kind == "rounded" else np.repeat(rng.normal(size=(60, 2)), 10, axis=0)
+    X = (
+        np.round(rng.normal(size=(2000, 2)) * 2)
+        if kind == "rounded"
+        else np.repeat(rng.normal(size=(60, 2)), 10, axis=0)
+    )
     np.savetxt(tmp_path / "points.csv", X, delimiter=",")
-    p = run("train.py", "--dataset", tmp_path / "points.csv", "--train_steps", 3, *TINY, "--nll", 10, "--eval_interval", 3,
-            "--out_dir", tmp_path / "run")
+    p = run(
+        "train.py",
+        "--dataset",
+        tmp_path / "points.csv",
+        "--train_steps",
+        3,
+        *TINY,
+        "--nll",
+        10,
+        "--eval_interval",
+        3,
+        "--out_dir",
+        tmp_path / "run",
+    )
     assert p.returncode == 0 and "repeat another exactly" in p.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["knn_kl_bits"] is None and m["knn_kl_floor"] is None and m["nll_bits"] is None and m["hist_kl_nats"] >= 0
-    assert [w for w in m["warnings"] if "repeat another exactly" in w] and not [w for w in m["warnings"] if "zero distance" in w]
+    assert [w for w in m["warnings"] if "repeat another exactly" in w] and not [
+        w for w in m["warnings"] if "zero distance" in w
+    ]
     assert m["curve"][-1]["knn_kl_bits"] is None and not (tmp_path / "run" / "kl.png").exists()
-    e = run("evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json")
+    e = run(
+        "evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json"
+    )
     assert e.returncode == 0 and json.loads(e.stdout)["knn_kl_bits"] is None and "repeat another exactly" in e.stderr
 
 
 def test_evaluate_scores_a_files_samples_against_the_rows_train_py_held_out(tmp_path):
     np.savetxt(tmp_path / "points.csv", np.random.default_rng(1).normal(size=(400, 2)), delimiter=",")
-    assert run("train.py", "--dataset", tmp_path / "points.csv", "--train_steps", 3, *TINY, "--out_dir", tmp_path / "run").returncode == 0
+    assert (
+        run(
+            "train.py", "--dataset", tmp_path / "points.csv", "--train_steps", 3, *TINY, "--out_dir", tmp_path / "run"
+        ).returncode
+        == 0
+    )
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    e = json.loads(run("evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json").stdout)
+    e = json.loads(
+        run(
+            "evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json"
+        ).stdout
+    )
     for key in ("knn_kl_bits", "knn_kl_floor", "hist_kl_nats", "dcr_ratio", "near_copy_frac"):
         assert e[key] == pytest.approx(m[key], rel=1e-12), key
     samples = np.load(tmp_path / "run" / "samples.npy")
     np.save(tmp_path / "nan.npy", np.vstack([samples, np.full((100, 2), np.nan)]))  # counted, then left out
-    e = json.loads(run("evaluate.py", "--samples", tmp_path / "nan.npy", "--dataset", tmp_path / "points.csv", "--json").stdout)
-    assert e["nonfinite_frac"] == pytest.approx(100 / (len(samples) + 100)) and e["knn_kl_bits"] == pytest.approx(m["knn_kl_bits"], rel=1e-12)
+    e = json.loads(
+        run("evaluate.py", "--samples", tmp_path / "nan.npy", "--dataset", tmp_path / "points.csv", "--json").stdout
+    )
+    assert e["nonfinite_frac"] == pytest.approx(100 / (len(samples) + 100)) and e["knn_kl_bits"] == pytest.approx(
+        m["knn_kl_bits"], rel=1e-12
+    )
     np.savetxt(tmp_path / "other.csv", np.random.default_rng(2).normal(size=(400, 2)), delimiter=",")
     p = run("evaluate.py", "--out_dir", tmp_path / "run", "--dataset", tmp_path / "other.csv", "--n", 200, "--json")
     assert json.loads(p.stdout)["dcr_ratio"] is None and "holds other points than the run trained on" in p.stderr
@@ -143,11 +209,15 @@ def test_data_that_no_metric_can_score_are_refused_before_training(tmp_path):
     rng = np.random.default_rng(0)
     flat = np.column_stack([rng.normal(size=300), np.full(300, 1.5)])
     np.save(tmp_path / "flat.npy", flat)
-    assert "coordinate 2 of 2 of" in refused("train.py", "--dataset", tmp_path / "flat.npy", "--out_dir", tmp_path / "a")
+    assert "coordinate 2 of 2 of" in refused(
+        "train.py", "--dataset", tmp_path / "flat.npy", "--out_dir", tmp_path / "a"
+    )
     np.savetxt(tmp_path / "small.csv", rng.normal(size=(150, 2)), delimiter=",")
-    assert "give --holdout 0.14, or --nll 0" in refused("train.py", "--dataset", tmp_path / "small.csv", "--nll", 10,
-                                                                      "--out_dir", tmp_path / "b")
+    assert "give --holdout 0.14, or --nll 0" in refused(
+        "train.py", "--dataset", tmp_path / "small.csv", "--nll", 10, "--out_dir", tmp_path / "b"
+    )
     np.savetxt(tmp_path / "plain.csv", rng.normal(size=(300, 2)), delimiter=",")
-    assert "give --holdout 0.1, or --nll 0" in refused("train.py", "--dataset", tmp_path / "plain.csv", "--holdout", 0, "--nll", 10,
-                                                       "--out_dir", tmp_path / "c")
+    assert "give --holdout 0.1, or --nll 0" in refused(
+        "train.py", "--dataset", tmp_path / "plain.csv", "--holdout", 0, "--nll", 10, "--out_dir", tmp_path / "c"
+    )
     assert not any((tmp_path / d).exists() for d in "abc")

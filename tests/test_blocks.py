@@ -1,4 +1,5 @@
 """Embedding, attention and residual blocks against their formulas, naive loops and torch's reference ops."""
+
 import math
 
 import pytest
@@ -51,7 +52,9 @@ def test_fast_attention_equals_attention(L, dtype):
     fast, ref = td.fast_attention(q, k, v), td.attention(q, k, v)
     torch.testing.assert_close(fast, ref, **tol)
     g_out = torch.randn(fast.shape, generator=g).to(dtype)
-    torch.testing.assert_close(torch.autograd.grad(fast, (q, k, v), g_out), torch.autograd.grad(ref, (q, k, v), g_out), **tol)
+    torch.testing.assert_close(
+        torch.autograd.grad(fast, (q, k, v), g_out), torch.autograd.grad(ref, (q, k, v), g_out), **tol
+    )
 
 
 @pytest.mark.parametrize("L", [3, 9])
@@ -72,7 +75,9 @@ def test_self_attention_matches_the_layer_written_out(heads, L):
     out = attn(x)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     g = torch.randn_like(ref)
-    torch.testing.assert_close(*(torch.autograd.grad(y, [x, attn.qkv.weight], g) for y in (out, ref)), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(
+        *(torch.autograd.grad(y, [x, attn.qkv.weight], g) for y in (out, ref)), atol=1e-10, rtol=1e-10
+    )
 
 
 @pytest.mark.parametrize("heads", [3, 5, 0, 7])

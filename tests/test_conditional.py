@@ -1,15 +1,16 @@
 """Conditional runs and honest numbers on a user's file, through the scripts: labels from a file's column or a
 named dataset, continuous conditions, guidance, the held-out split, its floor and the memorisation check."""
+
 import json
 
 import numpy as np
 import pytest
+from conftest import refused, run_here
 from scipy.spatial import cKDTree
 
 import datasets
 import evaluate
 import runs
-from conftest import refused, run_here
 
 FAST = ["--batch_size", 128, "--eval_batch_size", 1000, "--log_interval", 1000, "--hidden", 128]
 
@@ -38,7 +39,9 @@ def test_a_label_column_of_words_trains_each_class_to_its_own_cluster(tmp_path):
     assert m["condition"] == dict(kind="labels", names=sorted(centres)) and m["holdout"] == 200
     assert m["fidelity"] > 0.95 and m["fidelity_floor"] > 0.95  # the vote itself is near-perfect on these clusters
     for name in ("north", "west"):
-        p = run_here("sample.py", "--out_dir", out, "--n", 400, "--sampler", "dpm++", "--label", name, "--out", tmp_path / name)
+        p = run_here(
+            "sample.py", "--out_dir", out, "--n", 400, "--sampler", "dpm++", "--label", name, "--out", tmp_path / name
+        )
         assert p.returncode == 0, p.stderr
         x = np.load(tmp_path / f"{name}.npy")
         np.testing.assert_allclose(x.mean(0), centres[name], atol=0.3)
@@ -51,15 +54,35 @@ def test_conditional_moons_keep_each_moon_apart_and_guidance_sharpens_them(tmp_p
     train("--dataset", "moons", "--conditional", "--train_steps", 1200, "--out_dir", out, "--sampler", "dpm++")
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["per_class"]) == {"upper", "lower"} and m["fidelity"] > 0.97, m["fidelity"]
-    assert (out / "guidance.png").is_file() and (np.load(out / "samples_labels.npy") == "upper").mean() == pytest.approx(0.5, abs=0.05)
+    assert (out / "guidance.png").is_file() and (
+        np.load(out / "samples_labels.npy") == "upper"
+    ).mean() == pytest.approx(0.5, abs=0.05)
     # the exact class densities as the reference: guided samples of "upper" are more likely under p(x | upper)
     for w in (1, 3):
-        assert run_here("sample.py", "--out_dir", out, "--n", 1000, "--sampler", "dpm++", "--label", "upper", "--guidance", w,
-                        "--out", tmp_path / f"w{w}").returncode == 0
+        assert (
+            run_here(
+                "sample.py",
+                "--out_dir",
+                out,
+                "--n",
+                1000,
+                "--sampler",
+                "dpm++",
+                "--label",
+                "upper",
+                "--guidance",
+                w,
+                "--out",
+                tmp_path / f"w{w}",
+            ).returncode
+            == 0
+        )
     x1, x3 = (np.load(tmp_path / f"w{w}.npy") for w in (1, 3))
     upper = lambda x: (datasets.log_density("moons", x, 0) > datasets.log_density("moons", x, 1)).mean()
     assert upper(x3) >= upper(x1) > 0.97
-    assert np.median(datasets.log_density("moons", x3, 0)) > np.median(datasets.log_density("moons", x1, 0))  # sharper: deeper inside
+    assert np.median(datasets.log_density("moons", x3, 0)) > np.median(
+        datasets.log_density("moons", x1, 0)
+    )  # sharper: deeper inside
 
 
 @pytest.mark.slow  # 20 s; numbers as conditions are checked by default in test_conditioning
@@ -72,7 +95,9 @@ def test_continuous_conditions_move_the_samples_along_f_of_c(tmp_path):
     out = tmp_path / "run"
     train("--dataset", tmp_path / "fc.csv", "--cond_columns", "c", "--train_steps", 2000, "--out_dir", out)
     for v in (-1.5, 0.0, 1.0):
-        p = run_here("sample.py", "--out_dir", out, "--n", 300, "--sampler", "dpm++", "--cond", f"c={v}", "--out", tmp_path / "s")
+        p = run_here(
+            "sample.py", "--out_dir", out, "--n", 300, "--sampler", "dpm++", "--cond", f"c={v}", "--out", tmp_path / "s"
+        )
         assert p.returncode == 0, p.stderr
         np.testing.assert_allclose(np.load(tmp_path / "s.npy").mean(0), f(np.array(v)), atol=0.35)
 
@@ -80,7 +105,9 @@ def test_continuous_conditions_move_the_samples_along_f_of_c(tmp_path):
 def test_bad_conditions_are_refused_in_one_line(tmp_path):
     rng = np.random.default_rng(2)
     X = rng.normal(size=(300, 2))
-    write = lambda name, labels: np.savetxt(tmp_path / name, np.column_stack([X, labels]).astype(str), fmt="%s", delimiter=",", header="a,b,k", comments="")
+    write = lambda name, labels: np.savetxt(
+        tmp_path / name, np.column_stack([X, labels]).astype(str), fmt="%s", delimiter=",", header="a,b,k", comments=""
+    )
     write("one.csv", np.zeros(300))
     write("many.csv", np.arange(300))
     write("text.csv", rng.choice(["p", "q"], 300))
@@ -99,7 +126,9 @@ def test_bad_conditions_are_refused_in_one_line(tmp_path):
     for w in (-1, "nan", 1e6):
         assert "--guidance must be a number in [0, 20]" in refused("sample.py", "--out_dir", out, "--guidance", w)
     assert "needs a run trained with --cond_columns" in refused("sample.py", "--out_dir", out, "--cond", "k=1")
-    train("--dataset", tmp_path / "many.csv", "--train_steps", 5, "--out_dir", tmp_path / "plain")  # k as a third coordinate
+    train(
+        "--dataset", tmp_path / "many.csv", "--train_steps", 5, "--out_dir", tmp_path / "plain"
+    )  # k as a third coordinate
     assert "this run is unconditional" in refused("sample.py", "--out_dir", tmp_path / "plain", "--label", "p")
 
 
@@ -108,13 +137,18 @@ def test_held_out_points_never_reach_the_model_and_a_fresh_split_scores_near_zer
     np.save(tmp_path / "g.npy", X)
     data = runs.load_data(str(tmp_path / "g.npy"), holdout=0.1)
     rows = lambda A: {tuple(r) for r in A}
-    assert len(data.held) == 2000 and rows(data.held) | rows(data.points) == rows(X) and not rows(data.held) & rows(data.points)
+    assert (
+        len(data.held) == 2000
+        and rows(data.held) | rows(data.points) == rows(X)
+        and not rows(data.held) & rows(data.points)
+    )
     (ref, _), (floor, _) = evaluate.references(data, str(tmp_path / "g.npy"), 10_000)
     assert rows(ref) == rows(data.held) and rows(floor) <= rows(data.points) and len(floor) == 10_000
     assert abs(evaluate.knn_kl(ref, floor)) < 0.05  # the same distribution: the floor is near 0
     out = tmp_path / "run"
     train("--dataset", tmp_path / "g.npy", "--train_steps", 5, "--out_dir", out, "--eval_batch_size", 200)
     import torch
+
     shift = torch.load(out / "ckpt.pt", weights_only=True)["ema"]["data_map.shift"].double().numpy()
     np.testing.assert_allclose(shift, data.points.mean(0), rtol=1e-6)  # the statistics of the training rows alone
     assert json.loads((out / "metrics.json").read_text())["holdout"] == 2000
@@ -122,7 +156,9 @@ def test_held_out_points_never_reach_the_model_and_a_fresh_split_scores_near_zer
 
 def test_a_small_file_holds_nothing_out_and_says_so(tmp_path):
     np.save(tmp_path / "s.npy", np.random.default_rng(4).normal(size=(100, 2)))
-    p = train("--dataset", tmp_path / "s.npy", "--train_steps", 5, "--out_dir", tmp_path / "run", "--eval_batch_size", 100)
+    p = train(
+        "--dataset", tmp_path / "s.npy", "--train_steps", 5, "--out_dir", tmp_path / "run", "--eval_batch_size", 100
+    )
     assert "too few to hold out" in p.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["holdout"] == 0 and m.get("knn_kl_floor") is None and "dcr_ratio" not in m
@@ -137,14 +173,25 @@ def test_dcr_ratio_separates_copies_from_fresh_points():
     # the reference: brute-force nearest distances
     nearest = lambda x: np.sqrt(((x[:, None] / train.std(0) - train[None] / train.std(0)) ** 2).sum(-1)).min(1)
     assert copied["dcr_ratio"] == pytest.approx(np.median(nearest(copies)) / np.median(nearest(fresh)))
-    assert 0.6 < honest["dcr_ratio"] < 1.6 and copied["dcr_ratio"] < 0.1 and copied["near_copy_frac"] > 0.9 > 0.1 > honest["near_copy_frac"]
-    duplicated = evaluate.memorisation(train, copies, np.concatenate([fresh, train[:3]]))  # "unseen" points that are training rows
-    assert duplicated["dcr_ratio"] is None and duplicated["near_copy_frac"] is None and "3 of the 103 held-out points" in duplicated["warnings"][0]
+    assert (
+        0.6 < honest["dcr_ratio"] < 1.6
+        and copied["dcr_ratio"] < 0.1
+        and copied["near_copy_frac"] > 0.9 > 0.1 > honest["near_copy_frac"]
+    )
+    duplicated = evaluate.memorisation(
+        train, copies, np.concatenate([fresh, train[:3]])
+    )  # "unseen" points that are training rows
+    assert (
+        duplicated["dcr_ratio"] is None
+        and duplicated["near_copy_frac"] is None
+        and "3 of the 103 held-out points" in duplicated["warnings"][0]
+    )
 
 
 @pytest.mark.slow  # 15 s; the README's library script runs by default
 def test_the_conditioning_script_in_the_docs_runs_as_written_and_obeys_its_labels(tmp_path):
-    """The python block in docs/conditioning.md, executed as printed. Reference: the script's own data, class by class."""
+    """The python block in docs/conditioning.md, executed as printed. Reference: the script's own data, class by
+    class."""
     import os
     import runpy
 
@@ -155,5 +202,7 @@ def test_the_conditioning_script_in_the_docs_runs_as_written_and_obeys_its_label
     out = runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
     x, y, lower = out["x"].numpy(), out["y"].numpy(), out["lower"].numpy()
     np.testing.assert_allclose(lower.mean(0), x[y == 1].mean(0), atol=0.1)
-    votes = y[cKDTree(x).query(lower, k=10)[1]].mean(1)  # the share of each sample's 10 nearest data points that are "lower"
+    votes = y[cKDTree(x).query(lower, k=10)[1]].mean(
+        1
+    )  # the share of each sample's 10 nearest data points that are "lower"
     assert (votes > 0.5).mean() > 0.97

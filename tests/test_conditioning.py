@@ -1,4 +1,6 @@
-"""The condition token, classifier-free guidance and condition dropout, against two separate calls and their distributions."""
+"""The condition token, classifier-free guidance and condition dropout, against two separate calls and their
+distributions."""
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -13,7 +15,9 @@ K, C = 3, 2
 
 def build(kind, **kw):
     torch.manual_seed(0)
-    model = td.Denoiser(td.DenoiserConfig(**{"attn_layers": 1, **({"num_classes": K} if kind == "labels" else {"cond_dim": C}), **kw})).eval()
+    model = td.Denoiser(
+        td.DenoiserConfig(**{"attn_layers": 1, **({"num_classes": K} if kind == "labels" else {"cond_dim": C}), **kw})
+    ).eval()
     g = torch.Generator().manual_seed(1)
     X = torch.randn(300, 2, generator=g, dtype=torch.float64)
     y = torch.randint(0, K, (300,), generator=g) if kind == "labels" else torch.randn(300, C, generator=g) * 4 + 1
@@ -29,7 +33,8 @@ def inputs(n=16, seed=2):
 @pytest.mark.parametrize("mixer", [dict(), dict(attn_layers=0, ssm_layers=2)], ids=["attention", "ssm"])
 @pytest.mark.parametrize("kind", ["labels", "numbers"])
 def test_the_condition_is_a_token_that_attention_reads(kind, mixer):
-    """With a mixer (attention, or the bidirectional SSM), the coordinates' tokens change with y: the MLP's slots for x1, x2, t."""
+    """With a mixer (attention, or the bidirectional SSM), the coordinates' tokens change with y: the MLP's slots for
+    x1, x2, t."""
     model, y = build(kind, **mixer)
     x, t = inputs()
     seen = []
@@ -37,7 +42,9 @@ def test_the_condition_is_a_token_that_attention_reads(kind, mixer):
     other = (y[:16] + 1) % K if kind == "labels" else y[:16] + 3
     out_a, out_b = model(x, t, y[:16]), model(x, t, other)
     assert seen[0].shape == (16, 4 * 128)
-    assert not torch.allclose(seen[0][:, : 3 * 128], seen[1][:, : 3 * 128])  # information moved from the condition token
+    assert not torch.allclose(
+        seen[0][:, : 3 * 128], seen[1][:, : 3 * 128]
+    )  # information moved from the condition token
     assert not torch.allclose(out_a, out_b)
 
 
@@ -70,18 +77,21 @@ def test_bad_conditions_are_refused_in_library_terms():
     numbers, _ = build("numbers")
     plain = td.Denoiser(td.DenoiserConfig())
     x, t = inputs(4)
-    cases = [(labels, torch.tensor([0, 1, 4, 0]), "label 4 is out of range for num_classes=3: use 0..2"),
-             (labels, torch.tensor([0, -1, 2, 0]), "label -1 is out of range"),
-             (labels, torch.tensor([0.0, 1.0, 2.0, 0.0]), r"y must be \(4,\) integer labels in 0..2 for num_classes=3"),
-             (labels, torch.tensor([True, False, True, False]), "integer labels"),
-             (labels, torch.zeros(4, 1, dtype=torch.long), r"of shape \(4, 1\)"),
-             (numbers, torch.zeros(4, 3), r"y must be \(4, 2\) float conditions for cond_dim=2"),
-             (numbers, torch.zeros(4, 2, dtype=torch.long), "float conditions"),
-             (plain, torch.zeros(4, dtype=torch.long), "this Denoiser is unconditional")]
+    cases = [
+        (labels, torch.tensor([0, 1, 4, 0]), "label 4 is out of range for num_classes=3: use 0..2"),
+        (labels, torch.tensor([0, -1, 2, 0]), "label -1 is out of range"),
+        (labels, torch.tensor([0.0, 1.0, 2.0, 0.0]), r"y must be \(4,\) integer labels in 0..2 for num_classes=3"),
+        (labels, torch.tensor([True, False, True, False]), "integer labels"),
+        (labels, torch.zeros(4, 1, dtype=torch.long), r"of shape \(4, 1\)"),
+        (numbers, torch.zeros(4, 3), r"y must be \(4, 2\) float conditions for cond_dim=2"),
+        (numbers, torch.zeros(4, 2, dtype=torch.long), "float conditions"),
+        (plain, torch.zeros(4, dtype=torch.long), "this Denoiser is unconditional"),
+    ]
     for model, y, words in cases:
         with pytest.raises(ValueError, match=words):
             model(x, t, y)
-    assert labels(x, t, torch.tensor([0, 1, 3, 2])).shape == (4, 2)  # K is the null label
+    with pytest.raises(ValueError, match="label 3 is out of range for num_classes=3: use 0..2"):
+        labels(x, t, torch.tensor([0, 1, 3, 2]))  # K is the null label, which only drop selects
     s = td.NoiseScheduler()
     plain.set_data_stats(torch.randn(10, 2))
     with pytest.raises(ValueError, match="guidance 2.0 needs a conditional Denoiser"):
@@ -97,13 +107,15 @@ def test_bad_conditions_are_refused_in_library_terms():
 
 @pytest.mark.parametrize("kind", ["labels", "numbers"])
 @pytest.mark.parametrize("w", [0.0, 1.0, 3.0])
-def test_guided_eps_is_the_cfg_combination_of_two_separate_calls(kind, w):
+def test_guided_output_is_the_cfg_combination_of_two_separate_calls(kind, w):
     model, y = build(kind)
     x, t = inputs()
     eps_cond, eps_null = model(x, t, y[:16]), model(x, t)
     ref = eps_null + w * (eps_cond - eps_null)
-    torch.testing.assert_close(td.guided_eps(model, x, t, y[:16], w), ref, atol=1e-6, rtol=1e-5)
-    assert torch.equal(td.guided_eps(model, x, 37, y[:16], w), td.guided_eps(model, x, torch.full((16,), 37), y[:16], w))  # an int t is every row's
+    torch.testing.assert_close(td.guided_output(model, x, t, y[:16], w), ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(
+        td.guided_output(model, x, 37, y[:16], w), td.guided_output(model, x, torch.full((16,), 37), y[:16], w)
+    )  # an int t is every row's
 
 
 @pytest.mark.parametrize("kind", ["labels", "numbers"])
@@ -115,7 +127,9 @@ def test_ddpm_loss_drops_the_condition_with_p_uncond_or_where_drop_says(kind):
     t, noise = torch.randint(0, 100, (32,), generator=g), torch.randn(32, 2, generator=g)
     uncond = td.ddpm_loss(model, s, X, t, noise)
     torch.testing.assert_close(td.ddpm_loss(model, s, X, t, noise, y[:32], p_uncond=1.0), uncond)
-    torch.testing.assert_close(td.ddpm_loss(model, s, X, t, noise, y[:32], p_uncond=0.0, drop=torch.ones(32, dtype=torch.bool)), uncond)
+    torch.testing.assert_close(
+        td.ddpm_loss(model, s, X, t, noise, y[:32], p_uncond=0.0, drop=torch.ones(32, dtype=torch.bool)), uncond
+    )
     cond = td.ddpm_loss(model, s, X, t, noise, y[:32], p_uncond=0.0)
     z = model.data_map.to_model(X)
     torch.testing.assert_close(cond, ((model(s.add_noise(z, noise, t), t, y[:32]) - noise) ** 2).mean())
@@ -131,8 +145,14 @@ class RecordDrop(torch.nn.Module):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_the_drop_rate_is_p_uncond(p):
     model, n = RecordDrop(), 20_000
-    td.ddpm_loss(model, td.NoiseScheduler(), torch.zeros(n, 2), y=torch.zeros(n, dtype=torch.long), p_uncond=p,
-                 generator=torch.Generator().manual_seed(0))
+    td.ddpm_loss(
+        model,
+        td.NoiseScheduler(),
+        torch.zeros(n, 2),
+        y=torch.zeros(n, dtype=torch.long),
+        p_uncond=p,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert model.drop.shape == (n,) and model.drop.dtype == torch.bool
     assert scipy.stats.binomtest(int(model.drop.sum()), n, p).pvalue > 1e-3
 
@@ -178,19 +198,30 @@ def test_sampling_without_labels_draws_them_in_the_training_shares():
 def test_every_sampler_runs_with_guidance_in_float64(kind, sampler):
     model, y = build(kind)
     s = td.NoiseScheduler(10)
-    run = lambda w: td.sample(model, s, 24, sampler, steps=4, y=y[:24], guidance=w, generator=torch.Generator().manual_seed(0))
+    run = lambda w: td.sample(
+        model, s, 24, sampler, steps=4, y=y[:24], guidance=w, generator=torch.Generator().manual_seed(0)
+    )
     x0, x1, x3 = run(0.0), run(1.0), run(3.0)
     assert all(x.dtype == torch.float64 and x.shape == (24, 2) and torch.isfinite(x).all() for x in (x0, x1, x3))
     assert not torch.allclose(x1, x3) and not torch.allclose(x0, x1)
     if kind == "numbers":  # guidance 0 with numbers is the unconditional model, which y=None also gives
-        torch.testing.assert_close(x0, td.sample(model, s, 24, sampler, steps=4, generator=torch.Generator().manual_seed(0)), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            x0,
+            td.sample(model, s, 24, sampler, steps=4, generator=torch.Generator().manual_seed(0)),
+            atol=1e-6,
+            rtol=1e-6,
+        )
 
 
 def test_the_sampler_starts_each_class_from_its_own_moments():
-    """x_T of class k: the Gaussian with q(x_T | k)'s moments, sqrt(ab) mu_k and ab Sigma_k + (1 - ab) I, from numpy's class moments."""
+    """x_T of class k: the Gaussian with q(x_T | k)'s moments, sqrt(ab) mu_k and ab Sigma_k + (1 - ab) I, from numpy's
+    class moments."""
     g = torch.Generator().manual_seed(3)
     y = torch.randint(0, K, (3000,), generator=g)
-    X = torch.randn(3000, 2, generator=g, dtype=torch.float64) * torch.tensor([[0.5, 2.0]], dtype=torch.float64) + 3.0 * y[:, None]
+    X = (
+        torch.randn(3000, 2, generator=g, dtype=torch.float64) * torch.tensor([[0.5, 2.0]], dtype=torch.float64)
+        + 3.0 * y[:, None]
+    )
     model = td.Denoiser(td.DenoiserConfig(num_classes=K))
     model.set_data_stats(X, y, standardize=False)
     scheduler, ab = td.NoiseScheduler(), td.NoiseScheduler().alphas_cumprod[-1].double()
@@ -203,13 +234,16 @@ def test_the_sampler_starts_each_class_from_its_own_moments():
         np.testing.assert_allclose(model.class_cov[k].numpy(), np.cov(Xk.T, bias=True), atol=1e-5)
         xk = x_T[labels == k].numpy()
         np.testing.assert_allclose(xk.mean(0), ab.sqrt().item() * Xk.mean(0), atol=0.05)
-        np.testing.assert_allclose(np.cov(xk.T), ab.item() * np.cov(Xk.T, bias=True) + (1 - ab.item()) * np.eye(2), atol=0.05)
+        np.testing.assert_allclose(
+            np.cov(xk.T), ab.item() * np.cov(Xk.T, bias=True) + (1 - ab.item()) * np.eye(2), atol=0.05
+        )
     mean, cov, groups = model.start_moments(None)  # no condition: the data's moments
     assert groups is None and torch.allclose(mean.double(), X.mean(0), atol=1e-5)
 
 
 def test_numbers_start_from_a_linear_fit_of_the_data_on_them():
-    """Data z = A c + b + noise: cond_coef and cond_cov are numpy's least squares on the standardised c and its residuals."""
+    """Data z = A c + b + noise: cond_coef and cond_cov are numpy's least squares on the standardised c and its
+    residuals."""
     g = np.random.default_rng(5)
     c = g.normal(size=(4000, C)) * [2.0, 0.5] + [1.0, -3.0]
     z = c @ np.array([[1.0, -0.5], [2.0, 0.3]]) + 0.2 * g.normal(size=(4000, 2)) + 4.0
@@ -222,3 +256,46 @@ def test_numbers_start_from_a_linear_fit_of_the_data_on_them():
     np.testing.assert_allclose(model.cond_cov.numpy(), np.cov(resid.T, bias=True), atol=1e-4)
     mean, _, _ = model.start_moments(torch.as_tensor(c[:5], dtype=torch.float32))
     np.testing.assert_allclose(mean.numpy(), z.mean(0) + cs[:5] @ coef[:C], atol=1e-3)
+
+
+def test_the_library_takes_numpy_lists_and_numbers_as_it_takes_tensors():
+    """Reference: the same call with tensors. One label or one vector of C numbers stands for every row."""
+    model, y = build("labels")
+    x, t = inputs(4)
+    want = model(x, t, y[:4])
+    torch.testing.assert_close(model(x.numpy(), t.numpy(), y[:4].numpy()), want)
+    torch.testing.assert_close(model(x.tolist(), t.tolist(), y[:4].tolist()), want)
+    torch.testing.assert_close(model(x, 7, 1), model(x, torch.full((4,), 7), torch.ones(4, dtype=torch.long)))
+    numbers, c = build("numbers")
+    torch.testing.assert_close(numbers(x, t, [0.5, -1.0]), numbers(x, t, torch.tensor([[0.5, -1.0]]).expand(4, 2)))
+    s = td.NoiseScheduler()
+    g = lambda: torch.Generator().manual_seed(0)
+    data, labels = torch.randn(50, 2), torch.arange(50) % 3
+    model.set_data_stats(data.numpy(), labels.tolist())
+    keep = torch.zeros(50, dtype=torch.bool)  # no row dropped, so that the two losses see the same rows
+    loss = td.ddpm_loss(model, s, data.numpy(), t=t.repeat(13)[:50].numpy(), noise=data.flip(0).numpy(), y=1, drop=keep)
+    want = td.ddpm_loss(model, s, data, t=t.repeat(13)[:50], noise=data.flip(0), y=torch.ones(50).long(), drop=keep)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(
+        td.sample(model, s, 5, "ddim", 3, y=2, generator=g()),
+        td.sample(model, s, 5, "ddim", 3, y=torch.full((5,), 2), generator=g()),
+    )
+    for bad, words in (
+        ("abc", "y must be a tensor, numpy array, list or number, not str"),
+        ([[1, 2], [3]], "y could not be read as numbers"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            model(x, t, bad)
+
+
+def test_set_data_stats_refuses_before_it_changes_anything():
+    """Reference: the buffers as they were. Label K (the null label) and NaN conditions are refused."""
+    model, _ = build("labels")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for y in (torch.arange(20) % 4, torch.full((20,), -1)):
+        with pytest.raises(ValueError, match="out of range for num_classes=3: use 0..2"):
+            model.set_data_stats(torch.randn(20, 2) * 5 + 3, y)
+    numbers, _ = build("numbers")
+    with pytest.raises(ValueError, match="NaN or infinite conditions"):
+        numbers.set_data_stats(torch.randn(20, 2), torch.full((20, 2), float("nan")))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

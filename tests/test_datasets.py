@@ -1,6 +1,6 @@
 """Each dataset's statistics against its definition; users' files as people write them; bad files refused."""
+
 import math
-import os
 
 import numpy as np
 import pytest
@@ -124,7 +124,7 @@ def test_text_as_people_write_it_bom_comments_and_a_header(tmp_path, capsys):
     np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / "p.csv")), P, rtol=1e-15)
     out = capsys.readouterr()
     assert "skipped the header row" in out.err and "x,y,z" not in out.out
-    (tmp_path / "q.csv").write_bytes(f"\ufeff{rows}\n".encode("utf-8"))  # a BOM, no header: nothing skipped
+    (tmp_path / "q.csv").write_bytes(f"\ufeff{rows}\n".encode())  # a BOM, no header: nothing skipped
     np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / "q.csv")), P, rtol=1e-15)
     assert capsys.readouterr().out == ""
 
@@ -135,33 +135,55 @@ def test_row_labels_are_dropped_and_an_index_like_column_is_flagged(tmp_path, ca
     again; R's write.csv writes quoted row names 1..N under '""'. After filtering, an index skips values."""
     P = np.random.default_rng(2).normal(size=(30, 2))
     body = lambda labels, sep=",": "\n".join(f"{i}{sep}{x:.17g}{sep}{y:.17g}" for i, (x, y) in zip(labels, P))
-    files = {"df.csv": f",x,y\n{body(range(30))}", "quoted.csv": f'"",x,y\n{body(range(30))}',
-             "again.csv": f"Unnamed: 0,x,y\n{body(range(30))}", "tab.tsv": f"\tx\ty\n{body(range(30), chr(9))}",
-             "r.csv": '"","x","y"\n' + body((f'"{i + 1}"' for i in range(30))), "filtered.csv": f",x,y\n{body(range(3, 93, 3))}",
-             "two.csv": ",x,y\n" + "\n".join(body(range(30)).splitlines()[:2])}
+    files = {
+        "df.csv": f",x,y\n{body(range(30))}",
+        "quoted.csv": f'"",x,y\n{body(range(30))}',
+        "again.csv": f"Unnamed: 0,x,y\n{body(range(30))}",
+        "tab.tsv": f"\tx\ty\n{body(range(30), chr(9))}",
+        "r.csv": '"","x","y"\n' + body(f'"{i + 1}"' for i in range(30)),
+        "filtered.csv": f",x,y\n{body(range(3, 93, 3))}",
+        "two.csv": ",x,y\n" + "\n".join(body(range(30)).splitlines()[:2]),
+    }
     for name, text in files.items():
         (tmp_path / name).write_text(text + "\n")
-        np.testing.assert_allclose(datasets.load_dataset(str(tmp_path / name)), P[: 2 if name == "two.csv" else 30], rtol=1e-15)
+        np.testing.assert_allclose(
+            datasets.load_dataset(str(tmp_path / name)), P[: 2 if name == "two.csv" else 30], rtol=1e-15
+        )
         assert "dropped its first column" in capsys.readouterr().err, name
-    for text in (f"id,x,y\n{body(range(30))}\n", f"{body(range(30))}\n"):  # a named column, or no header: kept, with a warning
+    for text in (
+        f"id,x,y\n{body(range(30))}\n",
+        f"{body(range(30))}\n",
+    ):  # a named column, or no header: kept, with a warning
         (tmp_path / "ix.csv").write_text(text)
         np.testing.assert_array_equal(datasets.load_dataset(str(tmp_path / "ix.csv"))[:, 0], np.arange(30))
         err = capsys.readouterr().err
         assert "counts 0, 1, 2, ... like a row index" in err and "dropped its" not in err
     (tmp_path / "floats.csv").write_text(",x,y\n" + body(P[:, 0] + 1) + "\n")  # unnamed, but not labels: data
-    assert datasets.load_dataset(str(tmp_path / "floats.csv")).shape == (30, 3) and "dropped its" not in capsys.readouterr().err
+    assert (
+        datasets.load_dataset(str(tmp_path / "floats.csv")).shape == (30, 3)
+        and "dropped its" not in capsys.readouterr().err
+    )
 
 
 def test_column_names_come_from_the_header_without_its_row_label_field(tmp_path):
     """The plot's axis names: the header's fields for the coordinates that load_dataset returns."""
-    files = {"xyz.csv": ("# units: m\nx,y,z\n1,2,3\n", ["x", "y", "z"]), "df.csv": (",lon,lat\n0,1,2\n", ["lon", "lat"]),
-             "r.csv": ('"","a","b"\n"1",1,2\n', ["a", "b"]), "tab.tsv": ("\tu\tv\n0\t1\t2\n", ["u", "v"]),
-             "blank.csv": ("a,,c\n1,2,3\n", ["a", "x2", "c"]), "plain.csv": ("1,2,3\n", None),
-             "quoted.csv": ('"lon, deg",lat\n1,2\n', ["lon, deg", "lat"]), "one.csv": ("x\n1\n2\n", ["x"]),
-             "semi.csv": ("\ufeffx;y\n1;2\n", ["x", "y"]), "space.txt": ("x y\n1 2\n", ["x", "y"]),
-             "trailing.csv": ("x,y,\n1,2\n", None), "named-extra.csv": ("id,x,y,z\n1,2,3\n", None),
-             "spaced.tsv": ("east coord\tnorth coord\n1\t2\n", ["east coord", "north coord"]),
-             "quoted-semi.csv": ('"lon;deg",lat\n1,2\n', ["lon;deg", "lat"]), "trailing-tab.tsv": ("1\t2\t\n3\t4\t\n", None)}
+    files = {
+        "xyz.csv": ("# units: m\nx,y,z\n1,2,3\n", ["x", "y", "z"]),
+        "df.csv": (",lon,lat\n0,1,2\n", ["lon", "lat"]),
+        "r.csv": ('"","a","b"\n"1",1,2\n', ["a", "b"]),
+        "tab.tsv": ("\tu\tv\n0\t1\t2\n", ["u", "v"]),
+        "blank.csv": ("a,,c\n1,2,3\n", ["a", "x2", "c"]),
+        "plain.csv": ("1,2,3\n", None),
+        "quoted.csv": ('"lon, deg",lat\n1,2\n', ["lon, deg", "lat"]),
+        "one.csv": ("x\n1\n2\n", ["x"]),
+        "semi.csv": ("\ufeffx;y\n1;2\n", ["x", "y"]),
+        "space.txt": ("x y\n1 2\n", ["x", "y"]),
+        "trailing.csv": ("x,y,\n1,2\n", None),
+        "named-extra.csv": ("id,x,y,z\n1,2,3\n", None),
+        "spaced.tsv": ("east coord\tnorth coord\n1\t2\n", ["east coord", "north coord"]),
+        "quoted-semi.csv": ('"lon;deg",lat\n1,2\n', ["lon;deg", "lat"]),
+        "trailing-tab.tsv": ("1\t2\t\n3\t4\t\n", None),
+    }
     for name, (text, names) in files.items():
         (tmp_path / name).write_text(text)
         D = datasets.load_dataset(str(tmp_path / name)).shape[1]
@@ -172,19 +194,22 @@ def test_column_names_come_from_the_header_without_its_row_label_field(tmp_path)
         assert datasets.column_names(name, 2) is None
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("ragged.csv", "1,2\n3,4,5\n", "not a table of numbers"),
-    ("nan.csv", "1,2\nnan,5\n", r"NaN or infinite values in 1 of its 2 points \(the first is point 2\)"),
-    ("inf.txt", "1 2\n3 4\ninf 5\n-inf 6\n", r"in 2 of its 4 points \(the first is point 3\)"),
-    ("empty.csv", "", "holds no points"),
-    ("euro.csv", "x;y\n2,5;1,0\n3,5;2,0\n", "decimal commas"),
-    ("euro-no-header.csv", "2,5;1,0\n3,5;2,0\n", "decimal commas"),
-    ("semi-text.csv", '# a, b\n1;2\n3;"n/a, missing"\n', "not a table of numbers"),
-    ("quoted-cell.csv", "1,2\n\"7886;5\",3\n", "could not convert string '7886;5'"),
-    ("header-only.csv", "# comment\nx,y\n", "holds no points"),
-    ("words.csv", "x,y\na,b\n", "not a table of numbers"),
-    ("complex.txt", "1+2j 3\n4-1j 5\n", "not a table of numbers"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("ragged.csv", "1,2\n3,4,5\n", "not a table of numbers"),
+        ("nan.csv", "1,2\nnan,5\n", r"NaN or infinite values in 1 of its 2 points \(the first is point 2\)"),
+        ("inf.txt", "1 2\n3 4\ninf 5\n-inf 6\n", r"in 2 of its 4 points \(the first is point 3\)"),
+        ("empty.csv", "", "holds no points"),
+        ("euro.csv", "x;y\n2,5;1,0\n3,5;2,0\n", "decimal commas"),
+        ("euro-no-header.csv", "2,5;1,0\n3,5;2,0\n", "decimal commas"),
+        ("semi-text.csv", '# a, b\n1;2\n3;"n/a, missing"\n', "not a table of numbers"),
+        ("quoted-cell.csv", '1,2\n"7886;5",3\n', "could not convert string '7886;5'"),
+        ("header-only.csv", "# comment\nx,y\n", "holds no points"),
+        ("words.csv", "x,y\na,b\n", "not a table of numbers"),
+        ("complex.txt", "1+2j 3\n4-1j 5\n", "not a table of numbers"),
+    ],
+)
 def test_malformed_text_files_are_refused(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=match):
@@ -210,9 +235,16 @@ def test_malformed_npy_files_are_refused_in_one_line(tmp_path):
     (tmp_path / "forged.npy").write_bytes(with_shape(raw, "(9**99,)"))  # an expression, not a shape
     (tmp_path / "huge.npy").write_bytes(with_shape(raw, "(9999999999, 2)"))  # 160 GB promised, 32 bytes there
     (tmp_path / "truncated.npy").write_bytes(raw[:-8])
-    cases = {"flat.npy": r"shape \(10,\); it must be \(N, D\)", "obj.npy": "object values; it must hold real numbers",
-             "complex.npy": "complex numbers", "words.npy": "<U1 values", "junk.npy": "not a readable .npy file",
-             "forged.npy": "not a readable .npy file", "huge.npy": "does not match the file's", "truncated.npy": "does not match the file's"}
+    cases = {
+        "flat.npy": r"shape \(10,\); it must be \(N, D\)",
+        "obj.npy": "object values; it must hold real numbers",
+        "complex.npy": "complex numbers",
+        "words.npy": "<U1 values",
+        "junk.npy": "not a readable .npy file",
+        "forged.npy": "not a readable .npy file",
+        "huge.npy": "does not match the file's",
+        "truncated.npy": "does not match the file's",
+    }
     for f, match in cases.items():
         with pytest.raises(ValueError, match=match) as e:
             datasets.load_dataset(str(tmp_path / f))

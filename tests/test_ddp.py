@@ -1,4 +1,5 @@
 """Data-parallel training under torchrun (2 gloo processes on the CPU) against one process."""
+
 import os
 import signal
 import subprocess
@@ -7,17 +8,25 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT
 
 import runs
 import tinydiff as td
-from conftest import ROOT
 
 PY = sys.executable
 ARGS = ["--dataset", "moons", "--batch_size", "64", "--eval_batch_size", "200", "--log_interval", "10"]
 
 
 def torchrun(*args, wait=True):
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *map(str, args)]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "train.py"),
+        *map(str, args),
+    ]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -48,18 +57,26 @@ def weights(out, key="model"):
 def test_two_processes_train_the_weights_of_one_process_fed_the_same_rows(tmp_path, condition):
     # lr 1e-3, clip 1: Adam divides by the root of each weight's squared-gradient average, so for a weight whose
     # gradient is near zero it turns the last-bit differences of the reordered sums into visible ones.
-    # At 1e-3 they stay under the tolerance below (the largest seen: 2.7e-6, one weight of 65,536, conditional, on one of
+    # At 1e-3 they stay under the tolerance below (the largest seen: 2.7e-6, one weight of 65,536, conditional, on one
+    # of
     # two CPUs of the same kind; 1.1e-6 on the other); at 2e-3 they grow. A wrong split or average moves weights by ~lr.
     args = [*ARGS, "--train_steps", 40, "--lr", "1e-3", "--grad_clip", "1", *condition]
     p = torchrun(*args, "--out_dir", tmp_path / "ddp")
     assert "2 processes" in p.stdout and p.stdout.count("step     10 |") == 1  # rank 0 alone logs
-    one = subprocess.run([PY, os.path.join(ROOT, "train.py"), *map(str, args), "--out_dir", str(tmp_path / "one")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [PY, os.path.join(ROOT, "train.py"), *map(str, args), "--out_dir", str(tmp_path / "one")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     for k in a:  # the same draws, split in two: equal up to the order of the gradient sums
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
-    assert not torch.equal(weights(tmp_path / "one")["mlp.0.weight"], td.Denoiser(td.DenoiserConfig()).state_dict()["mlp.0.weight"])
+    assert not torch.equal(
+        weights(tmp_path / "one")["mlp.0.weight"], td.Denoiser(td.DenoiserConfig()).state_dict()["mlp.0.weight"]
+    )
     assert sorted(f.name for f in (tmp_path / "ddp").iterdir()) == sorted(f.name for f in (tmp_path / "one").iterdir())
     # the logged loss is the whole batch's, not rank 0's share of it
     losses = [runs.load_checkpoint(str(tmp_path / run / "ckpt.pt"))["losses"] for run in ("ddp", "one")]
@@ -80,7 +97,9 @@ def test_stop_and_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path):
     _, err = p.communicate(timeout=120)
     assert err.count("stopped by SIGTERM at step") == 1, err[-2000:]  # rank 0 speaks for both
     said = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
-    step = runs.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"]  # the only checkpoint is the stop's (--ckpt_interval 1000)
+    step = runs.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))[
+        "step"
+    ]  # the only checkpoint is the stop's (--ckpt_interval 1000)
     assert 20 <= step < 400 and step == said
     torchrun("--out_dir", tmp_path / "cut", "--resume", "--eval_batch_size", 200)
     for key in ("model", "ema"):
@@ -89,7 +108,17 @@ def test_stop_and_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path):
 
 
 def test_a_batch_that_does_not_split_is_refused_in_one_line(tmp_path):
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), "--batch_size", "63",
-           "--out_dir", str(tmp_path / "x")]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "train.py"),
+        "--batch_size",
+        "63",
+        "--out_dir",
+        str(tmp_path / "x"),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "--batch_size 63 does not split over 2 processes; use a multiple of 2" in p.stderr

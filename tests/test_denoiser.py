@@ -1,4 +1,5 @@
 """Denoiser: its layers written out by hand, its token layout, any D, and the affine map to data units (AffineMap)."""
+
 import ast
 import copy
 import math
@@ -8,17 +9,25 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import tinydiff as td
-from conftest import ROOT
 
 pytestmark = pytest.mark.unit
 
 E, H = 128, 256
 linear = lambda i, o: i * o + o  # parameters of nn.Linear(i, o)
 
-CONFIGS = [dict(), dict(attn_layers=1, heads=4), dict(attn_layers=1, heads=16), dict(attn_layers=2, heads=4), dict(ssm_layers=1),
-           dict(ssm_layers=3), dict(attn_layers=1, ssm_layers=2), dict(block="relu", attn_layers=2)]
+CONFIGS = [
+    dict(),
+    dict(attn_layers=1, heads=4),
+    dict(attn_layers=1, heads=16),
+    dict(attn_layers=2, heads=4),
+    dict(ssm_layers=1),
+    dict(ssm_layers=3),
+    dict(attn_layers=1, ssm_layers=2),
+    dict(block="relu", attn_layers=2),
+]
 
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()) or "base")
@@ -46,8 +55,8 @@ def emb(v, scale):
 @pytest.mark.parametrize("D", [2, 3])
 @pytest.mark.parametrize("block", ["relu", "gelu"])
 def test_the_mlp_denoiser_is_the_network_written_out(block, D):
-    """block="relu": the study's MLPDenoiser, Linear(128 (D + 1), 256) -> 3 x (x + Linear(ReLU(x))) -> ReLU -> Linear(256, D);
-    block="gelu": tiny-diffusion's, Linear -> GELU -> 3 x (x + GELU(Linear(x))) -> Linear."""
+    """block="relu": the study's MLPDenoiser, Linear(128 (D + 1), 256) -> 3 x (x + Linear(ReLU(x))) -> ReLU ->
+    Linear(256, D); block="gelu": tiny-diffusion's, Linear -> GELU -> 3 x (x + GELU(Linear(x))) -> Linear."""
     torch.manual_seed(0)
     model = td.Denoiser(td.DenoiserConfig(block=block, coord_scale=25.0, data_dim=D))
     x, t = torch.randn(9, D), torch.randint(0, 100, (9,))
@@ -81,20 +90,32 @@ def test_unknown_block_and_bad_sizes_are_refused():
 @pytest.mark.parametrize("cond", [dict(num_classes=3), dict(cond_dim=2)], ids=["labels", "numbers"])
 def test_an_unconditional_model_has_no_condition_and_conditioning_only_adds_to_it(kw, cond):
     """num_classes=0, cond_dim=0: no condition token (MLP input (D + 1) E) and no condition layers. The same seed with a
-    condition builds the same mixers and residual blocks, adds the condition's own layers, and widens the MLP input by E."""
+    condition builds the same mixers and residual blocks, adds the condition's own layers, and widens the MLP input by
+    E."""
     torch.manual_seed(0)
     plain = td.Denoiser(td.DenoiserConfig(**kw))
     torch.manual_seed(0)
     cond_model = td.Denoiser(td.DenoiserConfig(**kw, **cond))
     assert not plain.conditional and cond_model.conditional
-    assert not any(n.startswith(("label_emb", "cond_emb", "null_cond", "cond_map")) for n, _ in plain.state_dict().items())
+    assert not any(
+        n.startswith(("label_emb", "cond_emb", "null_cond", "cond_map")) for n, _ in plain.state_dict().items()
+    )
     assert plain.mlp[0].in_features == 3 * E and cond_model.mlp[0].in_features == 4 * E
     p, c = dict(plain.named_parameters()), dict(cond_model.named_parameters())
-    added = {"label_emb.weight"} if "num_classes" in cond else {"null_cond", "cond_emb.0.weight", "cond_emb.0.bias", "cond_emb.2.weight", "cond_emb.2.bias"}
+    added = (
+        {"label_emb.weight"}
+        if "num_classes" in cond
+        else {"null_cond", "cond_emb.0.weight", "cond_emb.0.bias", "cond_emb.2.weight", "cond_emb.2.bias"}
+    )
     assert set(c) - set(p) == added
     if "num_classes" in cond:  # label_emb comes last: the unconditional names are a prefix
         assert list(c)[: len(p)] == list(p)
-    blocks = [f"mlp.{i}.ff.{w}" for i, m in enumerate(plain.mlp) if isinstance(m, td.ResidualBlock) for w in ("weight", "bias")]
+    blocks = [
+        f"mlp.{i}.ff.{w}"
+        for i, m in enumerate(plain.mlp)
+        if isinstance(m, td.ResidualBlock)
+        for w in ("weight", "bias")
+    ]
     mixers = [n for n in p if not n.startswith("mlp.")] + blocks
     assert len(blocks) == 6
     assert all(torch.equal(p[n], c[n]) for n in mixers)
@@ -164,11 +185,17 @@ def test_set_data_stats_standardizes_each_coordinate_against_numpy():
     np.testing.assert_allclose(m.shift.double().numpy() + m.shift_lo.double().numpy(), X.mean(0), rtol=1e-12)
     np.testing.assert_allclose(m.scale.numpy(), X.std(0) / td.MODEL_SD, rtol=1e-6)
     np.testing.assert_allclose(model.data_mean.numpy(), 0, atol=1e-5)
-    np.testing.assert_allclose(model.data_cov.numpy(), np.corrcoef(X.T) * td.MODEL_SD**2, atol=1e-5)  # the covariance of z
+    np.testing.assert_allclose(
+        model.data_cov.numpy(), np.corrcoef(X.T) * td.MODEL_SD**2, atol=1e-5
+    )  # the covariance of z
     # raw coordinates: the identity map, and the moments numpy computes
     raw = X / [100, 1e-3, 1e4]
     model.set_data_stats(torch.as_tensor(raw), standardize=False)
-    assert torch.equal(m.shift, torch.zeros(3)) and torch.equal(m.shift_lo, torch.zeros(3)) and torch.equal(m.scale, torch.ones(3))
+    assert (
+        torch.equal(m.shift, torch.zeros(3))
+        and torch.equal(m.shift_lo, torch.zeros(3))
+        and torch.equal(m.scale, torch.ones(3))
+    )
     np.testing.assert_allclose(model.data_mean.numpy(), raw.mean(0), rtol=1e-6)
     np.testing.assert_allclose(model.data_cov.numpy(), np.cov(raw.T, bias=True), rtol=1e-5, atol=1e-6)
     # moments off: 0 and I (the N(0, I) start); a constant coordinate takes the largest scale of the others
@@ -189,7 +216,9 @@ def test_affine_map_round_trips_points_far_from_the_origin(offset):
     z64 = (X - X.mean(0)) / (X.std(0, correction=0) / td.MODEL_SD)  # the reference, in float64
     assert (z.double() - z64).abs().max() < 1e-5
     assert z.double().mean(0).abs().max() < 1e-4
-    torch.testing.assert_close(z.double().std(0, correction=0), torch.full((2,), td.MODEL_SD, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        z.double().std(0, correction=0), torch.full((2,), td.MODEL_SD, dtype=torch.float64), rtol=1e-5, atol=0
+    )
     back = model.data_map.to_data(z)
     assert back.dtype == torch.float64
     spread = X.std(0, correction=0)
@@ -201,7 +230,10 @@ def test_affine_map_formulas():
     x32 = torch.tensor([[1.0, 2.0], [-4.0, 0.0]])
     m.set([0.5, -2.0], [3.0, 0.25])  # plain numbers work
     torch.testing.assert_close(m.to_model(x32), (x32 - torch.tensor([0.5, -2.0])) / torch.tensor([3.0, 0.25]))
-    torch.testing.assert_close(m.to_data(x32), torch.tensor([0.5, -2.0], dtype=torch.float64) + torch.tensor([3.0, 0.25]).double() * x32.double())
+    torch.testing.assert_close(
+        m.to_data(x32),
+        torch.tensor([0.5, -2.0], dtype=torch.float64) + torch.tensor([3.0, 0.25]).double() * x32.double(),
+    )
     assert [n for n, _ in m.named_buffers()] == ["shift", "shift_lo", "scale"]
 
 

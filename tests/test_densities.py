@@ -1,6 +1,7 @@
 """The named datasets' exact densities against their samplers: each integrates to 1 (quadrature on a grid),
 puts the samplers' share of points in each region (a chi-square test on coarse bins), and the exact
 entropies match the mean log-density of fresh samples."""
+
 import functools
 import math
 
@@ -83,7 +84,11 @@ def test_line_is_uniform_on_its_box():
 
 def test_circle_blob_masses_match_the_rounding_and_integrate_to_one():
     centres, probs = datasets.circle_blobs()
-    assert len(centres) == 17 and probs.sum() == pytest.approx(1) and sorted(probs * 25) == pytest.approx([1] * 9 + [2] * 8)
+    assert (
+        len(centres) == 17
+        and probs.sum() == pytest.approx(1)
+        and sorted(probs * 25) == pytest.approx([1] * 9 + [2] * 8)
+    )
     # each blob's mass, in polar coordinates around its centre: int p(c + rho e(phi)) rho drho dphi (midpoint rule)
     rho = (np.arange(400) + 0.5) * 0.1 / 400
     phi = (np.arange(64) + 0.5) * 2 * np.pi / 64
@@ -107,10 +112,14 @@ def test_moons_density_matches_scipy_quad():
     sx, sy = datasets.MOONS_SD
     for x in X:
         for k in (0, 1):
+
             def f(th):
                 c = datasets.moons_curves(np.array([th]))[k, 0]
                 return stats.norm.pdf(x[0], c[0], sx) * stats.norm.pdf(x[1], c[1], sy) / np.pi
-            ref = integrate.quad(f, 0, np.pi, points=np.linspace(0, np.pi, 40)[1:-1], limit=400, epsabs=0, epsrel=1e-11)[0]
+
+            ref = integrate.quad(
+                f, 0, np.pi, points=np.linspace(0, np.pi, 40)[1:-1], limit=400, epsabs=0, epsrel=1e-11
+            )[0]
             got = datasets.log_density("moons", x[None], k)[0]
             if ref > 1e-200:  # else quad's float64 underflows; logsumexp still gives a finite log p
                 assert got == pytest.approx(np.log(ref), abs=1e-8)

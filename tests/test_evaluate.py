@@ -1,4 +1,6 @@
-"""The KL metrics against the analytic KL of two Gaussians, in any dimension; grids and plots that fit the data; refusals."""
+"""The KL metrics against the analytic KL of two Gaussians, in any dimension; grids and plots that fit the data;
+refusals."""
+
 import itertools
 import math
 
@@ -111,7 +113,9 @@ def test_the_grid_is_the_studys_square_for_named_data_and_covers_any_other():
         assert (lo < (data * scale + shift).min(0)).all() and (hi > (data * scale + shift).max(0)).all()
         # reference: the same grid mapped back onto the unscaled points gives the same KL
         kl = evaluate.hist_kl(data * scale + shift, samples * scale + shift)
-        assert np.isfinite(kl) and kl == pytest.approx(evaluate.hist_kl(data, samples, box=((lo - shift) / scale, (hi - shift) / scale)), abs=1e-3)
+        assert np.isfinite(kl) and kl == pytest.approx(
+            evaluate.hist_kl(data, samples, box=((lo - shift) / scale, (hi - shift) / scale)), abs=1e-3
+        )
     lo, hi = evaluate.grid_box(np.array([[1.0, 7.0], [2.0, 7.0]]))  # a constant coordinate still gets a box
     assert (hi > lo).all()
 
@@ -127,6 +131,7 @@ def test_plots_in_any_dimension(tmp_path, D):
 
 def test_plot_axes_are_named_by_the_columns(tmp_path, monkeypatch):
     import matplotlib.axes
+
     seen = []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda ax, s, *a, **k: seen.append(("x", s)))
     monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, s, *a, **k: seen.append(("y", s)))
@@ -139,11 +144,18 @@ def test_plot_axes_are_named_by_the_columns(tmp_path, monkeypatch):
         if D == 1:
             want = [("x", labels[0])] * 2 if names else []
         else:
-            want = [(axis, labels[k]) for i, j in evaluate.plot_pairs(D) for _ in range(2) for axis, k in (("x", i), ("y", j))]
+            want = [
+                (axis, labels[k])
+                for i, j in evaluate.plot_pairs(D)
+                for _ in range(2)
+                for axis, k in (("x", i), ("y", j))
+            ]
         assert seen == (want if names or D > 2 else []), (D, names)
     seen.clear()  # the samples alone (the data file is gone): one panel per pair
     evaluate.plot_samples(None, data, path, "title", names=["lon", "lat", "depth"])
-    assert seen == [(axis, ["lon", "lat", "depth"][k]) for i, j in evaluate.plot_pairs(3) for axis, k in (("x", i), ("y", j))]
+    assert seen == [
+        (axis, ["lon", "lat", "depth"][k]) for i, j in evaluate.plot_pairs(3) for axis, k in (("x", i), ("y", j))
+    ]
     with pytest.raises(ValueError, match="one name per coordinate"):
         evaluate.plot_samples(data, data, path, "title", names=["a", "b"])
     monkeypatch.undo()  # the real labels: a field that would be broken TeX is drawn as text
@@ -159,12 +171,19 @@ def test_floor_is_none_for_a_users_file_and_a_fresh_draw_otherwise():
 def test_the_printed_table_names_each_class_in_full_with_its_values_aligned():
     row = lambda kl: dict(knn_kl_bits=kl, knn_kl_floor=0.01, fidelity=0.9, fidelity_floor=0.95, n=100)
     names = ["measurement_site_north", "measurement_site_south", "c"]
-    table = evaluate.format_table(dict(knn_kl_bits=0.5, knn_kl_floor=0.02, eval_loss=0.7, per_class={n: row(k) for n, k in zip(names, (0.1, 0.2, 0.3))}))
+    table = evaluate.format_table(
+        dict(
+            knn_kl_bits=0.5,
+            knn_kl_floor=0.02,
+            eval_loss=0.7,
+            per_class={n: row(k) for n, k in zip(names, (0.1, 0.2, 0.3))},
+        )
+    )
     lines = table.splitlines()
     for name, kl in zip(names, ("0.1000", "0.2000", "0.3000")):
         line = next(line for line in lines if line.startswith(f"  {name} kNN KL "))
         assert line.split()[3] == kl, line  # name, "kNN", "KL", value
-    value_end = {line.index(v) + len(v) for line, v in zip(lines, ("value", "0.5000")) }
+    value_end = {line.index(v) + len(v) for line, v in zip(lines, ("value", "0.5000"))}
     value_end |= {line.index(k) + len(k) for line in lines for k in ("0.1000", "0.2000", "0.3000") if k in line}
     assert len(value_end) == 1, table  # one column of values, right-aligned
 

@@ -1,5 +1,6 @@
 """What a hostile or clumsy user does, and what tinydiff promises then: no silent wrong number, a run is
 what it says, nothing saved is lost, every signal and pipe, every flag checked first, messages that paste."""
+
 import json
 import os
 import shlex
@@ -9,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-
-import runs
 from conftest import ROOT, refused, run_here
 from test_reliability import TINY, one_line, processes_mentioning, start, wait_for
+
+import runs
 
 PY = sys.executable
 run = run_here
@@ -28,7 +29,21 @@ def test_points_a_billion_spreads_from_the_origin_train_as_the_centred_points(tm
     kl = {}
     for name in ("centred", "far"):
         out = tmp_path / name
-        assert run("train.py", "--dataset", tmp_path / f"{name}.npy", "--train_steps", 300, *TINY, "--eval_batch_size", 1000, "--out_dir", out).returncode == 0
+        assert (
+            run(
+                "train.py",
+                "--dataset",
+                tmp_path / f"{name}.npy",
+                "--train_steps",
+                300,
+                *TINY,
+                "--eval_batch_size",
+                1000,
+                "--out_dir",
+                out,
+            ).returncode
+            == 0
+        )
         kl[name] = json.loads((out / "metrics.json").read_text())["knn_kl_bits"]
         samples = np.load(out / "samples.npy")
         assert samples.dtype == np.float64
@@ -43,15 +58,21 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
     data = tmp_path / "pts.csv"
     np.savetxt(data, rng.normal(size=(300, 2)), delimiter=",")
     out = tmp_path / "run"
-    assert run("train.py", "--dataset", data, "--train_steps", 4, "--ckpt_interval", 2, *TINY, "--out_dir", out).returncode == 0
+    assert (
+        run("train.py", "--dataset", data, "--train_steps", 4, "--ckpt_interval", 2, *TINY, "--out_dir", out).returncode
+        == 0
+    )
     np.savetxt(data, rng.normal(size=(300, 2)) * 10, delimiter=",")  # same name, other points
     msg = refused("train.py", "--out_dir", out, "--resume", "--train_steps", 8)
     assert "has changed since this run was trained on it" in msg and "--overwrite" in msg
     assert runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4  # untouched
 
 
-@pytest.mark.parametrize("flags", [["--low_t", "5", "--low_frac", "0"], pytest.param(["--preset", "paper", "--lr", "3e-4"], marks=pytest.mark.slow)],
-                         ids=["low_t-off", "paper"])
+@pytest.mark.parametrize(
+    "flags",
+    [["--low_t", "5", "--low_frac", "0"], pytest.param(["--preset", "paper", "--lr", "3e-4"], marks=pytest.mark.slow)],
+    ids=["low_t-off", "paper"],
+)
 def test_the_command_that_made_a_run_resumes_it(tmp_path, flags):
     """The settings stored in the checkpoint compare equal to the command line that made them."""
     out = tmp_path / "run"
@@ -70,7 +91,9 @@ def test_a_run_folders_lock_is_not_a_file_that_can_be_deleted(tmp_path):
         for f in out.iterdir():  # a user tidying up: nothing here keeps the lock
             if f.name.startswith("."):
                 f.unlink()
-        assert "another process is using" in one_line(run("train.py", "--dataset", "moons", "--train_steps", 5, *TINY, "--out_dir", out, "--overwrite"))
+        assert "another process is using" in one_line(
+            run("train.py", "--dataset", "moons", "--train_steps", 5, *TINY, "--out_dir", out, "--overwrite")
+        )
     finally:
         first.kill()
         first.wait()
@@ -80,9 +103,13 @@ def test_sample_py_never_writes_over_the_runs_own_samples(tmp_path):
     out = tmp_path / "run"
     assert run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out).returncode == 0
     before = (out / "samples.npy").read_bytes()
-    assert "would write over train.py's samples.npy" in refused("sample.py", "--out_dir", out, "--n", 20, "--out", out / "samples")
+    assert "would write over train.py's samples.npy" in refused(
+        "sample.py", "--out_dir", out, "--n", 20, "--out", out / "samples"
+    )
     assert (out / "samples.npy").read_bytes() == before
-    assert run("sample.py", "--out_dir", out, "--n", 20, "--out", tmp_path / "samples").returncode == 0  # elsewhere, that name is fine
+    assert (
+        run("sample.py", "--out_dir", out, "--n", 20, "--out", tmp_path / "samples").returncode == 0
+    )  # elsewhere, that name is fine
 
 
 def test_sample_py_keeps_each_draw_in_its_own_file(tmp_path):
@@ -118,8 +145,7 @@ def test_evaluate_says_when_a_run_is_unfinished(tmp_path):
 def test_a_closed_stdout_does_not_stop_training(tmp_path):
     out = tmp_path / "run"
     args = ["train.py", "--dataset", "moons", "--train_steps", 100, "--log_interval", 1, *TINY[:4], "--out_dir", out]
-    p = subprocess.Popen([PY, *map(str, args)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.readline()
     p.stdout.close()  # `| head -n 1`
     err = p.stderr.read().decode()
@@ -129,11 +155,18 @@ def test_a_closed_stdout_does_not_stop_training(tmp_path):
 
 def test_sighup_stops_a_run_like_sigterm_and_the_hint_pastes_into_a_shell(tmp_path):
     out = tmp_path / "my run"
-    p = start("train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--ckpt_interval", 100000, "--out_dir", out)
+    p = start(
+        "train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--ckpt_interval", 100000, "--out_dir", out
+    )
     wait_for(lambda: p.stdout.readline().startswith("step"))
     p.send_signal(signal.SIGHUP)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 128 + signal.SIGHUP and "stopped by SIGHUP" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert (
+        p.returncode == 128 + signal.SIGHUP
+        and "stopped by SIGHUP" in err
+        and "Traceback" not in err
+        and len(err.strip().splitlines()) == 1
+    ), err
     hint = err.split("continue with: ")[1].strip()
     assert shlex.split(hint)[2:5] == ["--out_dir", str(out), "--resume"]  # the path survives the shell
 
@@ -155,7 +188,12 @@ def test_ctrl_c_in_sample_py_is_one_line(tmp_path):
     assert p.stdout.readline().startswith("sampling 3,000,000 points")  # past the checks, into sampling
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted by SIGINT" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert (
+        p.returncode == 130
+        and "interrupted by SIGINT" in err
+        and "Traceback" not in err
+        and len(err.strip().splitlines()) == 1
+    ), err
     assert not list(out.glob("samples-*"))
 
 
@@ -164,23 +202,65 @@ def test_collect_tables_only_the_grids_runs_and_survives_any_metrics_json(tmp_pa
 
     root = tmp_path / "grid"
     for name, flags in (("dino-base-s0", []), ("moons-base-s0", ["--preset", "paper"])):
-        assert run("train.py", "--dataset", name.split("-")[0], "--train_steps", 2, *flags, *TINY, "--threads", 1, "--out_dir", root / name).returncode == 0
+        assert (
+            run(
+                "train.py",
+                "--dataset",
+                name.split("-")[0],
+                "--train_steps",
+                2,
+                *flags,
+                *TINY,
+                "--threads",
+                1,
+                "--out_dir",
+                root / name,
+            ).returncode
+            == 0
+        )
     for name, content in (("line-base-s0", "[1, 2]"), ("circle-base-s0", '{"eval_loss": null, "args": {}}')):
         (root / name).mkdir()
         (root / name / "metrics.json").write_text(content)
-    sweep.main([str(a) for a in ("--train_steps", 2, "--seeds", 1, "--batch_size", 32, "--eval_batch_size", 200, "--out_dir", root, "--collect")])
+    sweep.main(
+        [
+            str(a)
+            for a in (
+                "--train_steps",
+                2,
+                "--seeds",
+                1,
+                "--batch_size",
+                32,
+                "--eval_batch_size",
+                200,
+                "--out_dir",
+                root,
+                "--collect",
+            )
+        ]
+    )
     err = capsys.readouterr().err
     text = (root / "results.md").read_text()
-    assert "| dino | 1 |" in text and not any(line.startswith("| moons |") for line in text.splitlines()) and "Runs finished: 1 of 28" in text
+    assert (
+        "| dino | 1 |" in text
+        and not any(line.startswith("| moons |") for line in text.splitlines())
+        and "Runs finished: 1 of 28" in text
+    )
     assert "moons-base-s0 (made with other settings than this grid's: preset paper" in err
-    assert "line-base-s0 (its metrics.json is not a tinydiff run's)" in err and "circle-base-s0 (its metrics.json has no number for" in err
+    assert (
+        "line-base-s0 (its metrics.json is not a tinydiff run's)" in err
+        and "circle-base-s0 (its metrics.json has no number for" in err
+    )
 
 
-@pytest.mark.parametrize("content,message", [
-    ("a;b,c\n1,2\n3,4\n5,6\n7,8\n9,10\n11,12\n", None),  # a ';' inside a header name, ',' between columns
-    ("a,b\tc,d\n1\t2\n3\t4\n5\t6\n7\t8\n9\t10\n11\t12\n", None),  # commas in a tab-separated header
-    ("x;y\n2,5;1,0\n", "decimal commas"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("a;b,c\n1,2\n3,4\n5,6\n7,8\n9,10\n11,12\n", None),  # a ';' inside a header name, ',' between columns
+        ("a,b\tc,d\n1\t2\n3\t4\n5\t6\n7\t8\n9\t10\n11\t12\n", None),  # commas in a tab-separated header
+        ("x;y\n2,5;1,0\n", "decimal commas"),
+    ],
+)
 def test_text_files_are_read_by_their_data_rows_delimiter(tmp_path, content, message):
     import datasets
 
@@ -195,5 +275,7 @@ def test_text_files_are_read_by_their_data_rows_delimiter(tmp_path, content, mes
 def test_a_folder_or_a_pipe_as_the_dataset_is_named_for_what_it_is(tmp_path):
     (tmp_path / "d.csv").mkdir()
     os.mkfifo(tmp_path / "p.csv")
-    assert "is a folder, not a data file" in refused("train.py", "--dataset", tmp_path / "d.csv", "--out_dir", tmp_path / "x")
+    assert "is a folder, not a data file" in refused(
+        "train.py", "--dataset", tmp_path / "d.csv", "--out_dir", tmp_path / "x"
+    )
     assert "is not a regular file" in refused("train.py", "--dataset", tmp_path / "p.csv", "--out_dir", tmp_path / "x")

@@ -1,8 +1,8 @@
 """The probability-flow ODE likelihood against closed forms: Gaussian data, whose optimal noise predictor is
 linear, have an exact NLL; the flow is invertible; Hutchinson's divergence is unbiased; a trained model's NLL
 is bounded below by the data's entropy."""
+
 import math
-import time
 
 import numpy as np
 import pytest
@@ -92,14 +92,17 @@ def test_class_conditional_nll_is_the_prior_pushed_through_the_class_flow():
     z = mus[y] + np.random.default_rng(4).multivariate_normal([0, 0], SIGMA, 60)
     model = ClassGaussianEps(scheduler, mus, SIGMA)
     got = likelihood.nll(model, scheduler, z, y=y, batch_size=25)
-    # class k's flow is linear in x_bar: x_bar(sb) - mu_k = (Sigma + sb^2 I)^1/2 (Sigma + sb_T^2 I)^-1/2 (x_bar_T - mu_k),
+    # class k's flow is linear in x_bar: x_bar(sb) - mu_k = (Sigma + sb^2 I)^1/2 (Sigma + sb_T^2 I)^-1/2 (x_bar_T -
+    # mu_k),
     # and the prior in x_bar is N(data_mean, data_cov + sb_T^2 I), so the density at sb_0 is a Gaussian too
     ab = scheduler.alphas_cumprod.double().numpy()
     sb2_0, sb2_T = (1 - ab[0]) / ab[0], (1 - ab[-1]) / ab[-1]
     lam, V = np.linalg.eigh(SIGMA)
     A = V @ np.diag(np.sqrt((lam + sb2_0) / (lam + sb2_T))) @ V.T
     m, C = model.data_mean.numpy(), model.data_cov.numpy() + sb2_T * np.eye(2)
-    exact = -np.array([stats.multivariate_normal(mus[k] + A @ (m - mus[k]), A @ C @ A.T).logpdf(p) for p, k in zip(z, y)])
+    exact = -np.array(
+        [stats.multivariate_normal(mus[k] + A @ (m - mus[k]), A @ C @ A.T).logpdf(p) for p, k in zip(z, y)]
+    )
     assert np.abs(got - exact).max() < 1e-3
     assert np.abs(got - likelihood.nll(model, scheduler, z, y=1 - y)).min() > 0.1  # the label reaches the model
 
@@ -125,7 +128,9 @@ def test_hutchinson_divergence_is_unbiased_in_3d():
     model = GaussianEps(scheduler, mu, Sigma)
     z = np.random.default_rng(3).multivariate_normal(mu, Sigma, 400)
     exact = likelihood.nll(model, scheduler, z, exact_div=True, batch_size=400)
-    assert np.abs(exact + stats.multivariate_normal(mu, Sigma).logpdf(z)).max() < 0.01  # 3.3e-3: sigma_bar_0's smoothing
+    assert (
+        np.abs(exact + stats.multivariate_normal(mu, Sigma).logpdf(z)).max() < 0.01
+    )  # 3.3e-3: sigma_bar_0's smoothing
     hutch = likelihood.nll(model, scheduler, z, exact_div=False, probes=4, batch_size=400, seed=1)
     d = hutch - exact  # independent across points: each row has its own probe vectors
     assert d.std() > 1e-3  # the estimator is noisy (Sigma is not diagonal) ...

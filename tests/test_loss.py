@@ -1,4 +1,5 @@
 """ddpm_loss against L_simple computed by hand, its draws against their distributions, and sample_timesteps."""
+
 import math
 
 import numpy as np
@@ -28,7 +29,9 @@ def test_ddpm_loss_with_t_and_noise_given_is_the_noise_mse_by_hand():
     t, noise = torch.randint(0, 100, (64,), generator=g), torch.randn(64, 2, generator=g)
     loss = td.ddpm_loss(model, s, X, t, noise)
     z = ((X - X.mean(0)) / (X.std(0, correction=0) / td.MODEL_SD)).float()  # the model's space, by hand
-    ab = torch.tensor([math.prod(1 - b for b in (1e-4 + (0.02 - 1e-4) * i / 99 for i in range(k + 1))) for k in t.tolist()])[:, None]
+    ab = torch.tensor(
+        [math.prod(1 - b for b in (1e-4 + (0.02 - 1e-4) * i / 99 for i in range(k + 1))) for k in t.tolist()]
+    )[:, None]
     xt = ab.sqrt() * z + (1 - ab).sqrt() * noise
     assert loss.item() == pytest.approx(((model(xt, t) - noise) ** 2).mean().item(), rel=1e-5)
 
@@ -74,7 +77,10 @@ def test_the_drawn_t_is_uniform_and_the_drawn_noise_standard_normal():
     assert scipy.stats.chisquare(np.bincount(t.numpy(), minlength=T)).pvalue > 1e-3
     se = 1 / math.sqrt(n)
     assert noise.mean(0).abs().max() < 5 * se and (noise.var(0) - 1).abs().max() < 5 * math.sqrt(2) * se
-    assert abs(torch.corrcoef(noise.T)[0, 1]) < 5 * se and abs(torch.corrcoef(torch.stack([noise[:, 0], t.double()]))[0, 1]) < 5 * se
+    assert (
+        abs(torch.corrcoef(noise.T)[0, 1]) < 5 * se
+        and abs(torch.corrcoef(torch.stack([noise[:, 0], t.double()]))[0, 1]) < 5 * se
+    )
     assert scipy.stats.kstest(noise[:, 0].numpy(), "norm").pvalue > 1e-3
     assert loss.item() == pytest.approx(((0.5 * model.x.double() - noise) ** 2).mean().item(), rel=1e-5)
 

@@ -1,4 +1,5 @@
 """Nothing saved is lost and nothing wrong is silent: reruns, locks, full disks, signals, bad flags, strict JSON."""
+
 import errno
 import json
 import os
@@ -10,11 +11,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, refused, run_here
 
 import evaluate
 import runs
-import tinydiff as td
-from conftest import ROOT, refused, run_here
 
 PY = sys.executable
 TINY = ["--batch_size", "32", "--eval_batch_size", "200", "--log_interval", "10"]
@@ -24,7 +24,9 @@ run = run_here  # a script's main() in this process; run_process when the proces
 
 
 def run_process(script, *args, timeout=600):
-    return subprocess.run([PY, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [PY, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def one_line(p, code=2):
@@ -37,8 +39,15 @@ def one_line(p, code=2):
 def start(script, *args, **kw):
     """The script as a child process that takes Ctrl-C as a terminal's foreground job does, even when
     this suite runs in the background (where a shell starts it with SIGINT ignored)."""
-    return subprocess.Popen([PY, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+    return subprocess.Popen(
+        [PY, os.path.join(ROOT, script), *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kw,
+    )
 
 
 def wait_for(cond, timeout=300):
@@ -71,19 +80,63 @@ def test_a_run_on_a_relative_data_path_is_found_from_any_folder_and_a_missing_fi
     alone, with a note (never the samples in the data's panel); evaluate.py refuses in one line."""
     work = tmp_path / "work"
     work.mkdir()
-    np.savetxt(work / "pts.csv", np.random.default_rng(0).normal(size=(300, 2)) * [3, 1] + [50, -20], delimiter=",", header="a,b", comments="")
+    np.savetxt(
+        work / "pts.csv",
+        np.random.default_rng(0).normal(size=(300, 2)) * [3, 1] + [50, -20],
+        delimiter=",",
+        header="a,b",
+        comments="",
+    )
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "pts.csv", "--train_steps", "5", *TINY, "--out_dir", out],
-                       cwd=work, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--dataset",
+            "pts.csv",
+            "--train_steps",
+            "5",
+            *TINY,
+            "--out_dir",
+            out,
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
-    assert not os.path.exists(os.path.join(ROOT, "pts.csv"))  # the tests' scripts run from ROOT, where the relative path is not
+    assert not os.path.exists(
+        os.path.join(ROOT, "pts.csv")
+    )  # the tests' scripts run from ROOT, where the relative path is not
     s = run("sample.py", "--out_dir", out, "--n", 100)
-    assert s.returncode == 0 and "plotting the samples alone" not in s.stdout and (out / "samples-ddpm100-n100.png").is_file()
+    assert (
+        s.returncode == 0
+        and "plotting the samples alone" not in s.stdout
+        and (out / "samples-ddpm100-n100.png").is_file()
+    )
     assert run("evaluate.py", "--out_dir", out, "--n", 100, "--json").returncode == 0
     assert run("train.py", "--out_dir", out, "--resume", "--train_steps", 8).returncode == 0
-    assert run("train.py", "--out_dir", out, "--resume", "--dataset", work / "pts.csv", "--train_steps", 9).returncode == 0  # the same file
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "pts.csv", "--out_dir", out, "--resume", "--train_steps", "10"],
-                       cwd=work, capture_output=True, text=True, timeout=300)  # and again from where it began, as it began
+    assert (
+        run("train.py", "--out_dir", out, "--resume", "--dataset", work / "pts.csv", "--train_steps", 9).returncode == 0
+    )  # the same file
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--dataset",
+            "pts.csv",
+            "--out_dir",
+            out,
+            "--resume",
+            "--train_steps",
+            "10",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # and again from where it began, as it began
     assert p.returncode == 0, p.stderr
     assert json.loads((out / "metrics.json").read_text())["dataset"] == "pts.csv"  # the name as given, in every record
     (work / "pts.csv").unlink()
@@ -98,10 +151,17 @@ def test_too_few_points_to_score_are_refused_before_training(tmp_path):
     k = evaluate.KNN_K
     pts = np.random.default_rng(0).normal(size=(k + 1, 2))
     np.savetxt(tmp_path / "few.csv", pts[:k], delimiter=",")
-    assert f"holds {k} points; scoring a model needs more than {k}" in refused("train.py", "--dataset", tmp_path / "few.csv", "--out_dir", tmp_path / "a")
+    assert f"holds {k} points; scoring a model needs more than {k}" in refused(
+        "train.py", "--dataset", tmp_path / "few.csv", "--out_dir", tmp_path / "a"
+    )
     assert not (tmp_path / "a").exists()
     np.savetxt(tmp_path / "enough.csv", pts, delimiter=",")
-    assert run("train.py", "--dataset", tmp_path / "enough.csv", "--train_steps", 2, *TINY, "--out_dir", tmp_path / "b").returncode == 0
+    assert (
+        run(
+            "train.py", "--dataset", tmp_path / "enough.csv", "--train_steps", 2, *TINY, "--out_dir", tmp_path / "b"
+        ).returncode
+        == 0
+    )
     assert np.isfinite(json.loads((tmp_path / "b" / "metrics.json").read_text())["knn_kl_bits"])
     with pytest.raises(ValueError, match="too few to score"):
         evaluate.compute_metrics(pts[:k], pts)
@@ -112,7 +172,14 @@ def test_too_few_points_to_score_are_refused_before_training(tmp_path):
 @pytest.mark.slow  # a closed stdout is tested by default for train.py (test_hostile)
 def test_the_sweeps_printed_runs_can_be_cut_short_by_a_pipe(tmp_path):
     # 840 lines (about 150 KB), more than a pipe holds (64 KB): the writer meets the closed pipe
-    p = subprocess.run(f"{PY} sweep.py --print --seeds 30 --out_dir {tmp_path / 'grid'} | head -n 1", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        f"{PY} sweep.py --print --seeds 30 --out_dir {tmp_path / 'grid'} | head -n 1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.stdout.startswith("python train.py") and len(p.stdout.splitlines()) == 1 and p.stderr == "", p.stderr
 
 
@@ -134,16 +201,36 @@ def test_a_users_file_a_named_dataset_and_the_paper_preset_get_different_default
 
     named = train.get_parser().parse_args(["--dataset", "dino"])
     mine = train.get_parser().parse_args(["--dataset", str(tmp_path / "dino.csv")])
-    folder = lambda a: os.path.join("out", f"{os.path.splitext(os.path.basename(a.dataset))[0]}" + ("-csv" if a.dataset.endswith(".csv") else "") + "-base")
+    folder = lambda a: os.path.join(
+        "out",
+        f"{os.path.splitext(os.path.basename(a.dataset))[0]}"
+        + ("-csv" if a.dataset.endswith(".csv") else "")
+        + "-base",
+    )
     assert folder(named) != folder(mine)
     np.savetxt(tmp_path / "dino.csv", np.random.default_rng(0).normal(size=(300, 2)), delimiter=",")
-    p = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--dataset", str(tmp_path / "dino.csv"), "--train_steps", "2", *TINY],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    p = subprocess.run(
+        [PY, os.path.join(ROOT, "train.py"), "--dataset", str(tmp_path / "dino.csv"), "--train_steps", "2", *TINY],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
-    assert (tmp_path / "out" / "dino-csv-base" / "metrics.json").exists() and not (tmp_path / "out" / "dino-base").exists()
-    for preset, folder in (("tinydiff", "moons-base"), ("paper", "moons-base-paper")):  # one after the other, neither refused
-        p = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--dataset", "moons", "--preset", preset, "--train_steps", "2", *TINY],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert (tmp_path / "out" / "dino-csv-base" / "metrics.json").exists() and not (
+        tmp_path / "out" / "dino-base"
+    ).exists()
+    for preset, folder in (
+        ("tinydiff", "moons-base"),
+        ("paper", "moons-base-paper"),
+    ):  # one after the other, neither refused
+        p = subprocess.run(
+            [PY, os.path.join(ROOT, "train.py"), "--dataset", "moons", "--preset", preset, "--train_steps", "2", *TINY],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert p.returncode == 0, p.stderr
         assert json.loads((tmp_path / "out" / folder / "metrics.json").read_text())["args"]["preset"] == preset
 
@@ -151,13 +238,39 @@ def test_a_users_file_a_named_dataset_and_the_paper_preset_get_different_default
 def test_a_flag_without_effect_gets_a_warning(tmp_path):
     p = run("train.py", "--dataset", "moons", "--train_steps", 2, "--heads", 3, *TINY, "--out_dir", tmp_path / "a")
     assert p.returncode == 0 and "--heads has no effect without --attn_layers" in p.stderr
-    p = run("train.py", "--dataset", "moons", "--train_steps", 2, "--heads", 8, "--attn_layers", 1, *TINY, "--out_dir", tmp_path / "b")
+    p = run(
+        "train.py",
+        "--dataset",
+        "moons",
+        "--train_steps",
+        2,
+        "--heads",
+        8,
+        "--attn_layers",
+        1,
+        *TINY,
+        "--out_dir",
+        tmp_path / "b",
+    )
     assert p.returncode == 0 and "no effect" not in p.stderr
 
 
 def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_path):
     out = tmp_path / "run"
-    run("train.py", "--dataset", "line", "--preset", "paper", "--lr", "5e-4", "--train_steps", 30, *TINY, "--out_dir", out)
+    run(
+        "train.py",
+        "--dataset",
+        "line",
+        "--preset",
+        "paper",
+        "--lr",
+        "5e-4",
+        "--train_steps",
+        30,
+        *TINY,
+        "--out_dir",
+        out,
+    )
     msg = one_line(run("train.py", "--out_dir", out, "--resume", "--train_steps", 40, "--lr", "1e-3"))
     assert "--lr 0.001 differs from this run's 0.0005" in msg
     (out / "samples-ddpm100.npy").write_bytes(b"drawn by sample.py from the 30-step model")
@@ -165,7 +278,11 @@ def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_p
     assert p.returncode == 0, p.stderr
     assert "samples-ddpm100.npy in" in p.stdout and "were drawn at step 30; rerun sample.py" in p.stdout
     assert (out / "samples-ddpm100.npy").exists()  # kept: only the user knows whether it is still wanted
-    assert "from the checkpoint: dataset line, preset paper" in p.stdout and "lr 0.0005" in p.stdout and "extending the run from 30 to 40" in p.stdout
+    assert (
+        "from the checkpoint: dataset line, preset paper" in p.stdout
+        and "lr 0.0005" in p.stdout
+        and "extending the run from 30 to 40" in p.stdout
+    )
     ck = runs.load_checkpoint(str(out / "ckpt.pt"))
     assert ck["step"] == 40 and ck["args"]["lr"] == 5e-4 and ck["args"]["dataset"] == "line"
     # the cosine schedule stretched to the new end: the last step's lr is lr * lambda(39) of a 40-step schedule
@@ -196,8 +313,13 @@ def test_a_run_saved_on_another_kind_of_device_continues_with_a_note(tmp_path):
         assert p.returncode == 0, p.stderr
     assert "was saved on cuda, whose random-generator state cpu cannot use" in moved[0].stdout
     assert "random-generator" not in stayed.stdout
-    losses = {name: runs.load_checkpoint(str(tmp_path / name / "ckpt.pt"))["losses"] for name in ("stayed", "moved0", "moved1")}
-    n = len(ck["losses"])  # the same run up to the checkpoint, then another stream of batches and noise, the same each time
+    losses = {
+        name: runs.load_checkpoint(str(tmp_path / name / "ckpt.pt"))["losses"]
+        for name in ("stayed", "moved0", "moved1")
+    }
+    n = len(
+        ck["losses"]
+    )  # the same run up to the checkpoint, then another stream of batches and noise, the same each time
     assert all(v[:n] == ck["losses"] and len(v) == 30 for v in losses.values())
     assert losses["moved0"] == losses["moved1"] and losses["moved0"][n:] != losses["stayed"][n:]
     damaged = resumed("damaged", dict(torch=ck["rng"]["torch"], gen=cuda_gen, device="cpu"))
@@ -210,7 +332,9 @@ def test_two_processes_never_share_a_run_folder(tmp_path):
     first = start("train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--out_dir", out)
     try:
         wait_for(lambda: first.stdout.readline().startswith("moons:"))  # past its checks: it holds the folder
-        msg = one_line(run("train.py", "--dataset", "moons", "--train_steps", 5, *TINY, "--out_dir", out, "--overwrite"))
+        msg = one_line(
+            run("train.py", "--dataset", "moons", "--train_steps", 5, *TINY, "--out_dir", out, "--overwrite")
+        )
         assert "another process is using" in msg
         assert "another process is using" in one_line(run("train.py", "--out_dir", out, "--auto_resume"))
     finally:
@@ -256,14 +380,22 @@ def test_atomic_write_removes_its_temporary_file_when_the_write_fails(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])  # SIGHUP: test_hostile
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)  # SIGHUP: test_hostile
 def test_a_signal_stops_training_with_one_line_and_a_checkpoint_to_resume(tmp_path, sig):
     out = tmp_path / "run"
-    p = start("train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--ckpt_interval", 100000, "--out_dir", out)
+    p = start(
+        "train.py", "--dataset", "moons", "--train_steps", 100000, *TINY, "--ckpt_interval", 100000, "--out_dir", out
+    )
     wait_for(lambda: p.stdout.readline().startswith("step"))  # training
     p.send_signal(sig)
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 128 + sig and len(err.strip().splitlines()) == 1 and f"stopped by {signal.Signals(sig).name} at step" in err, err
+    assert (
+        p.returncode == 128 + sig
+        and len(err.strip().splitlines()) == 1
+        and f"stopped by {signal.Signals(sig).name} at step" in err
+    ), err
     step = runs.load_checkpoint(str(out / "ckpt.pt"))["step"]
     assert step >= 10 and f"at step {step}" in err  # saved where it stopped, though no checkpoint was due
     assert not (out / "metrics.json").exists()
@@ -290,13 +422,22 @@ def test_a_sweep_refuses_a_folder_that_another_sweep_holds(tmp_path):
     fd = os.open(root, os.O_RDONLY)  # what runs.claim_run_dir locks: the folder itself
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert "another process is using" in one_line(run("sweep.py", "--train_steps", 2, "--seeds", 1, "--out_dir", root))
+        assert "another process is using" in one_line(
+            run("sweep.py", "--train_steps", 2, "--seeds", 1, "--out_dir", root)
+        )
     finally:
         os.close(fd)
 
 
 def test_the_sweep_refuses_flags_that_would_change_its_configurations(tmp_path):
-    for flags in (["--attn_layers", "2"], ["--heads", "8"], ["--dataset", "dino"], ["--swe"], ["--sweep"], ["--seed", "3"]):
+    for flags in (
+        ["--attn_layers", "2"],
+        ["--heads", "8"],
+        ["--dataset", "dino"],
+        ["--swe"],
+        ["--sweep"],
+        ["--seed", "3"],
+    ):
         msg = one_line(run("sweep.py", *flags, "--out_dir", tmp_path / "grid"))
         assert "unrecognized arguments" in msg, flags
     assert not (tmp_path / "grid").exists()
@@ -305,17 +446,62 @@ def test_the_sweep_refuses_flags_that_would_change_its_configurations(tmp_path):
 @pytest.mark.slow  # 15 s of training; --collect is tested by default in test_hostile
 def test_the_sweep_prints_runs_for_a_cluster_and_collects_them(tmp_path):
     root = tmp_path / "grid"
-    p = run("sweep.py", "--train_steps", 2, "--seeds", 1, "--batch_size", 16, "--eval_batch_size", 50, "--out_dir", root, "--print")
+    p = run(
+        "sweep.py",
+        "--train_steps",
+        2,
+        "--seeds",
+        1,
+        "--batch_size",
+        16,
+        "--eval_batch_size",
+        50,
+        "--out_dir",
+        root,
+        "--print",
+    )
     lines = p.stdout.strip().splitlines()
-    assert p.returncode == 0 and len(lines) == 28 and all(line.startswith("python train.py ") and "--auto_resume" in line for line in lines)
+    assert (
+        p.returncode == 0
+        and len(lines) == 28
+        and all(line.startswith("python train.py ") and "--auto_resume" in line for line in lines)
+    )
     assert "--dataset circle" in lines[0] and "--ssm_layers 2" in lines[-1] and not root.exists()
     for line in lines[:2]:  # two runs, the way a job array would run them, the first one twice
         for _ in range(2 if line == lines[0] else 1):
-            q = subprocess.run(line.replace("python", PY, 1), shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            q = subprocess.run(
+                line.replace("python", PY, 1), shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120
+            )
             assert q.returncode == 0, q.stderr
-    p = run("sweep.py", "--train_steps", 2, "--seeds", 1, "--batch_size", 16, "--eval_batch_size", 50, "--out_dir", root, "--print")
+    p = run(
+        "sweep.py",
+        "--train_steps",
+        2,
+        "--seeds",
+        1,
+        "--batch_size",
+        16,
+        "--eval_batch_size",
+        50,
+        "--out_dir",
+        root,
+        "--print",
+    )
     assert len(p.stdout.strip().splitlines()) == 26  # the finished runs are not printed again
-    run("sweep.py", "--train_steps", 2, "--seeds", 1, "--batch_size", 16, "--eval_batch_size", 50, "--out_dir", root, "--collect")
+    run(
+        "sweep.py",
+        "--train_steps",
+        2,
+        "--seeds",
+        1,
+        "--batch_size",
+        16,
+        "--eval_batch_size",
+        50,
+        "--out_dir",
+        root,
+        "--collect",
+    )
     text = (root / "results.md").read_text()
     assert "Runs finished: 2 of 28" in text and "| circle | 1 |" in text
 
@@ -327,11 +513,21 @@ def test_a_corrupt_run_does_not_stop_the_results(tmp_path, capsys):
     for s in range(2):
         d = tmp_path / f"dino-base-s{s}"
         d.mkdir()
-        m = dict(train_time_s=1.0, eval_loss=0.6, inference_s=1.0, knn_kl_bits=0.3 + s, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03,
-                 args=vars(sweep.run_args(args, "base", "dino", s, str(d))))
+        m = dict(
+            train_time_s=1.0,
+            eval_loss=0.6,
+            inference_s=1.0,
+            knn_kl_bits=0.3 + s,
+            knn_kl_floor=-0.07,
+            hist_kl_nats=0.2,
+            hist_kl_floor=0.03,
+            args=vars(sweep.run_args(args, "base", "dino", s, str(d))),
+        )
         (d / "metrics.json").write_text(json.dumps(m))
         np.save(d / "samples.npy", np.zeros((10, 2)))
-    (tmp_path / "dino-base-s0" / "samples.npy").write_bytes((tmp_path / "dino-base-s0" / "samples.npy").read_bytes()[:60])  # truncated
+    (tmp_path / "dino-base-s0" / "samples.npy").write_bytes(
+        (tmp_path / "dino-base-s0" / "samples.npy").read_bytes()[:60]
+    )  # truncated
     sweep.write_results(str(tmp_path), args)
     assert "| dino | 2 |" in (tmp_path / "results.md").read_text()
     assert "leaving out the samples of" in capsys.readouterr().err
@@ -386,7 +582,11 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.parametrize("script,args,message", BAD_FLAGS, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD_FLAGS])
 def test_every_bad_flag_gets_one_line_and_exit_2(tiny_run, tmp_path, script, args, message):
-    err = refused(script, *[a.format(run=tiny_run) for a in args], *(["--out_dir", tmp_path / "x"] if script == "train.py" else []))
+    err = refused(
+        script,
+        *[a.format(run=tiny_run) for a in args],
+        *(["--out_dir", tmp_path / "x"] if script == "train.py" else []),
+    )
     assert message in err
     assert not (tmp_path / "x").exists()  # refused before any folder was made
 
@@ -394,16 +594,26 @@ def test_every_bad_flag_gets_one_line_and_exit_2(tiny_run, tmp_path, script, arg
 FIRST_PER_SCRIPT = list({s: (s, a, m) for s, a, m in reversed(BAD_FLAGS)}.values())  # each script's first row
 
 
-@pytest.mark.parametrize("script,args,message", [row if row[0] == "train.py" else pytest.param(*row, marks=pytest.mark.slow) for row in FIRST_PER_SCRIPT],
-                         ids=[s for s, _, _ in FIRST_PER_SCRIPT])  # one script by default: they share runs.script
+@pytest.mark.parametrize(
+    "script,args,message",
+    [row if row[0] == "train.py" else pytest.param(*row, marks=pytest.mark.slow) for row in FIRST_PER_SCRIPT],
+    ids=[s for s, _, _ in FIRST_PER_SCRIPT],
+)  # one script by default: they share runs.script
 def test_a_refusal_is_the_process_exit_code_and_one_line(tiny_run, tmp_path, script, args, message):
     """The same refusals as whole processes, one per script: what a shell sees."""
-    p = run_process(script, *[a.format(run=tiny_run) for a in args], *(["--out_dir", tmp_path / "x"] if script == "train.py" else []), timeout=300)
+    p = run_process(
+        script,
+        *[a.format(run=tiny_run) for a in args],
+        *(["--out_dir", tmp_path / "x"] if script == "train.py" else []),
+        timeout=300,
+    )
     assert message in one_line(p)
 
 
 def test_metrics_json_is_strict_json_even_for_degenerate_data(tmp_path):
-    np.savetxt(tmp_path / "same.csv", np.tile([[1.0, 1.0], [2.0, 3.0]], (25, 1)), delimiter=",")  # two points, 25 times each
+    np.savetxt(
+        tmp_path / "same.csv", np.tile([[1.0, 1.0], [2.0, 3.0]], (25, 1)), delimiter=","
+    )  # two points, 25 times each
     p = run("train.py", "--dataset", tmp_path / "same.csv", "--train_steps", 3, *TINY, "--out_dir", tmp_path / "run")
     assert p.returncode == 0, p.stderr
 

@@ -1,6 +1,8 @@
 """NoiseScheduler against the forward Markov chain, Bayes' rule and the schedules' closed forms."""
+
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,7 +178,9 @@ def test_first_order_dpm_solver_step_is_the_ddpm_posterior_step(t, s_):
     mean = ab_s.sqrt() * (1 - a_ts) / (1 - ab_t) * x0.double() + a_ts.sqrt() * (1 - ab_s) / (1 - ab_t) * xt.double()
     torch.testing.assert_close(out.double(), mean + var.sqrt() * z, atol=2e-5, rtol=1e-5)
     if s_ == t - 1:
-        torch.testing.assert_close(out, s.step(eps, t, xt, generator=torch.Generator().manual_seed(5)), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out, s.step(eps, t, xt, generator=torch.Generator().manual_seed(5)), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_second_order_dpm_solver_step_extrapolates_x0_in_log_snr():
@@ -187,11 +191,13 @@ def test_second_order_dpm_solver_step_extrapolates_x0_in_log_snr():
     r = (lam(60) - lam(80)) / (lam(40) - lam(60))
     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
     out = s.dpm_solver_step(x0, 60, 40, xt, x0_last, 80, generator=torch.Generator().manual_seed(6))
-    torch.testing.assert_close(out, s.dpm_solver_step(D, 60, 40, xt, generator=torch.Generator().manual_seed(6)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, s.dpm_solver_step(D, 60, 40, xt, generator=torch.Generator().manual_seed(6)), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_unknown_schedule_is_refused():
-    with pytest.raises(ValueError, match="linear, quadratic or cosine"):
+    with pytest.raises(ValueError, match="linear, quadratic, cosine, logsnr"):
         td.NoiseScheduler(beta_schedule="sigmoid")
 
 
@@ -207,7 +213,9 @@ def test_prior_has_the_moments_of_the_forward_process_at_T(D):
     s, g = td.NoiseScheduler(), torch.Generator().manual_seed(0)
     n = 400_000
     u = torch.rand(n, generator=g) ** 3
-    data = torch.stack([4 * u - 1, 2 * u + 0.5 * torch.randn(n, generator=g), u.sqrt() - torch.rand(n, generator=g)][:D], 1)
+    data = torch.stack(
+        [4 * u - 1, 2 * u + 0.5 * torch.randn(n, generator=g), u.sqrt() - torch.rand(n, generator=g)][:D], 1
+    )
     mean, cov = data.mean(0), torch.cov(data.T, correction=0)
     xT = s.add_noise(data, torch.randn(n, D, generator=g), torch.full((n,), 99))
     draw = s.prior(n, mean, cov, generator=g)
@@ -220,6 +228,28 @@ def test_prior_with_zero_mean_and_identity_cov_is_the_standard_normal():
     for D in (1, 2, 5):
         z = s.prior(1000, generator=torch.Generator().manual_seed(3), dim=D)
         assert torch.equal(z, torch.randn(1000, D, generator=torch.Generator().manual_seed(3)))
-        torch.testing.assert_close(s.prior(1000, torch.zeros(D), torch.eye(D), generator=torch.Generator().manual_seed(3)), z)
+        torch.testing.assert_close(
+            s.prior(1000, torch.zeros(D), torch.eye(D), generator=torch.Generator().manual_seed(3)), z
+        )
     with pytest.raises(ValueError, match="or dim"):
         s.prior(10)
+
+
+@pytest.mark.parametrize("kind", td.PREDICTION_TYPES)
+def test_get_target_and_predict_are_the_published_formulas_and_invert_each_other(kind):
+    """Reference: numpy's float64 alpha_bar from the betas; v = sqrt(ab) eps - sqrt(1 - ab) x0 (diffusers'
+    get_velocity); and predict() of the exact target returns the (x0, eps) that made x_t."""
+    s = td.NoiseScheduler(beta_schedule="cosine", prediction_type=kind)
+    ab = np.cumprod(1 - s.betas.double().numpy())
+    g = torch.Generator().manual_seed(0)
+    x0, eps, t = torch.randn(64, 3, generator=g), torch.randn(64, 3, generator=g), torch.arange(0, 96, 1.5).long()
+    a, sg = torch.tensor(np.sqrt(ab[t]), dtype=torch.float32)[:, None], torch.tensor(np.sqrt(1 - ab[t]))[:, None]
+    want = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - sg.float() * x0}[kind]
+    torch.testing.assert_close(s.get_target(x0, eps, t), want, atol=1e-6, rtol=1e-5)
+    x_t = s.add_noise(x0, eps, t)
+    for i in (0, 30, 63):
+        x0_hat, eps_hat = s.predict(s.get_target(x0, eps, t)[i], int(t[i]), x_t[i])
+        torch.testing.assert_close(x0_hat, x0[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(eps_hat, eps[i], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown prediction_type 'score'"):
+        td.NoiseScheduler(prediction_type="score")

@@ -1,7 +1,7 @@
 """The scripts as a user runs them: end to end, kill and resume, refused files, bad command lines."""
+
 import json
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, refused, run_here
 
 import datasets
 import evaluate
 import runs
 import tinydiff as td
-from conftest import ROOT, refused, run_here
 
 PY = sys.executable
 FAST = ["--batch_size", "64", "--eval_batch_size", "500", "--log_interval", "100"]
@@ -46,7 +46,15 @@ def test_train_writes_every_output_and_beats_noise(trained):
         assert (out / f).stat().st_size > 0, f
     assert "ms/step" in stdout and "ETA" in stdout and "kNN KL" in stdout
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("train_time_s", "eval_loss", "inference_s", "knn_kl_bits", "knn_kl_floor", "hist_kl_nats", "hist_kl_floor"):
+    for key in (
+        "train_time_s",
+        "eval_loss",
+        "inference_s",
+        "knn_kl_bits",
+        "knn_kl_floor",
+        "hist_kl_nats",
+        "hist_kl_floor",
+    ):
         assert np.isfinite(m[key]), key
     data = datasets.load_dataset("moons")
     samples = np.load(out / "samples.npy")
@@ -66,15 +74,33 @@ def test_checkpoint_holds_the_data_moments_and_the_paper_preset_does_not(trained
     run("train.py", "--dataset", "moons", "--preset", "paper", "--train_steps", 1, *FAST, "--out_dir", tmp_path)
     paper = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert paper["args"]["prior"] == "standard" and paper["args"]["low_frac"] == 0
-    assert torch.equal(paper["ema"]["data_mean"], torch.zeros(2)) and torch.equal(paper["ema"]["data_cov"], torch.eye(2))
+    assert torch.equal(paper["ema"]["data_mean"], torch.zeros(2)) and torch.equal(
+        paper["ema"]["data_cov"], torch.eye(2)
+    )
 
 
-@pytest.mark.parametrize("gif", [[], pytest.param(["--gif"], marks=pytest.mark.slow)], ids=["png", "gif"])  # the gif's 101 frames: 6 s
+@pytest.mark.parametrize(
+    "gif", [[], pytest.param(["--gif"], marks=pytest.mark.slow)], ids=["png", "gif"]
+)  # the gif's 101 frames: 6 s
 def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path, gif):
     out, _ = trained
     run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, *gif, "--out", tmp_path / "a")
     run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, "--out", tmp_path / "b")
-    run("sample.py", "--out_dir", out, "--n", 300, "--seed", 4, "--sampler", "ddim", "--sample_steps", 10, "--out", tmp_path / "c")
+    run(
+        "sample.py",
+        "--out_dir",
+        out,
+        "--n",
+        300,
+        "--seed",
+        4,
+        "--sampler",
+        "ddim",
+        "--sample_steps",
+        10,
+        "--out",
+        tmp_path / "c",
+    )
     a, b, c = (np.load(tmp_path / f"{k}.npy") for k in "abc")
     assert a.shape == (300, 2) and np.array_equal(a, b) and not np.array_equal(a, c)
     assert (tmp_path / "a.png").stat().st_size > 0
@@ -92,7 +118,9 @@ def test_evaluate_cli_scores_samples_and_checkpoints(trained):
     p = run("evaluate.py", "--samples", out / "samples.npy", "--dataset", "moons", "--json")
     m = json.loads(p.stdout)
     saved = json.loads((out / "metrics.json").read_text())
-    assert m["knn_kl_bits"] == pytest.approx(saved["knn_kl_bits"]) and m["knn_kl_floor"] == pytest.approx(saved["knn_kl_floor"])
+    assert m["knn_kl_bits"] == pytest.approx(saved["knn_kl_bits"]) and m["knn_kl_floor"] == pytest.approx(
+        saved["knn_kl_floor"]
+    )
     p = run("evaluate.py", "--out_dir", out, "--n", 1000, "--sampler", "ddim", "--steps", 20)
     assert "kNN KL (bits)" in p.stdout and "eval_loss" in p.stdout
 
@@ -102,7 +130,11 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line_that_names_it(tmp
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ckpt["format"], ckpt["step"] = "tinydiff-1", 2  # as an older tinydiff wrote it
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    for script, args in (("train.py", ["--out_dir", tmp_path, "--resume"]), ("sample.py", ["--out_dir", tmp_path]), ("evaluate.py", ["--out_dir", tmp_path])):
+    for script, args in (
+        ("train.py", ["--out_dir", tmp_path, "--resume"]),
+        ("sample.py", ["--out_dir", tmp_path]),
+        ("evaluate.py", ["--out_dir", tmp_path]),
+    ):
         p = run(script, *args, check=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert f"format tinydiff-1, and this tinydiff reads {runs.FORMAT}" in p.stderr
@@ -112,17 +144,31 @@ def final_weights(out):
     return runs.load_checkpoint(str(out / "ckpt.pt"))["model"]
 
 
-@pytest.mark.parametrize("extra", [[], pytest.param(["--preset", "paper", "--batch_size", 256, "--ckpt_interval", 130, "--eval_interval", 200], marks=pytest.mark.slow),
-                                   pytest.param(["--dataset", "moons", "--conditional", "--attn_layers", 1], marks=pytest.mark.slow)],
-                         ids=["tinydiff", "paper", "conditional"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        pytest.param(
+            ["--preset", "paper", "--batch_size", 256, "--ckpt_interval", 130, "--eval_interval", 200],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(["--dataset", "moons", "--conditional", "--attn_layers", 1], marks=pytest.mark.slow),
+    ],
+    ids=["tinydiff", "paper", "conditional"],
+)
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
-    # the paper preset: epochs of 391 batches, the EMA every 10 steps, checkpoints off both grids; KL recorded on the way
+    # the paper preset: epochs of 391 batches, the EMA every 10 steps, checkpoints off both grids; KL recorded on the
+    # way
     steps = 900 if "paper" in extra else 500  # the paper run: still two epoch boundaries (391 batches each)
     args = ["--dataset", "line", "--train_steps", steps, "--ckpt_interval", 100, *FAST, *extra]
     run("train.py", *args, "--out_dir", tmp_path / "whole")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), *map(str, args), "--out_dir", str(killed)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PY, os.path.join(ROOT, "train.py"), *map(str, args), "--out_dir", str(killed)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while not (killed / "ckpt.pt").exists() and time.time() < deadline:
         time.sleep(0.02)
@@ -140,7 +186,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     if "--eval_interval" in extra:
         ca, cb = (json.loads((d / "metrics.json").read_text())["curve"] for d in (tmp_path / "whole", killed))
-        assert [c["step"] for c in ca] == list(range(200, steps + 1, 200)) + [steps] and [c["knn_kl_bits"] for c in ca] == [c["knn_kl_bits"] for c in cb]
+        assert [c["step"] for c in ca] == list(range(200, steps + 1, 200)) + [steps] and [
+            c["knn_kl_bits"] for c in ca
+        ] == [c["knn_kl_bits"] for c in cb]
 
 
 def test_a_crash_between_write_and_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -154,7 +202,9 @@ def test_a_crash_between_write_and_replace_keeps_the_previous_checkpoint(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         runs.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]  # the old one, and no leftover
+    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == [
+        "ckpt.pt"
+    ]  # the old one, and no leftover
 
 
 def test_an_interrupt_says_what_to_do_next_in_its_one_line(capsys):
@@ -197,11 +247,18 @@ def bad_files(tmp_path, good_ckpt):
     return marker
 
 
-@pytest.mark.parametrize("name,message", [
-    ("random.pt", "is not a readable tinydiff checkpoint"), ("empty.pt", "is not a readable tinydiff checkpoint"),
-    ("truncated.pt", "is not a readable tinydiff checkpoint"), ("code.pt", "is not a readable tinydiff checkpoint"),
-    ("foreign.pt", "is not a tinydiff checkpoint"), ("incompatible.pt", "do not fit its config"), ("no-args.pt", "lacks parts of a tinydiff checkpoint (args)"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("random.pt", "is not a readable tinydiff checkpoint"),
+        ("empty.pt", "is not a readable tinydiff checkpoint"),
+        ("truncated.pt", "is not a readable tinydiff checkpoint"),
+        ("code.pt", "is not a readable tinydiff checkpoint"),
+        ("foreign.pt", "is not a tinydiff checkpoint"),
+        ("incompatible.pt", "do not fit its config"),
+        ("no-args.pt", "lacks parts of a tinydiff checkpoint (args)"),
+    ],
+)
 def test_bad_checkpoints_are_refused_without_running_their_code(trained, tmp_path, name, message):
     out, _ = trained
     marker = bad_files(tmp_path, out / "ckpt.pt")
@@ -214,8 +271,21 @@ def test_bad_checkpoints_are_refused_without_running_their_code(trained, tmp_pat
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    p = run("train.py", "--dataset", "moons", "--train_steps", 200, "--lr", "1e12", "--ckpt_interval", 1, *FAST,
-            "--out_dir", tmp_path, check=False)
+    p = run(
+        "train.py",
+        "--dataset",
+        "moons",
+        "--train_steps",
+        200,
+        "--lr",
+        "1e12",
+        "--ckpt_interval",
+        1,
+        *FAST,
+        "--out_dir",
+        tmp_path,
+        check=False,
+    )
     assert p.returncode == 1 and "diverged at step" in p.stderr and "--lr" in p.stderr, p.stderr
     if (tmp_path / "ckpt.pt").exists():  # every saved checkpoint holds finite weights
         ck = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -238,7 +308,9 @@ def test_moons_at_another_offset_and_scale_train_as_well_with_the_default_flags(
     assert abs(evaluate.hist_kl(data, scaled) - evaluate.hist_kl(data, raw)) < 0.15
     split = runs.load_data(str(tmp_path / "moons.csv"))  # scored against the held-out tenth, in the file's units
     assert m["knn_kl_bits"] == pytest.approx(evaluate.knn_kl(split.held, scaled * 50 + 100), abs=1e-6)
-    ckpt = runs.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # the map is in the checkpoint, for sample.py and evaluate.py
+    ckpt = runs.load_checkpoint(
+        str(tmp_path / "run" / "ckpt.pt")
+    )  # the map is in the checkpoint, for sample.py and evaluate.py
     shift = ckpt["ema"]["data_map.shift"].double() + ckpt["ema"]["data_map.shift_lo"].double()
     np.testing.assert_allclose(shift.numpy(), split.points.mean(0), rtol=1e-9)
     np.testing.assert_allclose(ckpt["ema"]["data_map.scale"].numpy(), split.points.std(0) / td.MODEL_SD, rtol=1e-6)
@@ -249,51 +321,71 @@ def test_user_data_file_trains(tmp_path):
     np.savetxt(tmp_path / "pts.csv", pts, delimiter=",")
     run("train.py", "--dataset", tmp_path / "pts.csv", "--train_steps", 50, *FAST, "--out_dir", tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["holdout"] == 50 and np.isfinite(m["knn_kl_bits"]) and np.isfinite(m["knn_kl_floor"])  # held-out points give a file a floor
+    assert (
+        m["holdout"] == 50 and np.isfinite(m["knn_kl_bits"]) and np.isfinite(m["knn_kl_floor"])
+    )  # held-out points give a file a floor
 
 
-@pytest.mark.parametrize("script,args,message", [
-    ("train.py", ["--dataset", "spiral"], "unknown dataset 'spiral'"),
-    ("train.py", ["--attn_layers", "1", "--heads", "3"], "heads 3 must divide the token width 128"),
-    ("train.py", ["--train_steps", "0"], "--train_steps must be a positive integer"),
-    ("train.py", ["--batch_size", "-4"], "--batch_size must be a positive integer"),
-    ("train.py", ["--sample_steps", "500"], "steps must be in 1..100"),
-    ("train.py", ["--out_dir", "/etc/hostname/run"], "cannot use /etc/hostname/run as a run folder"),
-    ("train.py", ["--out_dir", "{tmp}/nothing", "--resume"], "--resume found no checkpoint"),
-    ("train.py", ["--dataset", "{tmp}/missing.csv"], "no data file at"),
-    ("sweep.py", ["--jobs", "0", "--out_dir", "{tmp}/sweep"], "--jobs must be a positive integer"),
-    ("sweep.py", ["--train_steps", "0", "--out_dir", "{tmp}/sweep"], "--train_steps must be a positive integer"),
-    ("sample.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
-    ("evaluate.py", ["--samples", "{tmp}/missing.npy", "--dataset", "dino"], "no samples file at"),
-    ("evaluate.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
-])
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("train.py", ["--dataset", "spiral"], "unknown dataset 'spiral'"),
+        ("train.py", ["--attn_layers", "1", "--heads", "3"], "heads 3 must divide the token width 128"),
+        ("train.py", ["--train_steps", "0"], "--train_steps must be a positive integer"),
+        ("train.py", ["--batch_size", "-4"], "--batch_size must be a positive integer"),
+        ("train.py", ["--sample_steps", "500"], "steps must be in 1..100"),
+        ("train.py", ["--out_dir", "/etc/hostname/run"], "cannot use /etc/hostname/run as a run folder"),
+        ("train.py", ["--out_dir", "{tmp}/nothing", "--resume"], "--resume found no checkpoint"),
+        ("train.py", ["--dataset", "{tmp}/missing.csv"], "no data file at"),
+        ("sweep.py", ["--jobs", "0", "--out_dir", "{tmp}/sweep"], "--jobs must be a positive integer"),
+        ("sweep.py", ["--train_steps", "0", "--out_dir", "{tmp}/sweep"], "--train_steps must be a positive integer"),
+        ("sample.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
+        ("evaluate.py", ["--samples", "{tmp}/missing.npy", "--dataset", "dino"], "no samples file at"),
+        ("evaluate.py", ["--out_dir", "{tmp}/nothing"], "no checkpoint at"),
+    ],
+)
 def test_bad_command_lines_get_one_line_and_exit_2(tmp_path, script, args, message):
     assert message in refused(script, *[a.format(tmp=tmp_path) for a in args])
 
 
 def test_collect_tables_runs_made_before_the_condition_flags_and_no_conditional_one(tmp_path, capsys):
     """results/tinydiff's runs record none of --conditional, --holdout, --p_uncond (they came later): those runs
-    were unconditional, on whole named datasets, so they are this grid's. The same run recorded as conditional is not."""
+    were unconditional, on whole named datasets, so they are this grid's. The same run recorded as conditional is
+    not."""
     import sweep
 
     old = json.loads(open(os.path.join(ROOT, "results", "tinydiff", "dino-base-s0", "metrics.json")).read())
     assert not {"conditional", "holdout", "p_uncond", "label_column", "cond_columns"} & set(old["args"])  # the premise
-    for name, args in (("dino-base-s0", old["args"]), ("moons-base-s0", {**old["args"], "dataset": "moons", "conditional": True})):
+    for name, args in (
+        ("dino-base-s0", old["args"]),
+        ("moons-base-s0", {**old["args"], "dataset": "moons", "conditional": True}),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps({**old, "args": args}))
     sweep.main(["--seeds", "1", "--eval_interval", "500", "--out_dir", str(tmp_path), "--collect"])
     text, err = (tmp_path / "results.md").read_text(), capsys.readouterr().err
-    assert "Runs finished: 1 of 28" in text and f"| dino | 1 | {old['train_time_s']:.1f} | {old['eval_loss']:.4f} |" in text, text
+    assert (
+        "Runs finished: 1 of 28" in text
+        and f"| dino | 1 | {old['train_time_s']:.1f} | {old['eval_loss']:.4f} |" in text
+    ), text
     assert "moons-base-s0 (made with other settings than this grid's: conditional True)" in err, err
 
 
-@pytest.mark.parametrize("grid, flags", [("tinydiff", ["--costs", "results/bench-cpu.json"]), ("paper", ["--preset", "paper", "--costs", "results/bench-cpu-relu.json"])])
+@pytest.mark.parametrize(
+    "grid, flags",
+    [
+        ("tinydiff", ["--costs", "results/bench-cpu.json"]),
+        ("paper", ["--preset", "paper", "--costs", "results/bench-cpu-relu.json"]),
+    ],
+)
 def test_collect_rewrites_the_committed_results_md_from_the_committed_runs(tmp_path, grid, flags):
     import shutil
 
     import sweep
 
-    shutil.copytree(os.path.join(ROOT, "results", grid), tmp_path / grid, ignore=shutil.ignore_patterns("*.png", "results.md"))
+    shutil.copytree(
+        os.path.join(ROOT, "results", grid), tmp_path / grid, ignore=shutil.ignore_patterns("*.png", "results.md")
+    )
     cwd = os.getcwd()
     try:
         os.chdir(ROOT)  # the committed command names its --costs file from the repository's root
@@ -307,7 +399,20 @@ def test_collect_rewrites_the_committed_results_md_from_the_committed_runs(tmp_p
 
 def test_a_sweep_refuses_to_mix_runs_made_with_other_settings(tmp_path):
     flags = ["--batch_size", 64, "--eval_batch_size", 100]
-    run("train.py", "--dataset", "circle", "--seed", 0, "--threads", 1, "--train_steps", 2, *flags, "--out_dir", tmp_path / "circle-base-s0")
+    run(
+        "train.py",
+        "--dataset",
+        "circle",
+        "--seed",
+        0,
+        "--threads",
+        1,
+        "--train_steps",
+        2,
+        *flags,
+        "--out_dir",
+        tmp_path / "circle-base-s0",
+    )
     p = run("sweep.py", "--train_steps", 3, *flags, "--out_dir", tmp_path, check=False)
     assert p.returncode == 2 and "holds runs made with other settings (train_steps differ" in p.stderr, p.stderr
     metrics = tmp_path / "circle-base-s0" / "metrics.json"
@@ -315,19 +420,22 @@ def test_a_sweep_refuses_to_mix_runs_made_with_other_settings(tmp_path):
     del m["args"]["low_t"], m["args"]["low_frac"]  # as written before --low_t existed
     metrics.write_text(json.dumps(m))
     p = run("sweep.py", "--train_steps", 2, *flags, "--out_dir", tmp_path, check=False)
-    assert p.returncode == 2 and "(low_t, low_frac differ" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.returncode == 2 and "(low_t, low_frac differ" in p.stderr and len(p.stderr.strip().splitlines()) == 1, (
+        p.stderr
+    )
     assert not (tmp_path / "dino-base-s0").exists()  # nothing was started
 
 
 def test_a_sweep_refuses_a_bad_setting_once_before_starting_anything(tmp_path):
     p = run("sweep.py", "--low_frac", 2, "--out_dir", tmp_path / "sweep", check=False)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--low_frac must lie in [0, 1]" in p.stderr, p.stderr
+    assert (
+        p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--low_frac must lie in [0, 1]" in p.stderr
+    ), p.stderr
     assert not (tmp_path / "sweep").exists()
 
 
 def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
     import statistics
-    from types import SimpleNamespace
 
     import sweep
 
@@ -336,8 +444,16 @@ def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
     for s, kl in vals.items():
         d = tmp_path / f"dino-base-s{s}"
         d.mkdir()
-        m = dict(train_time_s=70.0 + s, eval_loss=0.66, inference_s=12.0, knn_kl_bits=kl, knn_kl_floor=-0.07, hist_kl_nats=0.2, hist_kl_floor=0.03,
-                 args=json.loads(runs.to_json(vars(sweep.run_args(args, "base", "dino", s, str(d))))))
+        m = dict(
+            train_time_s=70.0 + s,
+            eval_loss=0.66,
+            inference_s=12.0,
+            knn_kl_bits=kl,
+            knn_kl_floor=-0.07,
+            hist_kl_nats=0.2,
+            hist_kl_floor=0.03,
+            args=json.loads(runs.to_json(vars(sweep.run_args(args, "base", "dino", s, str(d))))),
+        )
         (d / "metrics.json").write_text(json.dumps(m))
         np.save(d / "samples.npy", np.zeros((10, 2)))
     sweep.write_results(str(tmp_path), args)
@@ -366,8 +482,19 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
         run.mkdir(parents=True)
         curve = [dict(step=st, train_time_s=0.03 * st + s, knn_kl_bits=float(k)) for st, k in zip(steps, kl)]
         grid_args = sweep.get_parser().parse_args(["--preset", preset])
-        m = dict(args=json.loads(runs.to_json(vars(sweep.run_args(grid_args, c, d, s, str(run))))), curve=curve, curve_floor=0.05, curve_samples=evaluate.CURVE_N, train_time_s=300.0, eval_loss=0.6, inference_s=9.0,
-                 knn_kl_bits=float(kl[-1]), knn_kl_floor=0.02, hist_kl_nats=0.1, hist_kl_floor=0.01)
+        m = dict(
+            args=json.loads(runs.to_json(vars(sweep.run_args(grid_args, c, d, s, str(run))))),
+            curve=curve,
+            curve_floor=0.05,
+            curve_samples=evaluate.CURVE_N,
+            train_time_s=300.0,
+            eval_loss=0.6,
+            inference_s=9.0,
+            knn_kl_bits=float(kl[-1]),
+            knn_kl_floor=0.02,
+            hist_kl_nats=0.1,
+            hist_kl_floor=0.01,
+        )
         (run / "metrics.json").write_text(json.dumps(m))
         np.save(run / "samples.npy", np.zeros((10, 2)))
 
@@ -377,7 +504,9 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
         kl = np.linspace(3.0, 1.0, len(steps)) + rng.normal(0, 0.05, len(steps))
         make(ref, "paper", "base", "dino", s, kl)
         last.append(kl[-1] - 0.05)
-    curves = [np.geomspace(4.0, 0.3, len(steps)) + rng.normal(0, 0.05, len(steps)) for s in range(2)]  # a faster grid run, 2 seeds
+    curves = [
+        np.geomspace(4.0, 0.3, len(steps)) + rng.normal(0, 0.05, len(steps)) for s in range(2)
+    ]  # a faster grid run, 2 seeds
     for s, kl in enumerate(curves):
         make(grid, "tinydiff", "attn1x4", "dino", s, kl)
     args = sweep.get_parser().parse_args(["--reference", str(ref)])  # the tinydiff preset, 10,000 steps, 3 seeds
@@ -398,10 +527,18 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
     ms = {c: 5.0 + i for i, c in enumerate(sweep.CONFIGS)}
     bench = dict(device="cpu", threads=1, compile=False, block="gelu", batch_size=256, dtype="fp32", ms_per_step=ms)
     (tmp_path / "bench.json").write_text(json.dumps(bench))
-    sweep.write_results(str(grid), sweep.get_parser().parse_args(["--reference", str(ref), "--costs", str(tmp_path / "bench.json")]))
+    sweep.write_results(
+        str(grid), sweep.get_parser().parse_args(["--reference", str(ref), "--costs", str(tmp_path / "bench.json")])
+    )
     text = (grid / "results.md").read_text()
-    assert f"| attn1x4 |  | {first[0]} ({first[0] * ms['attn1x4'] / 1000:.0f} s) |  |  |" in text and "(cpu, 1 thread;" in text
-    for name, changed, message in (("partial", dict(ms_per_step={"base": 5.0}), "lacks attn1x4"), ("relu", dict(block="relu"), "--block relu (this grid: gelu)")):
+    assert (
+        f"| attn1x4 |  | {first[0]} ({first[0] * ms['attn1x4'] / 1000:.0f} s) |  |  |" in text
+        and "(cpu, 1 thread;" in text
+    )
+    for name, changed, message in (
+        ("partial", dict(ms_per_step={"base": 5.0}), "lacks attn1x4"),
+        ("relu", dict(block="relu"), "--block relu (this grid: gelu)"),
+    ):
         (tmp_path / f"{name}.json").write_text(json.dumps({**bench, **changed}))
         with pytest.raises(SystemExit) as e:  # refused in one line, naming what does not fit
             sweep.read_costs(str(tmp_path / f"{name}.json"), args)
@@ -414,10 +551,14 @@ def test_bench_json_names_every_backbone_as_the_sweep_does_with_the_printed_cost
 
     for name, kw in runs.CONFIGS.items():  # the sweep's flags for that name give the same model, and the name back
         flags = vars(train.get_parser().parse_args(sweep.CONFIGS[name]))
-        assert {k: flags[k] for k in kw} == kw and all(flags[k] == 0 for k in ("attn_layers", "ssm_layers") if k not in kw), name
+        assert {k: flags[k] for k in kw} == kw and all(
+            flags[k] == 0 for k in ("attn_layers", "ssm_layers") if k not in kw
+        ), name
         assert runs.config_name(**flags) == name
     out = run("bench.py", "--quick", "--only", "base", "ssm1", "--n", 200, "--json", tmp_path / "b.json").stdout
-    printed = {line.split()[0]: float(line.split()[-6]) for line in out.splitlines() if line.startswith(("base", "ssm1"))}
+    printed = {
+        line.split()[0]: float(line.split()[-6]) for line in out.splitlines() if line.startswith(("base", "ssm1"))
+    }
     record = json.loads((tmp_path / "b.json").read_text())
     assert record["ms_per_step"].keys() == {"base", "ssm1"} and record["threads"] == 1
     assert record["ms_per_step"]["base"] == pytest.approx(printed["base"], abs=0.006)
@@ -442,6 +583,8 @@ def test_every_flag_the_readme_names_exists_in_its_script():
     for line in open(os.path.join(ROOT, "README.md")).read().splitlines():
         scripts = [s for s in known if s in line] or ["train.py"]
         for flag in re.findall(r"(?<![\w-])--[a-z_]+", line):
-            if flag not in ("--standalone", "--nproc_per_node", "--slow", "--pdb") and not any(flag in known[s] for s in scripts + ["train.py"]):
+            if flag not in ("--standalone", "--nproc_per_node", "--slow", "--pdb") and not any(
+                flag in known[s] for s in scripts + ["train.py"]
+            ):
                 missing.append((flag, line.strip()[:60]))
     assert not missing, missing

@@ -1,4 +1,5 @@
 """Selective scan and the bidirectional Mamba block against the recurrence written as a plain loop."""
+
 import copy
 
 import pytest
@@ -43,7 +44,10 @@ def test_scan_paths_match_the_plain_loop(L, parallel):
 def test_parallel_scan_of_a_generic_recurrence():
     g = torch.Generator().manual_seed(0)
     for L in (1, 5, 64, 1000):
-        a, b = torch.rand(3, L, 4, generator=g, dtype=torch.float64), torch.randn(3, L, 4, generator=g, dtype=torch.float64)
+        a, b = (
+            torch.rand(3, L, 4, generator=g, dtype=torch.float64),
+            torch.randn(3, L, 4, generator=g, dtype=torch.float64),
+        )
         h, ref = torch.zeros(3, 4, dtype=torch.float64), []
         for t in range(L):
             h = a[:, t] * h + b[:, t]

@@ -1,5 +1,4 @@
 """train.py's pieces against independent references: the study's EMA rule and DataLoader batches."""
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ import train
 def ema_pytorch_reference(weights, beta=0.995, update_every=10, update_after_step=100, power=2 / 3):
     """ema_pytorch's EMA.update() called once per step, written as a loop from its definition:
     `step` counts earlier calls; act when step % update_every == 0; copy while step <= update_after_step;
-    else lerp by 1 - decay with decay = clamp(1 - (1 + epoch)^-power, 0, beta), epoch = step + 1 - update_after_step - 1."""
+    else lerp by 1 - decay with decay = clamp(1 - (1 + epoch)^-power, 0, beta), epoch = step + 1 - update_after_step -
+    1."""
     ema = None
     for step, w in enumerate(weights):
         if step % update_every:
@@ -43,7 +43,9 @@ def test_study_ema_follows_ema_pytorch(n_steps):
 def test_constant_decay_equals_torch_ema():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    ours, ref = (AveragedModel(model, multi_avg_fn=fn) for fn in (train.ema_update(0.9, 1, 0), get_ema_multi_avg_fn(0.9)))
+    ours, ref = (
+        AveragedModel(model, multi_avg_fn=fn) for fn in (train.ema_update(0.9, 1, 0), get_ema_multi_avg_fn(0.9))
+    )
     for _ in range(20):
         with torch.no_grad():
             for p in model.parameters():
@@ -73,9 +75,16 @@ def test_library_defaults_are_the_tinydiff_preset_and_the_paper_preset_sets_the_
 
     preset, parser = train.PRESETS["tinydiff"], train.get_parser()
     cfg = td.DenoiserConfig()
-    assert (cfg.coord_scale, cfg.block, cfg.hidden, cfg.heads) == (preset["coord_scale"], preset["block"], parser.get_default("hidden"), parser.get_default("heads"))
+    assert (cfg.coord_scale, cfg.block, cfg.hidden, cfg.heads) == (
+        preset["coord_scale"],
+        preset["block"],
+        parser.get_default("hidden"),
+        parser.get_default("heads"),
+    )
     defaults = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()}
-    assert {k: defaults(td.sample_timesteps)[k] for k in ("low_t", "low_frac")} == dict(low_t=preset["low_t"], low_frac=preset["low_frac"])
+    assert {k: defaults(td.sample_timesteps)[k] for k in ("low_t", "low_frac")} == dict(
+        low_t=preset["low_t"], low_frac=preset["low_frac"]
+    )
     sched = defaults(td.NoiseScheduler.__init__)
     assert (sched["num_train_timesteps"], sched["beta_schedule"]) == (preset["num_timesteps"], preset["beta_schedule"])
     # the paper preset builds the study's model and loss explicitly, whatever the library's defaults
@@ -85,11 +94,22 @@ def test_library_defaults_are_the_tinydiff_preset_and_the_paper_preset_sets_the_
     assert sched_cfg == dict(num_train_timesteps=100, beta_schedule="linear")
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(attn_layers=2, heads=8), dict(ssm_layers=3), dict(ssm_layers=2, attn_layers=1, data_dim=8),
-                                dict(num_classes=10, hidden=64), dict(cond_dim=4, ssm_layers=1, ssm_dim=128, d_state=16),
-                                dict(hidden=1024, hidden_layers=6, block="relu"), dict(emb_dim=32, data_dim=20, ssm_layers=4)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(attn_layers=2, heads=8),
+        dict(ssm_layers=3),
+        dict(ssm_layers=2, attn_layers=1, data_dim=8),
+        dict(num_classes=10, hidden=64),
+        dict(cond_dim=4, ssm_layers=1, ssm_dim=128, d_state=16),
+        dict(hidden=1024, hidden_layers=6, block="relu"),
+        dict(emb_dim=32, data_dim=20, ssm_layers=4),
+    ],
+)
 def test_the_memory_check_bounds_the_parameters_it_does_not_build(kw):
-    """runs.param_bound against the built model's own count: never below it (a refusal errs on the safe side), at most 2x."""
+    """runs.param_bound against the built model's own count: never below it (a refusal errs on the safe side), at most
+    2x."""
     cfg = td.DenoiserConfig(**kw)
     real = sum(p.numel() for p in td.Denoiser(cfg).parameters())
     assert real <= runs.param_bound(cfg) <= 2 * real
