@@ -292,6 +292,17 @@ def check_sampling_flags(args):
         raise ValueError(f"--sample_steps must be a positive integer, got {args.sample_steps}")
 
 
+def check_guidance(w, conditional):
+    """--guidance, in every script: the library's rule (a finite w >= 0, on a conditional model), in flag terms."""
+    if not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"--guidance must be a number >= 0 (1: conditional, 0: unconditional, > 1: guided), got {w}")
+    if w != 1 and not conditional:
+        raise ValueError(
+            "--guidance needs a conditional run (trained with --label_column, --cond_columns or --conditional); "
+            "this one is unconditional"
+        )
+
+
 def param_bound(cfg):
     """An upper bound on the parameters of the Denoiser cfg describes, from its layer shapes, without building it: a
     huge

@@ -23,6 +23,7 @@ import torch
 
 import datasets
 import evaluate
+import plots
 import runs
 import tinydiff as td
 
@@ -30,7 +31,7 @@ import tinydiff as td
 def save_gif(trajectory, f, box, fps=12, max_points=3000):
     """One frame per reverse step on fixed axes (box: evaluate.grid_box of the data), holding the last
     frame for a second. Written into the open file f."""
-    plt = evaluate.pyplot()
+    plt = plots.pyplot()
     from matplotlib.animation import FuncAnimation, PillowWriter
 
     traj = trajectory[:, :max_points, :2].numpy()  # (S+1, n, 2): the first two coordinates
@@ -183,7 +184,7 @@ def main(argv=None):
         + (f" · w={args.guidance:g}" if args.guidance != 1 else "")
         + (f" · {args.cond}" if args.cond else "")
     )
-    write(stem + ".png", lambda f: evaluate.plot_samples(data, samples, f, title, names, **colours))
+    write(stem + ".png", lambda f: plots.plot_samples(data, samples, f, title, names, **colours))
     if args.gif:
         write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(samples if data is None else data)))
         wrote.append(stem + ".gif")
@@ -240,13 +241,7 @@ def condition(args, ckpt, model):
             "--cond needs a run trained with --cond_columns; "
             + ("this one has labels: use --label" if kind else "this run is unconditional")
         )
-    if not (math.isfinite(args.guidance) and 0 <= args.guidance <= 20):
-        raise ValueError(
-            "--guidance must be a number in [0, 20] (1: conditional, 0: unconditional, 1-5: guided; "
-            f"docs/conditioning.md), got {args.guidance}"
-        )
-    if args.guidance != 1 and not kind:
-        raise ValueError("--guidance needs a conditional run; this one is unconditional")
+    runs.check_guidance(args.guidance, bool(kind))
     if kind == "labels" and args.label:
         unknown = [name for name in args.label if name not in names]
         if unknown:

@@ -26,8 +26,9 @@ import time
 import numpy as np
 
 import evaluate
+import plots
 import runs
-import train  # its flag table: the parser, the presets and the run keys
+import settings  # train.py's flag table: the parser, the presets and the run keys
 
 CONFIGS = {
     name: [a for k, v in kw.items() for a in (f"--{k}", str(v))] for name, kw in runs.CONFIGS.items()
@@ -70,13 +71,13 @@ def get_parser():
         help="a paper-preset grid whose base runs' curves set the time-to-quality targets (default: the committed "
         "results/paper)",
     )
-    return train.get_parser(p, skip=GRID_FLAGS)
+    return settings.get_parser(p, skip=GRID_FLAGS)
 
 
 def passed_on(args):
     """The train.py flags given to the sweep, as arguments for each run."""
     own = {"out_dir", "seeds", "jobs", "print", "collect", "reference", "costs"}
-    defaults = vars(train.get_parser().parse_args([]))
+    defaults = vars(settings.get_parser().parse_args([]))
     out = []
     for k, v in vars(args).items():
         if k in own or v == defaults[k]:
@@ -92,7 +93,7 @@ def run_dirs(root, seeds):
 def command(args, c, d, s, out):
     return [
         sys.executable,
-        os.path.abspath(train.__file__),
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
         *passed_on(args),
         "--dataset",
         d,
@@ -115,7 +116,7 @@ def check(args, root):
         if getattr(args, name) < 1:
             runs.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     for c in CONFIGS:
-        train.check_flags(run_args(args, c, "moons", 0, root))
+        settings.check_flags(run_args(args, c, "moons", 0, root))
     for c, d, s, out in run_dirs(root, args.seeds):
         try:
             if os.path.isfile(os.path.join(out, "metrics.json")):
@@ -141,7 +142,7 @@ def check(args, root):
 
 def run_args(args, c, d, s, out):
     """The settings train.py gives the grid's run (config c, dataset d, seed s), after its preset."""
-    return train.fill_preset(train.get_parser().parse_args(command(args, c, d, s, out)[2:-1]))
+    return settings.fill_preset(settings.get_parser().parse_args(command(args, c, d, s, out)[2:-1]))
 
 
 def settings_differ(have, args, c, d, s, out):
@@ -150,7 +151,7 @@ def settings_differ(have, args, c, d, s, out):
     if not isinstance(have, dict):
         raise TypeError("its settings are not a JSON object")
     want = json.loads(runs.to_json(vars(run_args(args, c, d, s, out))))  # as metrics.json holds it
-    return [k for k in train.RUN_KEYS if have.get(k, runs.BEFORE_FLAG.get(k)) != want[k]]
+    return [k for k in settings.RUN_KEYS if have.get(k, runs.BEFORE_FLAG.get(k)) != want[k]]
 
 
 def run_grid(args, root):
@@ -315,7 +316,7 @@ def grid_run(root, args, c, d, s):
 
 def write_results(root, args, command="python sweep.py"):
     """results.md (one table per configuration, mean +- sd over seeds) and samples.png (datasets x configs)."""
-    plt = evaluate.pyplot()
+    plt = plots.pyplot()
 
     cols = [
         ("train_time_s", "train time (s)", 1),
@@ -459,7 +460,7 @@ def read_costs(path, args):
             f"--costs {path} lacks {', '.join(missing)} (a bench run with --only?); write one with every backbone: "
             "`python bench.py --json PATH`"
         )
-    grid = vars(train.fill_preset(argparse.Namespace(**vars(args))))
+    grid = vars(settings.fill_preset(argparse.Namespace(**vars(args))))
     wrong = [
         f"--{k} {bench.get(k)} (this grid: {grid[k]})"
         for k in ("block", "batch_size", "dtype")
@@ -490,7 +491,7 @@ def time_to_quality(root, args, loaded):
             "(give --reference a grid made with --preset paper --eval_interval)",
             file=sys.stderr,
         )
-    plt = evaluate.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(2, len(DATASETS), figsize=(3.6 * len(DATASETS), 6.4), squeeze=False)
     rows = [
         "## Time to the study's KL",

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
+import plots  # noqa: E402
 import runs  # noqa: E402
 import tinydiff as td  # noqa: E402
 
@@ -61,7 +62,7 @@ def measure(run_dir):
 
 def main(run_dirs):
     torch.set_num_threads(1)
-    plt = evaluate.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for run_dir in run_dirs:
         name, steps, rows, fresh_log_p = measure(run_dir)
