@@ -44,10 +44,35 @@ RUN_FILES = (
 # the command line: one-line errors, signals, pipes
 
 
+def launch():
+    """(world size, rank, local rank) from torchrun's variables, (1, 0, 0) without them. A stray or broken set (a
+    WORLD_SIZE left in the shell, a non-number) is read as one process, so that the error that names it is seen."""
+    try:
+        world, rank, local = (
+            int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"))
+        )
+    except ValueError:
+        return 1, 0, 0
+    torchrun = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+    return (world, rank, local) if world > 1 and torchrun and 0 <= rank < world else (1, 0, 0)
+
+
+def check_launch():
+    """Refuse torchrun variables that do not describe a torchrun launch, before anything is written."""
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+    given = {k: os.environ[k] for k in names if k in os.environ}
+    if given and launch()[0] == 1 and given.get("WORLD_SIZE", "1").strip() != "1":
+        shown = ", ".join(f"{k}={v}" for k, v in given.items())
+        fail(
+            f"{shown} is set, but this is not a torchrun launch with valid ranks; unset WORLD_SIZE to train in one "
+            "process, or launch with torchrun --standalone --nproc_per_node=N train.py ..."
+        )
+
+
 def fail(msg, code=2, together=False):
     """A user's error: one line on stderr, then exit (2 unless told). Under torchrun only rank 0 speaks; with
     together, every process waits for it first (torchrun stops the others as soon as one exits with an error)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch()[1] == 0:
         print(f"error: {msg}", file=sys.stderr, flush=True)
     if together and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -132,8 +157,32 @@ def script(main):
                 f"interrupted by {signal.Signals(signum).name}; every file already written is intact{then}",
                 code=128 + signum,
             )
+        except (datasets.DataError, CheckpointError) as e:  # a user's file, refused where it was read
+            fail(one_line(e, limit=400))
+        except Exception as e:  # a defect, not a user's mistake (those exit through fail): one line and a report
+            fail(f"unexpected {type(e).__name__}: {one_line(e)}; {traceback_note(e)}", code=1)
 
     return run
+
+
+def one_line(e, limit=200):
+    """An exception's message on one line, at most limit characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def traceback_note(e):
+    """Write e's full traceback to a file in the temporary folder and say where, for a bug report."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="tinydiff-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(traceback.format_exception(e)))
+        return f"the full traceback is in {path}; please report it with the command you ran"
+    except OSError:
+        return "please report it with the command you ran"
 
 
 class StopFlag:
@@ -435,14 +484,26 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     return RunData(X[train], pick(y, train), X[held], pick(y, held), names, kind, ident, None, columns)
 
 
+class DivergedError(ValueError):
+    """A checkpoint was refused because a weight is not finite: the run diverged."""
+
+
 def save_checkpoint(state, path):
     """Write {format, **state} atomically. A checkpoint with a non-finite weight is never written:
-    whatever the caller calls "the last good checkpoint" is good."""
+    whatever the caller calls "the last good checkpoint" is good. torch.save reports a full disk as a
+    RuntimeError (PyTorch's zip writer), which is turned into the OSError it is."""
     for key in ("model", "ema"):
         bad = [k for k, v in state.get(key, {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise ValueError(f"refusing to save {path}: {key} weight {bad[0]} is not finite")
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+            raise DivergedError(f"{key} weight {bad[0]} is not finite")
+
+    def write(f):
+        try:
+            torch.save({"format": FORMAT, **state}, f)
+        except RuntimeError as e:  # "[enforce fail at inline_container.cc] ... unexpected pos": the disk is full
+            raise OSError(0, f"the write failed ({one_line(e, 80)}); is the disk full?") from e
+
+    atomic_write(path, write)
 
 
 # what a run did for a setting before its flag existed: a run recorded without the key is read with this value

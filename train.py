@@ -132,7 +132,7 @@ def open_run(args, given):
             f"--resume found no checkpoint at {quote(ckpt_path)}; run without --resume to start, or point --out_dir "
             "at the run"
         )
-    lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds the folder
+    lead = runs.launch()[1] == 0  # under torchrun, rank 0 holds the folder
     lock = runs.claim_run_dir(args.out_dir) if lead else None
     if not args.resume:
         old = [f for f in runs.RUN_FILES if os.path.isfile(os.path.join(args.out_dir, f))] if lead else []
@@ -296,10 +296,9 @@ class EpochBatches:
 def init_ddp(args, device):
     """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA) and return
     (rank, world size, this process's device); alone: (0, 1, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank, local = runs.launch()
     if world == 1:
         return 0, 1, device
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} does not split over {world} processes; use a multiple of {world}")
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -422,6 +421,13 @@ class Run:
         if self.rank == 0:
             try:
                 runs.save_checkpoint(state, self.ckpt_path)
+            except runs.DivergedError as e:
+                kept = f"step {self.saved_step}'s checkpoint is kept" if self.saved_step is not None else "none saved"
+                fail(
+                    f"the run diverged before step {self.step} ({e}); {kept} in {quote(self.ckpt_path)}; start again "
+                    f"with a lower --lr (now {self.args.lr:g}) and --overwrite",
+                    code=1,
+                )
             except OSError as e:
                 fail(
                     f"could not write {quote(self.ckpt_path)} ({e.strerror or e}); free some space, then rerun with "
@@ -643,6 +649,7 @@ def main(argv=None):
     args.out_dir = args.out_dir or settings.default_out_dir(args)
     settings.fill_preset(args)
     settings.check_flags(args)  # a bad command line costs nothing
+    runs.check_launch()
     early = not args.resume and not args.auto_resume  # a resumed run's dataset is in its checkpoint
     if early:
         settings.check_condition_flags(args, given)
@@ -660,7 +667,7 @@ def main(argv=None):
             check_same_data(args, ckpt, data, data_file)
         if args.compile:
             check_compile(device)
-        world, last = int(os.environ.get("WORLD_SIZE", "1")), len(data.points) % args.batch_size
+        world, last = runs.launch()[0], len(data.points) % args.batch_size
         if world > 1 and args.batches == "epochs" and 0 < last < world:  # a process would get no rows
             fail(
                 f"each pass over the {len(data.points)} points ends in a batch of {last}, fewer rows than the {world} "

@@ -92,3 +92,23 @@ def run_here(script, *args):
         for s, h in saved["handlers"].items():
             signal.signal(s, h)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run(script, *args, check=True):
+    """run_here, and a failed test with the script's output when it did not exit 0 (unless check=False)."""
+    p = run_here(script, *args)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+# a short moons run's flags: the trained fixture's, and test_scripts' run on the same points moved and scaled
+TRAINED = ["--train_steps", 600, "--batch_size", 256, "--lr", "1e-3", "--eval_batch_size", 2000, "--log_interval", 500]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short moons run, shared by a file's tests (test_scripts, test_sample, test_runs)."""
+    out = tmp_path_factory.mktemp("run") / "moons"
+    p = run("train.py", "--dataset", "moons", *TRAINED, "--out_dir", out)
+    return out, p.stdout

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT, refused, run_here
-from test_reliability import TINY, one_line, processes_mentioning, start, wait_for
+from test_reliability import TINY, one_line, start, wait_for
 
 import runs
 
@@ -99,30 +99,6 @@ def test_a_run_folders_lock_is_not_a_file_that_can_be_deleted(tmp_path):
         first.wait()
 
 
-def test_sample_py_never_writes_over_the_runs_own_samples(tmp_path):
-    out = tmp_path / "run"
-    assert run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out).returncode == 0
-    before = (out / "samples.npy").read_bytes()
-    assert "would write over train.py's samples.npy" in refused(
-        "sample.py", "--out_dir", out, "--n", 20, "--out", out / "samples"
-    )
-    assert (out / "samples.npy").read_bytes() == before
-    assert (
-        run("sample.py", "--out_dir", out, "--n", 20, "--out", tmp_path / "samples").returncode == 0
-    )  # elsewhere, that name is fine
-
-
-def test_sample_py_keeps_each_draw_in_its_own_file(tmp_path):
-    """Draws that differ in seed, weights or count never replace one another; the same draw again rewrites its file."""
-    out = tmp_path / "run"
-    assert run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out).returncode == 0
-    draws = [(), ("--seed", 5), ("--seed", 5, "--raw"), ("--n", 30)]
-    for flags in draws + [()]:
-        assert run("sample.py", "--out_dir", out, "--n", 20, "--sampler", "dpm++", *flags).returncode == 0
-    assert len(list(out.glob("samples-*.npy"))) == len(draws)
-    assert not np.array_equal(np.load(out / "samples-dpm++20-n20.npy"), np.load(out / "samples-dpm++20-n20-seed5.npy"))
-
-
 def test_overwrite_removes_the_old_runs_sample_files_and_says_so(tmp_path):
     out = tmp_path / "run"
     assert run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out).returncode == 0
@@ -169,88 +145,6 @@ def test_sighup_stops_a_run_like_sigterm_and_the_hint_pastes_into_a_shell(tmp_pa
     ), err
     hint = err.split("continue with: ")[1].strip()
     assert shlex.split(hint)[2:5] == ["--out_dir", str(out), "--resume"]  # the path survives the shell
-
-
-def test_sighup_to_a_sweep_stops_every_run_and_leaves_no_child(tmp_path):
-    root = tmp_path / "grid"
-    p = start("sweep.py", "--train_steps", 100000, "--seeds", 1, "--jobs", 2, *TINY[:4], "--out_dir", root)
-    wait_for(lambda: len(list(root.glob("*.log"))) == 2 and all(os.path.getsize(f) > 0 for f in root.glob("*.log")))
-    p.send_signal(signal.SIGHUP)
-    _, err = p.communicate(timeout=90)
-    assert p.returncode == 128 + signal.SIGHUP and "sweep stopped by SIGHUP" in err, err
-    assert processes_mentioning(str(root)) == []
-
-
-def test_ctrl_c_in_sample_py_is_one_line(tmp_path):
-    out = tmp_path / "run"
-    assert run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out).returncode == 0
-    p = start("sample.py", "--out_dir", out, "--n", 3_000_000)
-    assert p.stdout.readline().startswith("sampling 3,000,000 points")  # past the checks, into sampling
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert (
-        p.returncode == 130
-        and "interrupted by SIGINT" in err
-        and "Traceback" not in err
-        and len(err.strip().splitlines()) == 1
-    ), err
-    assert not list(out.glob("samples-*"))
-
-
-def test_collect_tables_only_the_grids_runs_and_survives_any_metrics_json(tmp_path, capsys):
-    import sweep
-
-    root = tmp_path / "grid"
-    for name, flags in (("dino-base-s0", []), ("moons-base-s0", ["--preset", "paper"])):
-        assert (
-            run(
-                "train.py",
-                "--dataset",
-                name.split("-")[0],
-                "--train_steps",
-                2,
-                *flags,
-                *TINY,
-                "--threads",
-                1,
-                "--out_dir",
-                root / name,
-            ).returncode
-            == 0
-        )
-    for name, content in (("line-base-s0", "[1, 2]"), ("circle-base-s0", '{"eval_loss": null, "args": {}}')):
-        (root / name).mkdir()
-        (root / name / "metrics.json").write_text(content)
-    sweep.main(
-        [
-            str(a)
-            for a in (
-                "--train_steps",
-                2,
-                "--seeds",
-                1,
-                "--batch_size",
-                32,
-                "--eval_batch_size",
-                200,
-                "--out_dir",
-                root,
-                "--collect",
-            )
-        ]
-    )
-    err = capsys.readouterr().err
-    text = (root / "results.md").read_text()
-    assert (
-        "| dino | 1 |" in text
-        and not any(line.startswith("| moons |") for line in text.splitlines())
-        and "Runs finished: 1 of 28" in text
-    )
-    assert "moons-base-s0 (made with other settings than this grid's: preset paper" in err
-    assert (
-        "line-base-s0 (its metrics.json is not a tinydiff run's)" in err
-        and "circle-base-s0 (its metrics.json has no number for" in err
-    )
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from conftest import ROOT, refused, run_here
 
 import evaluate
 import runs
+import settings
 
 PY = sys.executable
 TINY = ["--batch_size", "32", "--eval_batch_size", "200", "--log_interval", "10"]
@@ -55,22 +56,6 @@ def wait_for(cond, timeout=300):
     while not cond():
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
-
-
-def processes_mentioning(text):
-    """PIDs of live processes whose command line contains text (read from /proc)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            continue
-        if text in cmd and not zombie:
-            pids.append(int(pid))
-    return pids
 
 
 @pytest.mark.slow  # 14 s, five trainings
@@ -169,20 +154,6 @@ def test_too_few_points_to_score_are_refused_before_training(tmp_path):
         evaluate.compute_metrics(pts, pts[: k - 1])
 
 
-@pytest.mark.slow  # a closed stdout is tested by default for train.py (test_hostile)
-def test_the_sweeps_printed_runs_can_be_cut_short_by_a_pipe(tmp_path):
-    # 840 lines (about 150 KB), more than a pipe holds (64 KB): the writer meets the closed pipe
-    p = subprocess.run(
-        f"{PY} sweep.py --print --seeds 30 --out_dir {tmp_path / 'grid'} | head -n 1",
-        shell=True,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.stdout.startswith("python train.py") and len(p.stdout.splitlines()) == 1 and p.stderr == "", p.stderr
-
-
 def test_a_rerun_never_overwrites_a_finished_run(tmp_path):
     out = tmp_path / "run"
     assert run("train.py", "--dataset", "moons", "--train_steps", 20, *TINY, "--out_dir", out).returncode == 0
@@ -197,10 +168,9 @@ def test_a_rerun_never_overwrites_a_finished_run(tmp_path):
 
 @pytest.mark.slow  # three trainings in subprocesses
 def test_a_users_file_a_named_dataset_and_the_paper_preset_get_different_default_folders(tmp_path):
-    import train
 
-    named = train.get_parser().parse_args(["--dataset", "dino"])
-    mine = train.get_parser().parse_args(["--dataset", str(tmp_path / "dino.csv")])
+    named = settings.get_parser().parse_args(["--dataset", "dino"])
+    mine = settings.get_parser().parse_args(["--dataset", str(tmp_path / "dino.csv")])
     folder = lambda a: os.path.join(
         "out",
         f"{os.path.splitext(os.path.basename(a.dataset))[0]}"
@@ -367,19 +337,6 @@ def test_a_full_disk_costs_one_line_and_keeps_the_last_checkpoint(tmp_path, monk
     assert runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 20  # the previous one, intact
 
 
-def test_atomic_write_removes_its_temporary_file_when_the_write_fails(tmp_path):
-    path = tmp_path / "f.bin"
-    path.write_bytes(b"old")
-
-    def write(f):
-        f.write(b"new, half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(OSError):
-        runs.atomic_write(str(path), write)
-    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
-
-
 @pytest.mark.parametrize(
     "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
 )  # SIGHUP: test_hostile
@@ -399,138 +356,6 @@ def test_a_signal_stops_training_with_one_line_and_a_checkpoint_to_resume(tmp_pa
     step = runs.load_checkpoint(str(out / "ckpt.pt"))["step"]
     assert step >= 10 and f"at step {step}" in err  # saved where it stopped, though no checkpoint was due
     assert not (out / "metrics.json").exists()
-
-
-@pytest.mark.slow  # the same path as SIGHUP, tested by default in test_hostile
-def test_sigterm_to_a_sweep_stops_every_run_and_leaves_no_child(tmp_path):
-    root = tmp_path / "grid"
-    p = start("sweep.py", "--train_steps", 100000, "--seeds", 1, "--jobs", 2, *TINY[:4], "--out_dir", root)
-    wait_for(lambda: len(processes_mentioning(str(root) + "/")) >= 2)  # two runs started
-    wait_for(lambda: all(os.path.getsize(f) > 0 for f in root.glob("*.log")) and len(list(root.glob("*.log"))) == 2)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=90)
-    assert p.returncode == 128 + signal.SIGTERM and "sweep stopped by SIGTERM" in err, err
-    assert processes_mentioning(str(root)) == []  # no orphan keeps training
-    assert len(list(root.glob("*/ckpt.pt"))) == 2  # each stopped run saved where it was
-
-
-def test_a_sweep_refuses_a_folder_that_another_sweep_holds(tmp_path):
-    import fcntl
-
-    root = tmp_path / "grid"
-    root.mkdir()
-    fd = os.open(root, os.O_RDONLY)  # what runs.claim_run_dir locks: the folder itself
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert "another process is using" in one_line(
-            run("sweep.py", "--train_steps", 2, "--seeds", 1, "--out_dir", root)
-        )
-    finally:
-        os.close(fd)
-
-
-def test_the_sweep_refuses_flags_that_would_change_its_configurations(tmp_path):
-    for flags in (
-        ["--attn_layers", "2"],
-        ["--heads", "8"],
-        ["--dataset", "dino"],
-        ["--swe"],
-        ["--sweep"],
-        ["--seed", "3"],
-    ):
-        msg = one_line(run("sweep.py", *flags, "--out_dir", tmp_path / "grid"))
-        assert "unrecognized arguments" in msg, flags
-    assert not (tmp_path / "grid").exists()
-
-
-@pytest.mark.slow  # 15 s of training; --collect is tested by default in test_hostile
-def test_the_sweep_prints_runs_for_a_cluster_and_collects_them(tmp_path):
-    root = tmp_path / "grid"
-    p = run(
-        "sweep.py",
-        "--train_steps",
-        2,
-        "--seeds",
-        1,
-        "--batch_size",
-        16,
-        "--eval_batch_size",
-        50,
-        "--out_dir",
-        root,
-        "--print",
-    )
-    lines = p.stdout.strip().splitlines()
-    assert (
-        p.returncode == 0
-        and len(lines) == 28
-        and all(line.startswith("python train.py ") and "--auto_resume" in line for line in lines)
-    )
-    assert "--dataset circle" in lines[0] and "--ssm_layers 2" in lines[-1] and not root.exists()
-    for line in lines[:2]:  # two runs, the way a job array would run them, the first one twice
-        for _ in range(2 if line == lines[0] else 1):
-            q = subprocess.run(
-                line.replace("python", PY, 1), shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120
-            )
-            assert q.returncode == 0, q.stderr
-    p = run(
-        "sweep.py",
-        "--train_steps",
-        2,
-        "--seeds",
-        1,
-        "--batch_size",
-        16,
-        "--eval_batch_size",
-        50,
-        "--out_dir",
-        root,
-        "--print",
-    )
-    assert len(p.stdout.strip().splitlines()) == 26  # the finished runs are not printed again
-    run(
-        "sweep.py",
-        "--train_steps",
-        2,
-        "--seeds",
-        1,
-        "--batch_size",
-        16,
-        "--eval_batch_size",
-        50,
-        "--out_dir",
-        root,
-        "--collect",
-    )
-    text = (root / "results.md").read_text()
-    assert "Runs finished: 2 of 28" in text and "| circle | 1 |" in text
-
-
-def test_a_corrupt_run_does_not_stop_the_results(tmp_path, capsys):
-    import sweep
-
-    args = sweep.get_parser().parse_args(["--train_steps", "10", "--seeds", "2", "--out_dir", str(tmp_path)])
-    for s in range(2):
-        d = tmp_path / f"dino-base-s{s}"
-        d.mkdir()
-        m = dict(
-            train_time_s=1.0,
-            eval_loss=0.6,
-            inference_s=1.0,
-            knn_kl_bits=0.3 + s,
-            knn_kl_floor=-0.07,
-            hist_kl_nats=0.2,
-            hist_kl_floor=0.03,
-            args=vars(sweep.run_args(args, "base", "dino", s, str(d))),
-        )
-        (d / "metrics.json").write_text(json.dumps(m))
-        np.save(d / "samples.npy", np.zeros((10, 2)))
-    (tmp_path / "dino-base-s0" / "samples.npy").write_bytes(
-        (tmp_path / "dino-base-s0" / "samples.npy").read_bytes()[:60]
-    )  # truncated
-    sweep.write_results(str(tmp_path), args)
-    assert "| dino | 2 |" in (tmp_path / "results.md").read_text()
-    assert "leaving out the samples of" in capsys.readouterr().err
 
 
 BAD_FLAGS = [

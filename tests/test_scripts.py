@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -11,33 +10,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, refused, run_here
+from conftest import ROOT, TRAINED, refused, run, run_here
 
 import datasets
 import evaluate
 import runs
+import settings
 import tinydiff as td
 
 PY = sys.executable
 FAST = ["--batch_size", "64", "--eval_batch_size", "500", "--log_interval", "100"]
-
-
-def run(script, *args, check=True):
-    p = run_here(script, *args)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-TRAINED = ["--train_steps", 600, "--batch_size", 256, "--lr", "1e-3", "--eval_batch_size", 2000, "--log_interval", 500]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A short moons run, shared by the tests below."""
-    out = tmp_path_factory.mktemp("run") / "moons"
-    p = run("train.py", "--dataset", "moons", *TRAINED, "--out_dir", out)
-    return out, p.stdout
 
 
 def test_train_writes_every_output_and_beats_noise(trained):
@@ -77,40 +59,6 @@ def test_checkpoint_holds_the_data_moments_and_the_paper_preset_does_not(trained
     assert torch.equal(paper["ema"]["data_mean"], torch.zeros(2)) and torch.equal(
         paper["ema"]["data_cov"], torch.eye(2)
     )
-
-
-@pytest.mark.parametrize(
-    "gif", [[], pytest.param(["--gif"], marks=pytest.mark.slow)], ids=["png", "gif"]
-)  # the gif's 101 frames: 6 s
-def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path, gif):
-    out, _ = trained
-    run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, *gif, "--out", tmp_path / "a")
-    run("sample.py", "--out_dir", out, "--n", 300, "--seed", 3, "--out", tmp_path / "b")
-    run(
-        "sample.py",
-        "--out_dir",
-        out,
-        "--n",
-        300,
-        "--seed",
-        4,
-        "--sampler",
-        "ddim",
-        "--sample_steps",
-        10,
-        "--out",
-        tmp_path / "c",
-    )
-    a, b, c = (np.load(tmp_path / f"{k}.npy") for k in "abc")
-    assert a.shape == (300, 2) and np.array_equal(a, b) and not np.array_equal(a, c)
-    assert (tmp_path / "a.png").stat().st_size > 0
-    from PIL import Image
-
-    if gif:
-        with Image.open(tmp_path / "a.gif") as animation:
-            assert animation.n_frames > 100  # 101 reverse-process frames (Pillow merges the held last frame into one)
-    run("sample.py", "--out_dir", out, "--n", 300, "--sampler", "dpm++")  # 20 steps unless told
-    assert np.load(out / "samples-dpm++20-n300.npy").shape == (300, 2)
 
 
 def test_evaluate_cli_scores_samples_and_checkpoints(trained):
@@ -191,85 +139,6 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
         ] == [c["knn_kl_bits"] for c in cb]
 
 
-def test_a_crash_between_write_and_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    runs.save_checkpoint({"step": 1}, path)
-
-    def crash(*a):
-        raise KeyboardInterrupt("killed between write and replace")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(KeyboardInterrupt):
-        runs.save_checkpoint({"step": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == [
-        "ckpt.pt"
-    ]  # the old one, and no leftover
-
-
-def test_an_interrupt_says_what_to_do_next_in_its_one_line(capsys):
-    @runs.script
-    def main(argv=None):
-        raise KeyboardInterrupt(int(signal.SIGTERM), "evaluate it with: python train.py --out_dir x --resume")
-
-    with pytest.raises(SystemExit) as e:
-        main([])
-    err = capsys.readouterr().err
-    assert e.value.code == 128 + signal.SIGTERM and err.count("\n") == 1
-    assert err.startswith("error: interrupted by SIGTERM; every file already written is intact; evaluate it with:")
-
-
-class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def bad_files(tmp_path, good_ckpt):
-    raw = good_ckpt.read_bytes()
-    files = {
-        "random.pt": os.urandom(4096),
-        "empty.pt": b"",
-        "truncated.pt": raw[: len(raw) // 2],
-    }
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    marker = tmp_path / "code-ran"
-    torch.save({"format": runs.FORMAT, "evil": RunsCode(marker)}, tmp_path / "code.pt")
-    torch.save({"hello": torch.zeros(3)}, tmp_path / "foreign.pt")
-    ck = runs.load_checkpoint(str(good_ckpt))
-    ck["model_config"]["attn_layers"] = 2  # weights of a baseline, config of an attention model
-    torch.save(ck, tmp_path / "incompatible.pt")
-    del ck["args"]  # hand-made: a checkpoint of this format without its settings
-    torch.save(ck, tmp_path / "no-args.pt")
-    return marker
-
-
-@pytest.mark.parametrize(
-    "name,message",
-    [
-        ("random.pt", "is not a readable tinydiff checkpoint"),
-        ("empty.pt", "is not a readable tinydiff checkpoint"),
-        ("truncated.pt", "is not a readable tinydiff checkpoint"),
-        ("code.pt", "is not a readable tinydiff checkpoint"),
-        ("foreign.pt", "is not a tinydiff checkpoint"),
-        ("incompatible.pt", "do not fit its config"),
-        ("no-args.pt", "lacks parts of a tinydiff checkpoint (args)"),
-    ],
-)
-def test_bad_checkpoints_are_refused_without_running_their_code(trained, tmp_path, name, message):
-    out, _ = trained
-    marker = bad_files(tmp_path, out / "ckpt.pt")
-    p = run("sample.py", "--ckpt", tmp_path / name, "--n", 10, check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
-    with pytest.raises(runs.CheckpointError, match=re.escape(message)):
-        runs.model_from_checkpoint(runs.load_checkpoint(str(tmp_path / name)))
-    assert not marker.exists()  # the pickle's code never ran
-
-
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     p = run(
         "train.py",
@@ -348,209 +217,11 @@ def test_bad_command_lines_get_one_line_and_exit_2(tmp_path, script, args, messa
     assert message in refused(script, *[a.format(tmp=tmp_path) for a in args])
 
 
-def test_collect_tables_runs_made_before_the_condition_flags_and_no_conditional_one(tmp_path, capsys):
-    """results/tinydiff's runs record none of --conditional, --holdout, --p_uncond (they came later): those runs
-    were unconditional, on whole named datasets, so they are this grid's. The same run recorded as conditional is
-    not."""
-    import sweep
-
-    old = json.loads(open(os.path.join(ROOT, "results", "tinydiff", "dino-base-s0", "metrics.json")).read())
-    assert not {"conditional", "holdout", "p_uncond", "label_column", "cond_columns"} & set(old["args"])  # the premise
-    for name, args in (
-        ("dino-base-s0", old["args"]),
-        ("moons-base-s0", {**old["args"], "dataset": "moons", "conditional": True}),
-    ):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(json.dumps({**old, "args": args}))
-    sweep.main(["--seeds", "1", "--eval_interval", "500", "--out_dir", str(tmp_path), "--collect"])
-    text, err = (tmp_path / "results.md").read_text(), capsys.readouterr().err
-    assert (
-        "Runs finished: 1 of 28" in text
-        and f"| dino | 1 | {old['train_time_s']:.1f} | {old['eval_loss']:.4f} |" in text
-    ), text
-    assert "moons-base-s0 (made with other settings than this grid's: conditional True)" in err, err
-
-
-@pytest.mark.parametrize(
-    "grid, flags",
-    [
-        ("tinydiff", ["--costs", "results/bench-cpu.json"]),
-        ("paper", ["--preset", "paper", "--costs", "results/bench-cpu-relu.json"]),
-    ],
-)
-def test_collect_rewrites_the_committed_results_md_from_the_committed_runs(tmp_path, grid, flags):
-    import shutil
-
-    import sweep
-
-    shutil.copytree(
-        os.path.join(ROOT, "results", grid), tmp_path / grid, ignore=shutil.ignore_patterns("*.png", "results.md")
-    )
-    cwd = os.getcwd()
-    try:
-        os.chdir(ROOT)  # the committed command names its --costs file from the repository's root
-        sweep.main(["--eval_interval", "500", "--seeds", "3", "--out_dir", str(tmp_path / grid), *flags, "--collect"])
-    finally:
-        os.chdir(cwd)
-    want = open(os.path.join(ROOT, "results", grid, "results.md")).read()
-    got = (tmp_path / grid / "results.md").read_text().replace(str(tmp_path / grid), f"results/{grid}")
-    assert got == want
-
-
-def test_a_sweep_refuses_to_mix_runs_made_with_other_settings(tmp_path):
-    flags = ["--batch_size", 64, "--eval_batch_size", 100]
-    run(
-        "train.py",
-        "--dataset",
-        "circle",
-        "--seed",
-        0,
-        "--threads",
-        1,
-        "--train_steps",
-        2,
-        *flags,
-        "--out_dir",
-        tmp_path / "circle-base-s0",
-    )
-    p = run("sweep.py", "--train_steps", 3, *flags, "--out_dir", tmp_path, check=False)
-    assert p.returncode == 2 and "holds runs made with other settings (train_steps differ" in p.stderr, p.stderr
-    metrics = tmp_path / "circle-base-s0" / "metrics.json"
-    m = json.loads(metrics.read_text())
-    del m["args"]["low_t"], m["args"]["low_frac"]  # as written before --low_t existed
-    metrics.write_text(json.dumps(m))
-    p = run("sweep.py", "--train_steps", 2, *flags, "--out_dir", tmp_path, check=False)
-    assert p.returncode == 2 and "(low_t, low_frac differ" in p.stderr and len(p.stderr.strip().splitlines()) == 1, (
-        p.stderr
-    )
-    assert not (tmp_path / "dino-base-s0").exists()  # nothing was started
-
-
-def test_a_sweep_refuses_a_bad_setting_once_before_starting_anything(tmp_path):
-    p = run("sweep.py", "--low_frac", 2, "--out_dir", tmp_path / "sweep", check=False)
-    assert (
-        p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--low_frac must lie in [0, 1]" in p.stderr
-    ), p.stderr
-    assert not (tmp_path / "sweep").exists()
-
-
-def test_sweep_results_are_mean_and_sample_sd_over_the_seeds_found(tmp_path):
-    import statistics
-
-    import sweep
-
-    vals = {0: 0.30, 1: 0.25, 2: 0.41}
-    args = sweep.get_parser().parse_args(["--out_dir", str(tmp_path)])  # the tinydiff preset, 10,000 steps, 3 seeds
-    for s, kl in vals.items():
-        d = tmp_path / f"dino-base-s{s}"
-        d.mkdir()
-        m = dict(
-            train_time_s=70.0 + s,
-            eval_loss=0.66,
-            inference_s=12.0,
-            knn_kl_bits=kl,
-            knn_kl_floor=-0.07,
-            hist_kl_nats=0.2,
-            hist_kl_floor=0.03,
-            args=json.loads(runs.to_json(vars(sweep.run_args(args, "base", "dino", s, str(d))))),
-        )
-        (d / "metrics.json").write_text(json.dumps(m))
-        np.save(d / "samples.npy", np.zeros((10, 2)))
-    sweep.write_results(str(tmp_path), args)
-    text = (tmp_path / "results.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| dino | 3 |"))
-    kl = list(vals.values())
-    assert f"{statistics.mean(kl):.3f} +- {statistics.stdev(kl):.3f}" in row
-    excess = [k + 0.07 for k in kl]
-    assert f"{statistics.mean(excess):.3f} +- {statistics.stdev(excess):.3f}" in row
-    assert not any(line.startswith("| circle |") for line in text.splitlines())  # no runs, no row
-    assert "Runs finished: 3 of 84 (rerun" in text
-    assert f"| base | - | {statistics.mean(excess):.3f} +- {statistics.stdev(excess):.3f} (3) | - | - |" in text
-    assert (tmp_path / "samples.png").stat().st_size > 0
-
-
-def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the_paper_base(tmp_path, capsys):
-    """Targets: the seed mean of the paper base runs' last curve points; the table's cell: the first
-    curve step at or below it, found here by a plain loop over hand-made curves."""
-    import sweep
-
-    rng = np.random.default_rng(0)
-    steps = list(range(500, 10_001, 500))
-
-    def make(root, preset, c, d, s, kl):
-        run = root / f"{d}-{c}-s{s}"
-        run.mkdir(parents=True)
-        curve = [dict(step=st, train_time_s=0.03 * st + s, knn_kl_bits=float(k)) for st, k in zip(steps, kl)]
-        grid_args = sweep.get_parser().parse_args(["--preset", preset])
-        m = dict(
-            args=json.loads(runs.to_json(vars(sweep.run_args(grid_args, c, d, s, str(run))))),
-            curve=curve,
-            curve_floor=0.05,
-            curve_samples=evaluate.CURVE_N,
-            train_time_s=300.0,
-            eval_loss=0.6,
-            inference_s=9.0,
-            knn_kl_bits=float(kl[-1]),
-            knn_kl_floor=0.02,
-            hist_kl_nats=0.1,
-            hist_kl_floor=0.01,
-        )
-        (run / "metrics.json").write_text(json.dumps(m))
-        np.save(run / "samples.npy", np.zeros((10, 2)))
-
-    ref, grid = tmp_path / "paper", tmp_path / "grid"
-    last = []
-    for s in range(3):  # the reference: slowly falling curves
-        kl = np.linspace(3.0, 1.0, len(steps)) + rng.normal(0, 0.05, len(steps))
-        make(ref, "paper", "base", "dino", s, kl)
-        last.append(kl[-1] - 0.05)
-    curves = [
-        np.geomspace(4.0, 0.3, len(steps)) + rng.normal(0, 0.05, len(steps)) for s in range(2)
-    ]  # a faster grid run, 2 seeds
-    for s, kl in enumerate(curves):
-        make(grid, "tinydiff", "attn1x4", "dino", s, kl)
-    args = sweep.get_parser().parse_args(["--reference", str(ref)])  # the tinydiff preset, 10,000 steps, 3 seeds
-    assert sweep.reference_targets(args) == {"dino": pytest.approx(sum(last) / 3)}
-    target = sum(last) / 3
-    first = None
-    for i, st in enumerate(steps):
-        if (curves[0][i] + curves[1][i]) / 2 - 0.05 <= target:
-            first = (st, (0.03 * st + 0.03 * st + 1) / 2)
-            break
-    assert first is not None and first[0] < 10_000
-    sweep.write_results(str(grid), args)
-    text = (grid / "results.md").read_text()
-    assert f"dino ({target:.3f})" in text and "circle (no target)" in text
-    assert f"| attn1x4 |  | {first[0]} ({first[1]:.0f} s) |  |  |" in text
-    assert (grid / "curves.png").stat().st_size > 0
-    # --costs: seconds are steps x bench.py's ms/step for the configuration, one sitting for all
-    ms = {c: 5.0 + i for i, c in enumerate(sweep.CONFIGS)}
-    bench = dict(device="cpu", threads=1, compile=False, block="gelu", batch_size=256, dtype="fp32", ms_per_step=ms)
-    (tmp_path / "bench.json").write_text(json.dumps(bench))
-    sweep.write_results(
-        str(grid), sweep.get_parser().parse_args(["--reference", str(ref), "--costs", str(tmp_path / "bench.json")])
-    )
-    text = (grid / "results.md").read_text()
-    assert (
-        f"| attn1x4 |  | {first[0]} ({first[0] * ms['attn1x4'] / 1000:.0f} s) |  |  |" in text
-        and "(cpu, 1 thread;" in text
-    )
-    for name, changed, message in (
-        ("partial", dict(ms_per_step={"base": 5.0}), "lacks attn1x4"),
-        ("relu", dict(block="relu"), "--block relu (this grid: gelu)"),
-    ):
-        (tmp_path / f"{name}.json").write_text(json.dumps({**bench, **changed}))
-        with pytest.raises(SystemExit) as e:  # refused in one line, naming what does not fit
-            sweep.read_costs(str(tmp_path / f"{name}.json"), args)
-        assert e.value.code == 2 and message in capsys.readouterr().err
-
-
 def test_bench_json_names_every_backbone_as_the_sweep_does_with_the_printed_cost(tmp_path):
     import sweep
-    import train
 
     for name, kw in runs.CONFIGS.items():  # the sweep's flags for that name give the same model, and the name back
-        flags = vars(train.get_parser().parse_args(sweep.CONFIGS[name]))
+        flags = vars(settings.get_parser().parse_args(sweep.CONFIGS[name]))
         assert {k: flags[k] for k in kw} == kw and all(
             flags[k] == 0 for k in ("attn_layers", "ssm_layers") if k not in kw
         ), name
@@ -570,15 +241,13 @@ def test_every_flag_the_readme_names_exists_in_its_script():
     line: sweep.py, sample.py, evaluate.py, bench.py), read from the parsers themselves."""
     import re
 
-    import train
-
     def flags(script):
         p = run_here(script, "--help")
         assert p.returncode == 0, p.stderr
         return set(re.findall(r"--[a-z_]+", p.stdout))
 
     known = {s: flags(s) for s in ("train.py", "sweep.py", "sample.py", "evaluate.py", "bench.py")}
-    assert {f"--{a.dest}" for a in train.get_parser()._actions} - {"--help"} <= known["train.py"]
+    assert {f"--{a.dest}" for a in settings.get_parser()._actions} - {"--help"} <= known["train.py"]
     missing = []  # torchrun's and pytest's flags aside
     for line in open(os.path.join(ROOT, "README.md")).read().splitlines():
         scripts = [s for s in known if s in line] or ["train.py"]

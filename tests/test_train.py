@@ -5,6 +5,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import runs
+import settings
 import tinydiff as td
 import train
 
@@ -73,7 +74,7 @@ def test_library_defaults_are_the_tinydiff_preset_and_the_paper_preset_sets_the_
 
     import tinydiff as td
 
-    preset, parser = train.PRESETS["tinydiff"], train.get_parser()
+    preset, parser = settings.PRESETS["tinydiff"], settings.get_parser()
     cfg = td.DenoiserConfig()
     assert (cfg.coord_scale, cfg.block, cfg.hidden, cfg.heads) == (
         preset["coord_scale"],
@@ -88,10 +89,10 @@ def test_library_defaults_are_the_tinydiff_preset_and_the_paper_preset_sets_the_
     sched = defaults(td.NoiseScheduler.__init__)
     assert (sched["num_train_timesteps"], sched["beta_schedule"]) == (preset["num_timesteps"], preset["beta_schedule"])
     # the paper preset builds the study's model and loss explicitly, whatever the library's defaults
-    args = train.fill_preset(parser.parse_args(["--preset", "paper", "--dataset", "moons"]))
+    args = settings.fill_preset(parser.parse_args(["--preset", "paper", "--dataset", "moons"]))
     X, cfg, sched_cfg = train.check_data(args, "moons", torch.device("cpu"))
     assert (cfg.coord_scale, cfg.block, cfg.data_dim, args.low_frac, args.low_t) == (25.0, "relu", 2, 0.0, 0)
-    assert sched_cfg == dict(num_train_timesteps=100, beta_schedule="linear")
+    assert sched_cfg == dict(num_train_timesteps=100, beta_schedule="linear", prediction_type="epsilon")
 
 
 @pytest.mark.parametrize(
