@@ -11,6 +11,8 @@ samples-<sampler><steps> and the settings that differ from the defaults (-seed5,
 <name>_labels.npy (each sample's class name) for a class-conditional run, and <name>.gif with --gif.
 """
 
+import hashlib
+import json
 import math
 import os
 import sys
@@ -192,27 +194,35 @@ def main(argv=None):
 
 
 def default_name(args, steps):
-    """samples-<sampler><steps>, then every setting that changes the draw and is not its default, so that each
-    draw keeps its own file and only the same draw from the same checkpoint is written again."""
+    """samples-<sampler><steps>, then every setting that changes the draw and is not its default, readable and cut
+    to a short length, then a hash of those settings' exact values: each draw keeps its own file (w 2 and w
+    2.0000001, --label a+b and --label a --label b differ), and only the same draw from the same checkpoint is
+    written again."""
     asked = "+".join(args.label) if args.label else args.cond
     parts = [
-        f"samples-{args.sampler}{steps}",
         f"eta{args.eta:g}" if args.sampler == "ddim" and args.eta else "",
         f"w{args.guidance:g}" if args.guidance != 1 else "",
-        urllib.parse.quote(asked, safe="=+,.-") if asked else "",
+        urllib.parse.quote(asked, safe="=+,.-")[:40] if asked else "",
         f"n{args.n}" if args.n != N_DEFAULT else "",
         f"seed{args.seed}" if args.seed else "",
         "raw" if args.raw else "",
-        os.path.splitext(os.path.basename(args.ckpt))[0]
+        os.path.splitext(os.path.basename(args.ckpt))[0][:40]
         if args.ckpt and os.path.basename(args.ckpt) != "ckpt.pt"
         else "",
     ]
-    return "-".join(p for p in parts if p)
+    if not any(parts):
+        return f"samples-{args.sampler}{steps}"
+    exact = [args.sampler, steps, repr(args.eta), repr(args.guidance), args.label, args.cond, args.n, args.seed]
+    exact += [args.raw, os.path.abspath(args.ckpt) if args.ckpt else None]
+    digest = hashlib.sha256(json.dumps(exact).encode()).hexdigest()[:8]
+    return "-".join([f"samples-{args.sampler}{steps}", *(p for p in parts if p), digest])
 
 
 def check_out(stem, gif):
     """--out must be writable, and never one of train.py's own files in a run folder (samples.npy there
     is what metrics.json describes)."""
+    if not os.path.basename(stem) or stem.endswith(os.sep):
+        raise ValueError(f"--out {runs.quote(stem)} names a folder; give a file stem in it, such as {stem}draw")
     folder = os.path.dirname(os.path.abspath(stem))
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(

@@ -3,6 +3,7 @@ what it says, nothing saved is lost, every signal and pipe, every flag checked f
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -104,7 +105,8 @@ def test_overwrite_removes_the_old_runs_sample_files_and_says_so(tmp_path):
     assert run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out).returncode == 0
     assert run("sample.py", "--out_dir", out, "--n", 20, "--sampler", "dpm++").returncode == 0
     p = run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out, "--overwrite")
-    assert "removed sample.py's samples-dpm++20-n20.npy" in p.stdout and not (out / "samples-dpm++20-n20.npy").exists()
+    (npy,) = re.findall(r"samples-dpm\+\+20-n20-\w{8}\.npy", p.stdout)
+    assert f"removed sample.py's {npy}" in p.stdout and not (out / npy).exists()
 
 
 def test_evaluate_says_when_a_run_is_unfinished(tmp_path):

@@ -40,7 +40,7 @@ def test_sample_writes_files_gif_and_reproduces_seeds(trained, tmp_path, gif):
         with Image.open(tmp_path / "a.gif") as animation:
             assert animation.n_frames > 100  # 101 reverse-process frames (Pillow merges the held last frame into one)
     run("sample.py", "--out_dir", out, "--n", 300, "--sampler", "dpm++")  # 20 steps unless told
-    assert np.load(out / "samples-dpm++20-n300.npy").shape == (300, 2)
+    assert np.load(one(out.glob("samples-dpm++20-n300-*.npy"))).shape == (300, 2)
 
 
 def test_sample_py_never_writes_over_the_runs_own_samples(tmp_path):
@@ -64,7 +64,32 @@ def test_sample_py_keeps_each_draw_in_its_own_file(tmp_path):
     for flags in draws + [()]:
         assert run("sample.py", "--out_dir", out, "--n", 20, "--sampler", "dpm++", *flags).returncode == 0
     assert len(list(out.glob("samples-*.npy"))) == len(draws)
-    assert not np.array_equal(np.load(out / "samples-dpm++20-n20.npy"), np.load(out / "samples-dpm++20-n20-seed5.npy"))
+    plain, seeded = (
+        one(out.glob("samples-dpm++20-n20-????????.npy")),
+        one(out.glob("samples-dpm++20-n20-seed5-????????.npy")),
+    )
+    assert not np.array_equal(np.load(plain), np.load(seeded))
+
+
+def test_draws_that_differ_in_any_setting_never_share_a_file(tmp_path):
+    """Reference: the file names themselves. Settings equal when printed with :g, labels joined by + and a folder as
+    --out were the collisions; a long label keeps the name within the file system's limit."""
+    out = tmp_path / "run"
+    kinds = ("a", "b", "a+b")
+    (tmp_path / "pts.csv").write_text("x,y,k\n" + "".join(f"{i % 7},{i % 5},{kinds[i % 3]}\n" for i in range(60)))
+    flags = ("--dataset", tmp_path / "pts.csv", "--label_column", "k", "--train_steps", 3, *TINY, "--out_dir", out)
+    assert run("train.py", *flags).returncode == 0
+    draws = [("--guidance", 2), ("--guidance", 2.0000001), ("--label", "a+b"), ("--label", "a", "--label", "b")]
+    draws += [("--guidance", 2)]  # the first draw again: the same file
+    for flags in draws:
+        run("sample.py", "--out_dir", out, "--n", 20, "--sampler", "ddim", "--sample_steps", 2, *flags)
+    assert len([p for p in out.glob("samples-ddim2-*.npy") if not p.stem.endswith("_labels")]) == len(draws) - 1
+    assert "names a folder" in refused("sample.py", "--out_dir", out, "--n", 20, "--out", f"{tmp_path}/")
+
+
+def one(paths):
+    (path,) = list(paths)
+    return path
 
 
 def test_ctrl_c_in_sample_py_is_one_line(tmp_path):
