@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -314,6 +315,25 @@ def grid_run(root, args, c, d, s):
     return metrics, samples
 
 
+def keep_more_results(root, found):
+    """Refuse to replace a results.md that counts more finished runs than this grid finds (the grid's flags were
+    left out, or its runs removed): nothing is written, and the line says how to get the old table back."""
+    try:
+        with open(os.path.join(root, "results.md")) as f:
+            text = f.read()
+    except OSError:
+        return
+    had = re.search(r"Runs finished: (\d+) of", text)
+    written = re.search(r"Written by `([^`]*)`", text)
+    if had and int(had.group(1)) > found:
+        runs.fail(
+            f"{root}/results.md counts {had.group(1)} finished runs and this grid finds {found}, so its tables and "
+            f"figures are left as they are; rerun the command that wrote them"
+            + (f" ({written.group(1)})" if written else "")
+            + ", or remove results.md to start the table again"
+        )
+
+
 def write_results(root, args, command="python sweep.py"):
     """results.md (one table per configuration, mean +- sd over seeds) and samples.png (datasets x configs)."""
     plt = plots.pyplot()
@@ -335,6 +355,7 @@ def write_results(root, args, command="python sweep.py"):
     ]
     cell, found = {}, 0  # (config, dataset) -> excess kNN KL, for the summary table; runs found
     loaded = {(c, d, s): grid_run(root, args, c, d, s) for c, d, s, _ in run_dirs(root, args.seeds)}
+    keep_more_results(root, sum(m is not None for m, _ in loaded.values()))
     # mean +- sample sd over seeds (just the value for a single seed)
     mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
     fig, axes = plt.subplots(

@@ -441,3 +441,21 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
         with pytest.raises(SystemExit) as e:  # refused in one line, naming what does not fit
             sweep.read_costs(str(tmp_path / f"{name}.json"), args)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_collect_without_the_grids_flags_refuses_to_replace_its_results(tmp_path):
+    """The committed paper grid collected as a tinydiff grid finds none of its runs. Reference: results.md and the
+    figures byte for byte as they were, and the command that wrote them named in the one line."""
+    import shutil
+
+    shutil.copytree(os.path.join(ROOT, "results", "paper"), tmp_path / "paper")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "paper").iterdir() if p.is_file()}
+    p = run_here("sweep.py", "--out_dir", tmp_path / "paper", "--seeds", 3, "--collect")
+    message = p.stderr.strip().splitlines()[-1]  # after one warning per run it skips
+    assert (
+        p.returncode == 2
+        and "Traceback" not in p.stderr
+        and "results.md counts 84 finished runs and this grid finds 0" in message
+        and "--preset paper" in message
+    )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "paper").iterdir() if p.is_file()} == before
