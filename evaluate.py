@@ -576,8 +576,7 @@ def run(args):
                 f"{model.cfg.data_dim}-D ones;"
                 " score it against the data it was trained on (leave out --dataset)"
             )
-        if args.guidance != 1 and not model.conditional:
-            raise ValueError("--guidance needs a conditional run; this checkpoint's model is unconditional")
+        runs.check_guidance(args.guidance, model.conditional, a.get("p_uncond"))
         if ckpt["step"] < ckpt["args"]["train_steps"]:  # a stopped run: its numbers describe a model in training
             metrics["unfinished"] = f"step {ckpt['step']} of {ckpt['args']['train_steps']}"
             print(

@@ -341,14 +341,20 @@ def check_sampling_flags(args):
         raise ValueError(f"--sample_steps must be a positive integer, got {args.sample_steps}")
 
 
-def check_guidance(w, conditional):
-    """--guidance, in every script: the library's rule (a finite w >= 0, on a conditional model), in flag terms."""
+def check_guidance(w, conditional, p_uncond=None):
+    """--guidance, in every script: the library's rule (a finite w >= 0, on a conditional model), in flag terms; and
+    w != 1 needs the unconditional half, which a run trained with --p_uncond 0 never learnt."""
     if not (math.isfinite(w) and w >= 0):
         raise ValueError(f"--guidance must be a number >= 0 (1: conditional, 0: unconditional, > 1: guided), got {w}")
     if w != 1 and not conditional:
         raise ValueError(
             "--guidance needs a conditional run (trained with --label_column, --cond_columns or --conditional); "
             "this one is unconditional"
+        )
+    if w != 1 and p_uncond == 0:
+        raise ValueError(
+            f"--guidance {w:g} mixes in the unconditional model, which --p_uncond 0 never trains; use --guidance 1, "
+            "or train with --p_uncond 0.1"
         )
 
 

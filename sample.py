@@ -251,7 +251,7 @@ def condition(args, ckpt, model):
             "--cond needs a run trained with --cond_columns; "
             + ("this one has labels: use --label" if kind else "this run is unconditional")
         )
-    runs.check_guidance(args.guidance, bool(kind))
+    runs.check_guidance(args.guidance, bool(kind), ckpt["args"].get("p_uncond"))
     if kind == "labels" and args.label:
         unknown = [name for name in args.label if name not in names]
         if unknown:

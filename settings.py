@@ -347,7 +347,7 @@ def check_condition_flags(args, given=()):
         fail(f"--holdout must lie in [0, 0.5], such as 0.1, got {args.holdout}")
     conditional = args.conditional or args.label_column is not None or args.cond_columns is not None
     try:
-        runs.check_guidance(args.guidance, conditional)
+        runs.check_guidance(args.guidance, conditional, args.p_uncond)
     except ValueError as e:
         fail(str(e))
     if args.nll < 0:

@@ -118,21 +118,29 @@ def check(args, root):
             runs.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     for c in CONFIGS:
         settings.check_flags(run_args(args, c, "moons", 0, root))
+    settings.check_condition_flags(run_args(args, "base", "moons", 0, root))  # the same for every configuration
     for c, d, s, out in run_dirs(root, args.seeds):
-        try:
-            if os.path.isfile(os.path.join(out, "metrics.json")):
-                with open(os.path.join(out, "metrics.json")) as f:
-                    have = json.load(f)["args"]
-            elif os.path.isfile(os.path.join(out, "ckpt.pt")):
-                have = runs.load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]
-            else:
+        have, unread = None, []
+        for name in ("metrics.json", "ckpt.pt"):  # a run's settings from whichever of its records can be read
+            path = os.path.join(out, name)
+            if have is not None or not os.path.isfile(path):
                 continue
-            differ = settings_differ(have, args, c, d, s, out)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            runs.fail(
-                f"cannot read the earlier run in {runs.quote(out)} ({' '.join(str(e).split())[:80]}); delete that "
-                "folder and rerun the sweep"
-            )
+            try:
+                if name == "metrics.json":
+                    with open(path) as f:
+                        have = json.load(f)["args"]
+                else:
+                    have = runs.load_checkpoint(path)["args"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                unread.append(f"{name}: {runs.one_line(e, 80)}")
+        if have is None:
+            if unread:
+                runs.fail(
+                    f"cannot read the earlier run in {runs.quote(out)} ({'; '.join(unread)}); delete that folder and "
+                    "rerun the sweep"
+                )
+            continue
+        differ = settings_differ(have, args, c, d, s, out)
         if differ:
             runs.fail(
                 f"{runs.quote(root)} holds runs made with other settings ({', '.join(differ)} differ in "

@@ -206,3 +206,14 @@ def test_the_conditioning_script_in_the_docs_runs_as_written_and_obeys_its_label
         1
     )  # the share of each sample's 10 nearest data points that are "lower"
     assert (votes > 0.5).mean() > 0.97
+
+
+def test_guidance_without_a_trained_unconditional_half_is_refused_everywhere(tmp_path):
+    """--p_uncond 0 never trains the null condition, so any w != 1 would mix in an untrained model: train.py,
+    sample.py and evaluate.py refuse it by one rule (runs.check_guidance). Reference: the run's own flags."""
+    flags = ("--dataset", "moons", "--conditional", "--p_uncond", 0)
+    assert "--p_uncond 0 never trains" in refused("train.py", *flags, "--guidance", 3)
+    out = tmp_path / "run"
+    train(*flags, "--train_steps", 5, "--out_dir", out)
+    for script in ("sample.py", "evaluate.py"):
+        assert "--p_uncond 0 never trains" in refused(script, "--out_dir", out, "--guidance", 0)
