@@ -37,6 +37,7 @@ import torch
 from scipy.spatial import cKDTree
 from scipy.stats import entropy
 
+import baselines
 import datasets
 import runs
 import tinydiff as td
@@ -317,6 +318,8 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
     t0 = time.perf_counter()
     nats = likelihood.nll(model.to(device), scheduler.to(device), x, y=y_t)
     out = {**likelihood.summarize(nats, x.shape[1]), "nll_points": len(x), "nll_s": time.perf_counter() - t0}
+    # the same held-out rows under what a user would pick instead, fitted on the run's training rows
+    out["nll_baselines"] = baselines.nll_baselines(data.points, x, nats, data.cond, y, data.kind)
     if dataset in datasets.DENSITIES:
         gap = (datasets.log_density(dataset, x, y) + nats) / np.log(2)  # log p - log q, in bits, point by point
         out.update(exact_kl_bits=float(gap.mean()), exact_kl_se=float(gap.std(ddof=1) / np.sqrt(len(gap))))
@@ -451,6 +454,10 @@ def format_table(metrics):
         ("exact KL (bits)", "exact_kl_bits", None),
         ("H(data) (bits)", "data_entropy_bits", None),
     ]
+    for name, b in metrics.get("nll_baselines", {}).items():
+        if name in baselines.NAMES:
+            metrics = {**metrics, f"nll_{name}": b["nll_bits"], f"nll_{name}_diff": b}
+            rows.append((f"NLL, {name} (bits)", f"nll_{name}", None))
     classes = [f"  {name} kNN KL" for name in metrics.get("per_class", {})]
     w = max([20] + [len(c) + 1 for c in classes])  # class names in full: two names may share their first letters
     lines = [f"{'metric':<{w}}{'value':>10}{'floor':>10}"]
@@ -461,9 +468,11 @@ def format_table(metrics):
                     key, ""
                 )
             )
+            diff = metrics.get(f"{key}_diff")
             lines.append(
                 f"{name:<{w}}{value(metrics[key]):>10}{value(metrics.get(floor)) if floor else '':>10}"
                 + (f"   ± {se:.4f} (1 se)" if se else "")
+                + (f"   model − it: {diff['diff_bits']:+.4f} ± {diff['diff_se']:.4f} (paired)" if diff else "")
             )
     for label, row in zip(classes, metrics.get("per_class", {}).values()):
         lines.append(
@@ -483,7 +492,7 @@ def format_table(metrics):
         if key in metrics:
             v = metrics[key]
             lines.append(f"{key:<{w}}{v:>10}" if isinstance(v, int) else f"{key:<{w}}{v:>10.4g}")
-    return "\n".join(lines)
+    return "\n".join(lines + baselines.losses(metrics.get("nll_baselines", {})))
 
 
 @runs.script
