@@ -185,6 +185,7 @@ def heldout_points(dataset, data, n=10_000):
 
 
 NEAR_COPY = 0.1  # a sample nearer a training point than this share of fresh points' median distance is a near-copy
+INTEGER_LEVELS = 256  # integer coordinates with at most this many values each are discrete data (pixels, counts)
 REPEATS = 0.01  # data with more than this share of repeated rows are discrete: the kNN KL and the NLL assume a density
 
 
@@ -196,13 +197,18 @@ def discrete_warning(data, dataset):
         return None
     points = data.points if data.held is None else np.vstack([data.points, data.held])
     repeated = len(points) - len(np.unique(points, axis=0))
+    levels = max(len(np.unique(column)) for column in points.T)
+    if (points == np.round(points)).all() and levels <= INTEGER_LEVELS:
+        return (
+            f"every coordinate of the data is an integer with at most {levels} values (pixels, counts), where the kNN "
+            "KL and the NLL, which assume a density, mean nothing; they are left out (null): train with --dequantize"
+        )
     if repeated <= REPEATS * len(points):
         return None
     return (
         f"{repeated} of the data's {len(points)} rows repeat another exactly (rounded or discrete data), where the "
-        "kNN KL and the"
-        " NLL, which assume a density, mean nothing; they are left out (null): compare hist KL, or add noise below "
-        "the data's resolution"
+        "kNN KL and the NLL, which assume a density, mean nothing; they are left out (null): compare hist KL, or "
+        "train with --dequantize if the values are integers"
     )
 
 
@@ -578,7 +584,7 @@ def run(args):
                 " give its path with --dataset"
             )
         a = ckpt["args"]
-        data = runs.load_data(dataset, a["label_column"], a["cond_columns"], a["conditional"], a["holdout"])
+        data = runs.run_data(dataset, a)
         if data.points.shape[1] != model.cfg.data_dim:
             raise ValueError(
                 f"{dataset} holds {data.points.shape[1]}-D points but the checkpoint's model makes "

@@ -452,9 +452,21 @@ class RunData(NamedTuple):
     columns: object = None  # a file's names for the coordinates, when a condition column was taken out
 
 
-def load_data(dataset, label_column=None, cond_columns=None, conditional=False, holdout=0.1):
+DEQUANTIZE_SEED = 1  # the uniform noise --dequantize adds, the same for every run on a file
+
+
+def run_data(dataset, settings):
+    """load_data with a run's settings (train.py's args, or a checkpoint's): the one reader every script uses."""
+    get = settings.get if isinstance(settings, dict) else lambda k, d=None: getattr(settings, k, d)
+    keys = ("label_column", "cond_columns", "conditional", "holdout", "dequantize")
+    return load_data(dataset, *(get(k, BEFORE_FLAG.get(k)) for k in keys))
+
+
+def load_data(dataset, label_column=None, cond_columns=None, conditional=False, holdout=0.1, dequantize=False):
     """The points a run trains on, split once with SPLIT_SEED: a share `holdout` of a file's rows is held out,
-    unless that leaves fewer than MIN_HELDOUT (then nothing is, and the metrics compare with the training points)."""
+    unless that leaves fewer than MIN_HELDOUT (then nothing is, and the metrics compare with the training points).
+    dequantize: integer values x become x + u, u ~ U(0, 1) drawn once with DEQUANTIZE_SEED, a density whose NLL
+    bounds the integers' own -log2 P(x) from above (uniform dequantization, Theis et al. 2016)."""
     names = kind = y = columns = None
     if conditional:
         X, y, names = datasets.load_labeled(dataset)
@@ -463,15 +475,29 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     else:
         X = datasets.load_dataset(dataset)
     kind = None if y is None else "labels" if y.ndim == 1 else "numbers"
+    ident = fingerprint(X if y is None else np.column_stack([X, y]))
+    axes = columns or datasets.column_names(dataset, X.shape[1])
+    axis = lambda j: f"column {axes[j]!r}" if axes else f"coordinate {j + 1}"
+    if dequantize:
+        fraction = np.flatnonzero((X != np.round(X)).any(0))
+        if dataset in datasets.DATASETS:
+            raise ValueError("--dequantize spreads integer values over [x, x + 1); the named datasets are continuous")
+        if len(fraction):
+            j = fraction[0]
+            raise ValueError(
+                f"--dequantize spreads integer values over [x, x + 1), and {axis(j)} of {dataset} holds non-integers "
+                f"such as {X[X[:, j] != np.round(X[:, j]), j][0]:g}; leave it out"
+            )
+        X = X + np.random.default_rng(DEQUANTIZE_SEED).uniform(0, 1, X.shape)
     constant = np.flatnonzero((X == X[0]).all(0)) if len(X) > 1 else []
     if len(constant):  # every metric would score a (D-1)-dimensional cloud as if it filled D dimensions
-        j, names_ = constant[0], columns or datasets.column_names(dataset, X.shape[1])
-        which = f"column {names_[j]!r}" if names_ else f"coordinate {j + 1} of {X.shape[1]}"
+        shown = ", ".join(f"{axis(j)} ({X[0, j]:g})" for j in constant[:10]) + (" ..." if len(constant) > 10 else "")
+        integers = (X == np.round(X)).all()
         raise ValueError(
-            f"{which} of {dataset} holds one value ({X[0, j]:g}) in every row; a constant coordinate has no density to"
-            " learn or score, so remove it"
+            f"{len(constant)} of the {X.shape[1]} coordinates of {dataset} hold one value in every row: {shown}; a "
+            "constant coordinate has no density to learn or score, so remove "
+            + ("them, or spread the integer values with --dequantize" if integers else "them")
         )
-    ident = fingerprint(X if y is None else np.column_stack([X, y]))
     m = round(holdout * len(X)) if dataset not in datasets.DATASETS else 0
     if m < MIN_HELDOUT:
         note = (
@@ -514,7 +540,13 @@ def save_checkpoint(state, path):
 
 # what a run did for a setting before its flag existed: a run recorded without the key is read with this value
 BEFORE_FLAG = dict(
-    label_column=None, cond_columns=None, conditional=False, p_uncond=0.1, holdout=0.1, prediction_type="epsilon"
+    label_column=None,
+    cond_columns=None,
+    conditional=False,
+    p_uncond=0.1,
+    holdout=0.1,
+    prediction_type="epsilon",
+    dequantize=False,
 )
 
 

@@ -288,7 +288,7 @@ def run_data(ckpt, dataset, D):
     read."""
     a = ckpt["args"]
     try:
-        data = runs.load_data(dataset, a["label_column"], a["cond_columns"], a["conditional"], a["holdout"])
+        data = runs.run_data(dataset, a)
     except ValueError as e:  # the run's data file has moved or changed: plot the samples alone
         where = f"{dataset} (recorded as {ckpt['data']['path']})" if ckpt["data"].get("path") else dataset
         print(f"note: could not read the run's data, {where}: {str(e).split(';')[0]}; plotting the samples alone")

@@ -68,6 +68,16 @@ FLAGS = [
         True,
         dict(type=float, help="share of a file's points held out for the metrics, split with a fixed seed"),
     ),
+    (
+        "dequantize",
+        False,
+        True,
+        dict(
+            action="store_true",
+            help="a file of integers (pixels, counts): add U(0, 1) noise once, so that the model learns a density; "
+            "the NLL is then an upper bound on the integers' -log2 P(x)",
+        ),
+    ),
     ("attn_layers", 0, True, dict(type=int, help="self-attention layers over the tokens [x1, ..., xD, t]")),
     (
         "heads",

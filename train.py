@@ -40,7 +40,7 @@ def check_data(args, data_file, device):
     """Read the points and check what depends on them (their count, range and the memory the flags
     need); returns the points, the DenoiserConfig and the NoiseScheduler's settings."""
     try:
-        data = runs.load_data(data_file, args.label_column, args.cond_columns, args.conditional, args.holdout)
+        data = runs.run_data(data_file, args)
         X, K = data.points, len(data.names) if data.kind == "labels" else 0
         cfg = td.DenoiserConfig(
             attn_layers=args.attn_layers,

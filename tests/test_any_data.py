@@ -163,17 +163,16 @@ def test_discrete_data_get_no_meaningless_knn_kl_or_nll_but_a_warning(tmp_path, 
         "--out_dir",
         tmp_path / "run",
     )
-    assert p.returncode == 0 and "repeat another exactly" in p.stderr
+    said = "is an integer with at most" if kind == "rounded" else "repeat another exactly"
+    assert p.returncode == 0 and said in p.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["knn_kl_bits"] is None and m["knn_kl_floor"] is None and m["nll_bits"] is None and m["hist_kl_nats"] >= 0
-    assert [w for w in m["warnings"] if "repeat another exactly" in w] and not [
-        w for w in m["warnings"] if "zero distance" in w
-    ]
+    assert [w for w in m["warnings"] if said in w] and not [w for w in m["warnings"] if "zero distance" in w]
     assert m["curve"][-1]["knn_kl_bits"] is None and not (tmp_path / "run" / "kl.png").exists()
     e = run(
         "evaluate.py", "--samples", tmp_path / "run" / "samples.npy", "--dataset", tmp_path / "points.csv", "--json"
     )
-    assert e.returncode == 0 and json.loads(e.stdout)["knn_kl_bits"] is None and "repeat another exactly" in e.stderr
+    assert e.returncode == 0 and json.loads(e.stdout)["knn_kl_bits"] is None and said in e.stderr
 
 
 def test_evaluate_scores_a_files_samples_against_the_rows_train_py_held_out(tmp_path):
@@ -209,7 +208,7 @@ def test_data_that_no_metric_can_score_are_refused_before_training(tmp_path):
     rng = np.random.default_rng(0)
     flat = np.column_stack([rng.normal(size=300), np.full(300, 1.5)])
     np.save(tmp_path / "flat.npy", flat)
-    assert "coordinate 2 of 2 of" in refused(
+    assert "1 of the 2 coordinates of" in refused(
         "train.py", "--dataset", tmp_path / "flat.npy", "--out_dir", tmp_path / "a"
     )
     np.savetxt(tmp_path / "small.csv", rng.normal(size=(150, 2)), delimiter=",")
@@ -221,3 +220,28 @@ def test_data_that_no_metric_can_score_are_refused_before_training(tmp_path):
         "train.py", "--dataset", tmp_path / "plain.csv", "--holdout", 0, "--nll", 10, "--out_dir", tmp_path / "c"
     )
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_integer_pixels_get_one_refusal_naming_every_constant_column_or_train_with_dequantize(tmp_path):
+    """Pixel-like integers 0..16 in 6 columns, two of them always 0. Reference: the file's own columns, and the
+    --dequantize run's metrics: a density is scored (no discrete warning), and its held-out rows lie in [x, x + 1)."""
+    rng = np.random.default_rng(3)
+    X = rng.integers(0, 17, size=(400, 6)).astype(float)
+    X[:, [1, 4]] = 0
+    path = tmp_path / "pixels.csv"
+    path.write_text("p0,p1,p2,p3,p4,p5\n" + "".join(",".join(f"{v:g}" for v in row) + "\n" for row in X))
+    p = run_here("train.py", "--dataset", path, "--out_dir", tmp_path / "a")
+    message = p.stderr.strip().splitlines()[-1]  # after the note that the header row named the columns
+    assert p.returncode == 2 and "Traceback" not in p.stderr and not (tmp_path / "a").exists()
+    assert "2 of the 6 coordinates" in message and "'p1' (0)" in message and "'p4' (0)" in message
+    assert "--dequantize" in message
+    flags = ("--dataset", path, "--dequantize", "--train_steps", 3, *TINY, "--nll", 10, "--out_dir", tmp_path / "b")
+    p = run("train.py", *flags)
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert p.returncode == 0 and m["nll_bits"] is not None and not any("integer" in w for w in m.get("warnings", []))
+    data = runs.run_data(str(path), m["args"])
+    both = np.vstack([data.points, data.held])
+    assert (both - np.floor(both) > 0).all() and sorted(map(tuple, np.floor(both))) == sorted(map(tuple, X))
+    np.save(tmp_path / "real.npy", np.column_stack([rng.integers(0, 9, 100), rng.normal(size=100)]))
+    assert "coordinate 2 of" in refused("train.py", "--dataset", tmp_path / "real.npy", "--dequantize")
+    assert "the named datasets are continuous" in refused("train.py", "--dataset", "moons", "--dequantize")
