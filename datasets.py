@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 import warnings
 
 import numpy as np
@@ -152,7 +153,8 @@ def head_lines(path):
     """The complete lines in the first MiB of a text file (enough to find its header), without a BOM."""
     with open(path, encoding="utf-8-sig") as f:
         head = f.read(1 << 20)
-    return head.splitlines()[: -1 if len(head) == 1 << 20 else None]  # the last line may be cut
+    # split at newlines only, as a file is read line by line (str.splitlines would also split at \f, \v, \x1c ...)
+    return head.split("\n")[: -1 if len(head) == 1 << 20 else None]  # the last line may be cut
 
 
 def delimiter(row):
@@ -323,29 +325,37 @@ def load_points(path):
     return X.astype(np.float64)
 
 
+MISSING = ("", "na", "n/a", "nan", "null", "none")  # label fields that mark a missing value (any case): refused
+
+
+def number_text(v):
+    """A number as a label's text, exactly: integral values as integers at any size (2.0 and 2 are "2", 3e19 is
+    "30000000000000000000"), others by repr (the shortest text that reads back as the same float64)."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
+def label_text(field):
+    """The one normalisation of a label field: Unicode NFC and no surrounding whitespace; a number's text is
+    number_text's, so "1", "1.0" and 1.0 in an .npy are one class."""
+    text = unicodedata.normalize("NFC", field).strip()
+    return number_text(text) if is_number(text) and math.isfinite(float(text)) else text
+
+
 def read_table(path):
-    """A text file's header (or None) and its fields as strings, (N, M); an .npy's numbers as strings. Comments,
-    quotes and the separators are read as read_text reads them."""
+    """A text file's header (or None), its fields as strings (N, M), and None; an .npy: None, its numbers as label
+    texts, and the numbers themselves (so that coordinates never pass through text). In a text file '#' starts a
+    comment only at the start of a line: inside a field (a label "C#") it is data."""
     if path.lower().endswith(".npy"):
         X = load_points(path)
-        return (
-            None,
-            np.where(X == np.round(X), np.round(X).astype(np.int64).astype(str), X.astype(str)),
-            X,
-        )  # 2.0 -> "2"
+        return None, np.vectorize(number_text, otypes=[str])(X) if X.size else X.astype(str), X
     first, _, delim, header = first_row(head_lines(path))
     if first is None:
         raise ValueError(f"{path} holds no rows; give one point per row")
-    fields = np.loadtxt(
-        path,
-        dtype=str,
-        delimiter=delim,
-        comments="#",
-        skiprows=first + 1 if header else 0,
-        quotechar='"',
-        ndmin=2,
-        encoding="utf-8-sig",
-    )
+    with open(path, encoding="utf-8-sig") as f:  # the same lines as head_lines: split at newlines only
+        lines = f.read().split("\n")[first + 1 if header else first :]
+    rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    fields = np.loadtxt(rows, dtype=str, delimiter=delim, comments=None, quotechar='"', ndmin=2)
     return header, np.char.strip(fields), None
 
 
@@ -366,7 +376,7 @@ def load_conditioned(path, label_column=None, cond_columns=None):
     NaN labels
     (naming the first bad row), one class, more classes than a tenth of the points, a non-numeric condition."""
     check_file(path)
-    header, fields, _ = read_table(path)
+    header, fields, numbers = read_table(path)
     flag = "--label_column" if label_column is not None else "--cond_columns"
     specs = [label_column] if label_column is not None else [c.strip() for c in cond_columns.split(",")]
     cols = [column_index(spec, header, fields.shape[1], path, flag) for spec in specs]
@@ -381,7 +391,7 @@ def load_conditioned(path, label_column=None, cond_columns=None):
         j for j in range(fields.shape[1]) if j not in cols and not (j == 0 and header and header[0] in ROW_LABEL_FIELDS)
     ]
     try:
-        X = fields[:, keep].astype(np.float64)
+        X = numbers[:, keep] if numbers is not None else fields[:, keep].astype(np.float64)
     except ValueError:  # name the column and the value
         j = next(j for j in keep if not all(is_number(v) for v in fields[:, j]))
         bad = next(v for v in fields[:, j] if not is_number(v))
@@ -400,7 +410,7 @@ def load_conditioned(path, label_column=None, cond_columns=None):
     names = [header[j] if header else str(j) for j in cols]
     if label_column is None:
         try:
-            y = fields[:, cols].astype(np.float64)
+            y = numbers[:, cols] if numbers is not None else fields[:, cols].astype(np.float64)
         except ValueError:
             bad = next(j for j in cols if not all(is_number(v) for v in fields[:, j]))
             raise ValueError(
@@ -413,11 +423,12 @@ def load_conditioned(path, label_column=None, cond_columns=None):
                 "fill or remove those rows"
             )
         return X, y, names, columns
-    labels = fields[:, cols[0]]
-    bad = np.flatnonzero((labels == "") | (np.char.lower(labels) == "nan"))
-    if len(bad):
+    labels = np.array([label_text(v) for v in fields[:, cols[0]].tolist()], dtype=object)
+    bad = [i for i, v in enumerate(labels) if v.lower() in MISSING]
+    if bad:
         raise ValueError(
-            f"{path} has an empty or NaN label in column {names[0]!r}, data row {bad[0] + 1}; give every point a label"
+            f"{path} has a missing label ({fields[bad[0], cols[0]]!r}) in column {names[0]!r}, data row {bad[0] + 1}; "
+            "give every point a label, or remove those rows"
         )
     classes = sorted(set(labels.tolist()), key=lambda v: (0, float(v), v) if is_number(v) else (1, 0, v))
     if len(classes) < 2 or len(classes) > max(2, len(labels) // 10):

@@ -428,10 +428,16 @@ def config_name(attn_layers=0, heads=4, ssm_layers=0, **_):
     return "-".join(parts) or "base"
 
 
-def fingerprint(X):
-    """What identifies a run's training points: their shape and a SHA-256 of their float64 values."""
+def fingerprint(X, names=None, columns=None):
+    """What identifies a run's data: their shape, a SHA-256 of their float64 values, and one of what the values mean
+    (the class or condition names and the coordinates' column names) where the file gives them; a checkpoint made
+    before "meaning" was recorded is compared by its values alone."""
     X = np.ascontiguousarray(X, dtype=np.float64)
-    return dict(shape=list(X.shape), sha256=hashlib.sha256(X.tobytes()).hexdigest())
+    out = dict(shape=list(X.shape), sha256=hashlib.sha256(X.tobytes()).hexdigest())
+    if names is not None or columns is not None:
+        text = json.dumps([names and [str(n) for n in names], columns], ensure_ascii=False)
+        out["meaning"] = hashlib.sha256(text.encode()).hexdigest()
+    return out
 
 
 SPLIT_SEED = 0  # every run on a file holds out the same points, so that runs on it compare
@@ -475,7 +481,7 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     else:
         X = datasets.load_dataset(dataset)
     kind = None if y is None else "labels" if y.ndim == 1 else "numbers"
-    ident = fingerprint(X if y is None else np.column_stack([X, y]))
+    ident = fingerprint(X if y is None else np.column_stack([X, y]), names, columns)
     axes = columns or datasets.column_names(dataset, X.shape[1])
     axis = lambda j: f"column {axes[j]!r}" if axes else f"coordinate {j + 1}"
     if dequantize:
@@ -512,6 +518,11 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
         return RunData(X, y, None, None, names, kind, ident, note, columns)
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(X))
     held, train = np.sort(perm[:m]), np.sort(perm[m:])
+    if kind == "labels" and len(missing := sorted(set(range(len(names))) - set(y[train].tolist()))):
+        raise ValueError(
+            f"class {names[missing[0]]!r} of {dataset} has all its {int((y == missing[0]).sum())} rows in the held-out "
+            f"share, so the model could never learn it; give it more rows, or --holdout 0"
+        )
     pick = lambda v, rows: None if v is None else v[rows]
     return RunData(X[train], pick(y, train), X[held], pick(y, held), names, kind, ident, None, columns)
 

@@ -228,12 +228,15 @@ def clear_old_outputs(args, ckpt):
 def check_same_data(args, ckpt, data, data_file):
     """--resume trains on the points the run was trained on, or refuses."""
     have, want = data.fingerprint, ckpt["data"]
-    if have["shape"] != want["shape"] or have["sha256"] != want["sha256"]:
+    meaning = "meaning" in want and have.get("meaning") != want["meaning"]  # class or column names renamed
+    if have["shape"] != want["shape"] or have["sha256"] != want["sha256"] or meaning:
         shapes = lambda s: f"{s[0]} points of {s[1]} coordinate{'s' * (s[1] != 1)}"
         what = (
             f"{shapes(want['shape'])} then, {shapes(have['shape'])} now"
             if have["shape"] != want["shape"]
             else "the same shape, other values"
+            if have["sha256"] != want["sha256"]
+            else "the same values, other class or column names"
         )
         fail(
             f"{quote(data_file)} has changed since this run was trained on it ({what}); restore the file, "

@@ -274,3 +274,40 @@ def test_unknown_names_and_missing_files_are_refused(tmp_path):
         datasets.load_dataset("spiral")
     with pytest.raises(ValueError, match="no data file at"):
         datasets.load_dataset(str(tmp_path / "missing.csv"))
+
+
+def test_labels_are_read_exactly_by_one_documented_normalisation(tmp_path):
+    """Reference: the classes written into the file. '#' inside a field is data; NFC and NFD spellings of a name,
+    and "1" / "1.0" / the .npy's 1.0, are one class each; missing markers are refused naming the row."""
+    cafe_nfc, cafe_nfd = "caf\u00e9", "cafe\u0301"
+    rows = [(i % 5, i % 3, lab) for i, lab in enumerate(["C", "C#", "D", cafe_nfc, cafe_nfd, " D "] * 20)]
+    (tmp_path / "a.csv").write_text("# notes\nx,y,k\n" + "".join(f"{x},{y},{k}\n" for x, y, k in rows))
+    X, y, names, _ = datasets.load_conditioned(str(tmp_path / "a.csv"), label_column="k")
+    assert names == ["C", "C#", "D", cafe_nfc] and len(X) == 120
+    assert [names[k] for k in y[:6]] == ["C", "C#", "D", cafe_nfc, cafe_nfc, "D"]
+    (tmp_path / "b.csv").write_text("x,k\n" + "".join(f"{i},{['1', '1.0', '2'][i % 3]}\n" for i in range(60)))
+    np.save(tmp_path / "b.npy", np.column_stack([np.arange(60.0), [[1.0, 1.0, 2.0][i % 3] for i in range(60)]]))
+    for path in ("b.csv", "b.npy"):
+        _, y, names, _ = datasets.load_conditioned(str(tmp_path / path), label_column="k" if "csv" in path else "1")
+        assert names == ["1", "2"] and y.tolist() == [[0, 0, 1][i % 3] for i in range(60)], path
+    for marker in ("NA", "n/a", "", "null"):
+        (tmp_path / "c.csv").write_text("x,k\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(40)) + f"41,{marker}\n")
+        with pytest.raises(ValueError, match=r"missing label .* data row 41"):
+            datasets.load_conditioned(str(tmp_path / "c.csv"), label_column="k")
+
+
+def test_an_npys_coordinates_beside_a_label_column_are_its_float64_values(tmp_path):
+    """Reference: the array saved. Values of 3e19 once came back through int64 as -9.22e18."""
+    X = np.column_stack([np.linspace(3e19, 4e19, 40), np.linspace(-1, 1, 40) ** 3, np.arange(40) % 2])
+    np.save(tmp_path / "big.npy", X)
+    got, y, names, _ = datasets.load_conditioned(str(tmp_path / "big.npy"), label_column="2")
+    assert np.array_equal(got, X[:, :2]) and names == ["0", "1"] and np.array_equal(y, X[:, 2])
+
+
+def test_a_form_feed_line_before_the_header_loses_no_row(tmp_path):
+    """Reference: the rows written. str.splitlines splits at a form feed and a file's lines do not."""
+    rows = "".join(f"{i},{i * 2}\n" for i in range(30))
+    (tmp_path / "ff.csv").write_text("\f\nx,y\n" + rows)
+    assert len(datasets.load_dataset(str(tmp_path / "ff.csv"))) == 30
+    (tmp_path / "ffk.csv").write_text("\f\nx,y,k\n" + "".join(f"{i},{i * 2},{'ab'[i % 2]}\n" for i in range(30)))
+    assert len(datasets.load_conditioned(str(tmp_path / "ffk.csv"), label_column="k")[0]) == 30

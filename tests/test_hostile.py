@@ -69,6 +69,31 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
     assert runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4  # untouched
 
 
+def test_resume_refuses_renamed_labels_and_a_class_only_held_out_is_refused(tmp_path):
+    """The fingerprint covers what the values mean: cat, dog renamed dog, emu is other data (--label dog would draw
+    the old cat cluster). Reference: the file's own rows; a class whose rows all fall in the held-out share is
+    refused before training, since its label would never be trained."""
+    rng = np.random.default_rng(2)
+    rows = lambda a, b: (
+        "x,y,k\n" + "".join(f"{u},{v},{(a, b)[i % 2]}\n" for i, (u, v) in enumerate(rng.normal(size=(200, 2))))
+    )
+    data, out = tmp_path / "pets.csv", tmp_path / "run"
+    data.write_text(rows("cat", "dog"))
+    flags = ("--label_column", "k", "--ckpt_interval", 2, *TINY, "--out_dir", out)
+    assert run("train.py", "--dataset", data, "--train_steps", 4, *flags).returncode == 0
+    text = data.read_text().replace("dog", "emu").replace("cat", "dog")  # the same rows, the classes renamed
+    data.write_text(text)
+    msg = refused("train.py", "--out_dir", out, "--resume", "--train_steps", 8)
+    assert "the same values, other class or column names" in msg
+    held = np.random.default_rng(runs.SPLIT_SEED).permutation(200)[:20]  # the rows --holdout 0.1 holds out of 200
+    kinds = ["rare" if i in held[:12] else "ab"[i % 2] for i in range(200)]
+    lines = "".join(f"{u},{v},{k}\n" for (u, v), k in zip(rng.normal(size=(200, 2)), kinds))
+    (tmp_path / "rare.csv").write_text("x,y,k\n" + lines)
+    flags = ("--label_column", "k", "--train_steps", 4, *TINY, "--out_dir", tmp_path / "r")
+    msg = refused("train.py", "--dataset", tmp_path / "rare.csv", *flags)
+    assert "class 'rare'" in msg and "all its 12 rows in the held-out share" in msg
+
+
 @pytest.mark.parametrize(
     "flags",
     [["--low_t", "5", "--low_frac", "0"], pytest.param(["--preset", "paper", "--lr", "3e-4"], marks=pytest.mark.slow)],
