@@ -106,8 +106,16 @@ def main(argv=None):
     unknown = [b for b in args.only or [] if b not in runs.CONFIGS]
     if unknown:
         runs.fail(f"unknown backbone {unknown[0]!r}; use some of: {', '.join(runs.CONFIGS)}")
+    if args.only == []:
+        runs.fail(f"--only names no backbone; give some of: {', '.join(runs.CONFIGS)}, or leave --only out for all")
+    if args.json and (os.path.isdir(args.json) or args.json.endswith(os.sep)):
+        runs.fail(
+            f"--json {args.json} is a folder; give a file path in it, such as {os.path.join(args.json, 'bench.json')}"
+        )
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         runs.fail(f"--json {args.json}: its folder does not exist; create it or give another path")
+    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        runs.fail(f"--json {args.json}: its folder is not writable; give another path")
     device = runs.pick_device(args.device)
     torch.set_num_threads(args.threads)
     bf16 = args.dtype == "bf16"

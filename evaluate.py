@@ -307,6 +307,19 @@ def memorisation(train, samples, fresh):
     )
 
 
+def progress_lines(what, every=5.0):
+    """A progress(done, total) that prints a line on stderr at most every `every` seconds."""
+    start = last = time.perf_counter()
+
+    def report(done, total):
+        nonlocal last
+        if (now := time.perf_counter()) - last >= every:
+            last = now
+            print(f"{what}: {done:,.0f} of {total:,} points ({now - start:.0f} s)", file=sys.stderr, flush=True)
+
+    return report
+
+
 def likelihood_metrics(model, scheduler, data, dataset, n, device):
     """NLL (bits per point, the probability-flow ODE's density) of n points the model never saw: held-out points
     of a file, a fresh draw of a named dataset; where the data's density is known, also the exact KL(p || q) =
@@ -322,7 +335,7 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
     x, y = heldout_points(dataset, data, n)
     y_t = None if y is None else torch.as_tensor(y, dtype=torch.long if data.kind == "labels" else torch.float64)
     t0 = time.perf_counter()
-    nats = likelihood.nll(model.to(device), scheduler.to(device), x, y=y_t)
+    nats = likelihood.nll(model.to(device), scheduler.to(device), x, y=y_t, progress=progress_lines("NLL"))
     out = {**likelihood.summarize(nats, x.shape[1]), "nll_points": len(x), "nll_s": time.perf_counter() - t0}
     # the same held-out rows under what a user would pick instead, fitted on the run's training rows
     out["nll_baselines"] = baselines.nll_baselines(data.points, x, nats, data.cond, y, data.kind)
@@ -351,7 +364,13 @@ def score(model, scheduler, data, dataset, n, device, seed=0, guidance=1.0, nll=
     metrics, samples, cond = score_points(data, dataset, ref, floor, samples, cond)
     metrics.update(inference_s=seconds, eval_loss=eval_loss(model, scheduler, *heldout_points(dataset, data), device))
     if nll and discrete_warning(data, dataset) is None:
-        metrics.update(likelihood_metrics(model, scheduler, data, dataset, nll, device))
+        import likelihood
+
+        try:
+            metrics.update(likelihood_metrics(model, scheduler, data, dataset, nll, device))
+        except likelihood.StiffFlow as e:  # the samples' metrics stand; the NLL is null, with the reason
+            metrics["nll_bits"] = None
+            metrics["warnings"] = metrics.get("warnings", []) + [str(e)]
     elif nll:
         metrics["nll_bits"] = None
     return samples, None if cond is None else cond.numpy(), metrics

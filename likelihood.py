@@ -67,6 +67,7 @@ class ProbabilityFlow:
         self.log_sigma = 0.5 * np.log((1 - ab) / ab)  # s at t = 0..T-1, increasing in t
         self.param = next(iter(model.parameters()), None)
         self.y = self.noise = None  # per batch: its labels, and Hutchinson's probe vectors
+        self.evals, self.max_evals, self.progress = 0, None, None  # per batch: network calls, their budget, a report
 
     def t_of(self, s):
         """Fractional timestep at s = log sigma_bar: linear in log-SNR between the integer timesteps."""
@@ -90,6 +91,11 @@ class ProbabilityFlow:
         return (sigma * eps).double().cpu().numpy().ravel()
 
     def __call__(self, s, state):
+        self.evals += 1
+        if self.max_evals is not None and self.evals > self.max_evals:
+            raise OverBudget(self.evals)
+        if self.progress is not None:
+            self.progress(s)
         sigma = math.exp(s)
         sqrt_ab = 1 / math.sqrt(1 + sigma**2)
         n = len(state) // (self.D + 1)
@@ -115,6 +121,17 @@ class ProbabilityFlow:
     @property
     def device(self):
         return self.param.device if self.param is not None else torch.device("cpu")
+
+
+class OverBudget(Exception):
+    """The ODE solver spent its budget of network evaluations on one batch."""
+
+
+class StiffFlow(ValueError):
+    """nll's refusal of a flow the solver could not finish within its budget."""
+
+
+MAX_EVALS = 20_000  # network evaluations per batch; the named datasets' trained models need a few hundred
 
 
 def points(x):
@@ -150,12 +167,27 @@ def start_log_prob(net, y, x_T, ab_T):
     return start.log_prob(x_T)
 
 
-def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probes=1, batch_size=1000, seed=0):
+def nll(
+    model,
+    scheduler,
+    x,
+    y=None,
+    rtol=1e-5,
+    atol=1e-5,
+    exact_div=None,
+    probes=1,
+    batch_size=1000,
+    seed=0,
+    max_evals=MAX_EVALS,
+    progress=None,
+):
     """-log p(x) (N,) in nats per point, in data units, of the model's probability-flow ODE (module docstring).
 
-    model(z, t) or model(z, t, y) -> eps in model space; x (N, D) points in data units; y: (N,) class labels,
-    (N, C) numbers, or None. exact_div=None: exact divergence when D <= 8, else Hutchinson with `probes` draws from
-    `seed`.
+    model(z, t) or model(z, t, y) -> the network's output in model space; x (N, D) points in data units; y: (N,)
+    class labels, (N, C) numbers, or None. exact_div=None: exact divergence when D <= 8, else Hutchinson with
+    `probes` draws from `seed`. A batch that needs more than max_evals network evaluations (a stiff flow: a model
+    far from trained, or diverging) stops with a ValueError naming its points. progress(done, total): called as the
+    solve goes, done and total in points, fractions of a batch included.
     """
     x, D = points(x)
     exact_div = D <= EXACT_DIV_MAX_D if exact_div is None else exact_div
@@ -167,16 +199,29 @@ def nll(model, scheduler, x, y=None, rtol=1e-5, atol=1e-5, exact_div=None, probe
     f = ProbabilityFlow(model, scheduler, D, exact_div)
     s_span = (f.log_sigma[0], f.log_sigma[-1])
     out = []
-    for xb, yb in batches(x, y, batch_size):
-        n = len(xb)
+    f.max_evals = max_evals
+    for i, (xb, yb) in enumerate(batches(x, y, batch_size)):
+        n, f.evals = len(xb), 0
+        if progress is not None:  # the share of this batch's span of log sigma_bar already integrated
+            f.progress = lambda s, i=i, n=n: progress(
+                i * batch_size + n * (s - s_span[0]) / (s_span[1] - s_span[0]), len(x)
+            )
         f.y = None if yb is None else torch.as_tensor(yb, device=f.device)
         f.noise = [
             (torch.randint(0, 2, (n, D), generator=generator) * 2 - 1).float().to(f.device) for _ in range(probes)
         ]
         z = (xb - shift) / scale
-        sol = solve_ivp(
-            f, s_span, np.concatenate([z.numpy().ravel(), np.zeros(n)]), method="RK45", rtol=rtol, atol=atol
-        )
+        try:
+            sol = solve_ivp(
+                f, s_span, np.concatenate([z.numpy().ravel(), np.zeros(n)]), method="RK45", rtol=rtol, atol=atol
+            )
+        except OverBudget:
+            first = i * batch_size
+            raise StiffFlow(
+                f"the probability-flow ODE took more than {max_evals:,} network evaluations for points {first}.."
+                f"{first + n - 1} without finishing (a trained model needs a few hundred): the model's flow is stiff "
+                "there, as an untrained or diverging model's is; score it after more training, or fewer points"
+            ) from None
         if not sol.success:
             raise RuntimeError(f"the probability-flow ODE solver failed ({sol.message}); try a looser rtol/atol")
         end = torch.from_numpy(sol.y[:, -1])

@@ -557,6 +557,7 @@ BEFORE_FLAG = dict(
     p_uncond=0.1,
     holdout=0.1,
     prediction_type="epsilon",
+    loss_weighting="target",
     dequantize=False,
 )
 

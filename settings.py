@@ -117,6 +117,16 @@ FLAGS = [
         ),
     ),
     (
+        "loss_weighting",
+        Preset("target", "target"),
+        True,
+        dict(
+            choices=td.LOSS_WEIGHTINGS,
+            help="target: the MSE of what the network predicts; epsilon: the MSE of the noise it implies (with "
+            "--beta_schedule logsnr and uniform t, the variational bound's weighting)",
+        ),
+    ),
+    (
         "prior",
         Preset("data", "standard"),
         True,

@@ -641,10 +641,20 @@ def sample_timesteps(n, T, low_t=2, low_frac=0.25, generator=None, device=None):
     return t
 
 
-def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, drop=None, generator=None):
-    """L_simple (Ho et al. eq. 14): MSE between the network's output and scheduler.get_target (the noise, v or x_0) for
-    x0 (B, D) in data units; t ~ U{0..T-1}, noise ~ N(0, I) unless given. With conditions y a row gets the null
-    condition with probability p_uncond (or where drop is True): both halves of guidance."""
+LOSS_WEIGHTINGS = ("target", "epsilon")
+
+
+def ddpm_loss(
+    model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, drop=None, generator=None, weighting="target"
+):
+    """L_simple (Ho et al. eq. 14) for x0 (B, D) in data units; t ~ U{0..T-1}, noise ~ N(0, I) unless given.
+    weighting "target": the MSE between the network's output and scheduler.get_target (the noise, v or x_0);
+    "epsilon": the MSE between the noise the output implies (scheduler.convert) and the noise, whatever the network
+    predicts: on the logsnr schedule, with t uniform, that is the variational bound's weighting (Kingma et al. 2021,
+    eq. 17, whose weight d lambda / dt is then constant); for v it is the "target" MSE times alpha_t^2.
+    With conditions y a row gets the null condition with probability p_uncond (or where drop is True): both halves
+    of guidance."""
+    require((weighting not in LOSS_WEIGHTINGS, f"unknown weighting {weighting!r}; use target or epsilon"))
     net = unwrap(model)
     if isinstance(net, Denoiser):
         require(
@@ -666,11 +676,14 @@ def ddpm_loss(model, scheduler, x0, t=None, noise=None, y=None, p_uncond=0.1, dr
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     noise = as_tensor(noise, "noise").to(x0)
-    x_t, target = scheduler.add_noise(x0, noise, t), scheduler.get_target(x0, noise, t)
-    if y is None:
-        return F.mse_loss(model(x_t, t), target)
-    drop = torch.rand(len(x0), device=x0.device, generator=generator) < p_uncond if drop is None else drop
-    return F.mse_loss(model(x_t, t, y, drop), target)
+    x_t = scheduler.add_noise(x0, noise, t)
+    if y is not None and drop is None:
+        drop = torch.rand(len(x0), device=x0.device, generator=generator) < p_uncond
+    out = model(x_t, t) if y is None else model(x_t, t, y, drop)
+    if weighting == "epsilon":
+        alpha, sigma = scheduler.sqrt_alphas_cumprod[t, None], scheduler.sqrt_one_minus_alphas_cumprod[t, None]
+        return F.mse_loss(scheduler.convert(out, x_t, alpha, sigma)[1], noise)
+    return F.mse_loss(out, scheduler.get_target(x0, noise, t))
 
 
 # -----------------------------------------------------------------------------

@@ -458,7 +458,9 @@ class Run:
                 (torch.rand(len(x0), generator=self.gen, device=self.device) < a.p_uncond)[share],
             )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
-            loss = td.ddpm_loss(self.net, self.scheduler, x0[share], t[share], noise[share], y=y, drop=drop)
+            loss = td.ddpm_loss(
+                self.net, self.scheduler, x0[share], t[share], noise[share], y, drop=drop, weighting=a.loss_weighting
+            )
         if self.world == 1:
             return loss
         # this share's part of the batch mean; DDP averages gradients over processes, hence * world

@@ -199,3 +199,16 @@ def test_a_trained_model_nll_is_above_the_data_entropy():
     H, se_H = datasets.entropy_bits("ring8")
     se = math.hypot(result["nll_bits_se"], se_H)
     assert H - 3 * se <= result["nll_bits"] <= H + 1, (result, H)
+
+
+def test_a_stiff_flow_stops_at_its_budget_naming_the_points_and_progress_is_reported():
+    """Reference: the solver's own count of right-hand-side calls. A flow that needs more network evaluations than
+    max_evals stops with one sentence; progress reaches every point."""
+    scheduler = tinydiff.NoiseScheduler(100)
+    model = GaussianEps(scheduler, MU, SIGMA)
+    z = np.random.default_rng(2).multivariate_normal(MU, SIGMA, 30)
+    seen = []
+    likelihood.nll(model, scheduler, z, batch_size=20, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][1] == 30 and max(d for d, _ in seen) == pytest.approx(30, abs=1e-6) and min(d for d, _ in seen) == 0
+    with pytest.raises(likelihood.StiffFlow, match=r"more than 10 network evaluations for points 0..19"):
+        likelihood.nll(model, scheduler, z, batch_size=20, max_evals=10)

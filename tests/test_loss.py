@@ -147,3 +147,25 @@ def test_sample_timesteps_draws_the_stated_mixture(low_t, low_frac):
     p = (1 - low_frac) / T + low_frac / low_t * (np.arange(T) < low_t)
     assert len(counts) == T and counts.sum() == n
     assert scipy.stats.chisquare(counts, n * p).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("kind", td.PREDICTION_TYPES)
+def test_the_epsilon_weighting_is_the_mse_of_the_implied_noise(kind):
+    """Reference, in closed form: eps_hat - eps = alpha (v_hat - v) for v, -(alpha / sigma)(x0_hat - x0) for x_0, so the
+    epsilon weighting is the target MSE weighted per row by alpha^2, (alpha / sigma)^2, or 1."""
+    torch.manual_seed(0)
+    s = td.NoiseScheduler(beta_schedule="logsnr", prediction_type=kind)
+    model = td.Denoiser(td.DenoiserConfig()).eval()
+    x0 = torch.randn(64, 2)
+    model.set_data_stats(x0, standardize=False, moments=False)
+    t, noise = torch.arange(0, 64) + 18, torch.randn(64, 2)
+    out = model(s.add_noise(x0, noise, t), t)
+    alpha, sigma = s.sqrt_alphas_cumprod[t, None], s.sqrt_one_minus_alphas_cumprod[t, None]
+    w = {"epsilon": torch.ones_like(alpha), "v_prediction": alpha**2, "sample": (alpha / sigma) ** 2}[kind]
+    want = (w * (out - s.get_target(x0, noise, t)) ** 2).mean()
+    got = td.ddpm_loss(model, s, x0, t, noise, weighting="epsilon")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if kind == "epsilon":
+        torch.testing.assert_close(td.ddpm_loss(model, s, x0, t, noise), got)
+    with pytest.raises(ValueError, match="unknown weighting 'elbo'"):
+        td.ddpm_loss(model, s, x0, t, noise, weighting="elbo")

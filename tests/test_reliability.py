@@ -394,6 +394,8 @@ BAD_FLAGS = [
     ("bench.py", ["--batch_size", "1000000000000"], "--batch_size 1000000000000 needs about"),
     ("bench.py", ["--device", "cuda:7"], "CUDA device"),
     ("bench.py", ["--json", "/no/such/folder/bench.json"], "its folder does not exist"),
+    ("bench.py", ["--json", "/tmp"], "is a folder; give a file path in it"),
+    ("bench.py", ["--only"], "--only names no backbone"),
     ("sweep.py", ["--collect", "--costs", "/no/such/bench.json"], "is not a `bench.py --json` file"),
 ]
 
