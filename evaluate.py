@@ -333,6 +333,11 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
             f" out {runs.MIN_HELDOUT}); train on it with --holdout 0.1 and enough points"
         )
     x, y = heldout_points(dataset, data, n)
+    if len(x) < n:
+        print(
+            f"note: --nll {n} asks for more points than the {len(x)} held out; the NLL scores those {len(x)}",
+            file=sys.stderr,
+        )
     y_t = None if y is None else torch.as_tensor(y, dtype=torch.long if data.kind == "labels" else torch.float64)
     t0 = time.perf_counter()
     nats = likelihood.nll(model.to(device), scheduler.to(device), x, y=y_t, progress=progress_lines("NLL"))
@@ -363,6 +368,11 @@ def score(model, scheduler, data, dataset, n, device, seed=0, guidance=1.0, nll=
     samples, seconds = timed_sample(model, scheduler, n, device, seed, y=cond, guidance=guidance, **sampler)
     metrics, samples, cond = score_points(data, dataset, ref, floor, samples, cond)
     metrics.update(inference_s=seconds, eval_loss=eval_loss(model, scheduler, *heldout_points(dataset, data), device))
+    if nll and guidance != 1:
+        metrics["warnings"] = metrics.get("warnings", []) + [
+            f"the NLL and the exact KL score the conditional model (w = 1): guidance at w = {guidance:g} mixes two "
+            "flows and has no density of its own"
+        ]
     if nll and discrete_warning(data, dataset) is None:
         import likelihood
 
@@ -577,6 +587,10 @@ def run(args):
     torch.set_num_threads(1)  # fastest for this model size on small CPUs; see README
     metrics = {}
     if args.samples:
+        if args.nll:
+            raise ValueError(
+                "--nll scores a checkpoint's model, and --samples holds points only; give --out_dir instead"
+            )
         if not os.path.isfile(args.samples):
             raise ValueError(
                 f"no samples file at {runs.quote(args.samples)}; write one with `python sample.py --out_dir out/<run>`"
@@ -611,13 +625,8 @@ def run(args):
                 " score it against the data it was trained on (leave out --dataset)"
             )
         runs.check_guidance(args.guidance, model.conditional, a.get("p_uncond"))
-        if ckpt["step"] < ckpt["args"]["train_steps"]:  # a stopped run: its numbers describe a model in training
-            metrics["unfinished"] = f"step {ckpt['step']} of {ckpt['args']['train_steps']}"
-            print(
-                f"note: this run stopped at step {ckpt['step']} of {ckpt['args']['train_steps']}; it scores the model "
-                "as it was then",
-                file=sys.stderr,
-            )
+        if note := runs.unfinished(ckpt, "scores"):
+            metrics["unfinished"] = note
         model.eval()
         _, _, scored = score(
             model,

@@ -591,6 +591,15 @@ def load_checkpoint(path):
     return ckpt
 
 
+def unfinished(ckpt, does="scores"):
+    """A stopped run's note (None for a finished one): its numbers describe a model still in training."""
+    step, total = ckpt["step"], ckpt["args"]["train_steps"]
+    if step >= total:
+        return None
+    print(f"note: this run stopped at step {step} of {total}; this {does} the model as it was then", file=sys.stderr)
+    return f"step {step} of {total}"
+
+
 def model_from_checkpoint(ckpt, key="ema"):
     """The Denoiser (with its EMA weights, or key="model" for the raw ones) and NoiseScheduler a checkpoint
     describes."""

@@ -115,6 +115,7 @@ def main(argv=None):
         ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
         ckpt = runs.load_checkpoint(ckpt_path)
         model, scheduler = runs.model_from_checkpoint(ckpt, key="model" if args.raw else "ema")
+        runs.unfinished(ckpt, "draws from")
         steps = runs.sampler_steps(args.sampler, args.sample_steps, scheduler.num_train_timesteps)
         frames = steps + 1 if args.gif else 1
         runs.check_flag_memory(

@@ -217,3 +217,14 @@ def test_guidance_without_a_trained_unconditional_half_is_refused_everywhere(tmp
     train(*flags, "--train_steps", 5, "--out_dir", out)
     for script in ("sample.py", "evaluate.py"):
         assert "--p_uncond 0 never trains" in refused(script, "--out_dir", out, "--guidance", 0)
+
+
+def test_evaluate_refuses_nll_for_samples_and_says_a_guided_nll_is_the_conditional_models(tmp_path):
+    """--samples holds points, not a model: --nll is refused. At w != 1 the NLL is w = 1's, and a warning says so."""
+    out = tmp_path / "run"
+    train("--dataset", "moons", "--conditional", "--train_steps", 5, "--out_dir", out)
+    assert "--nll scores a checkpoint's model" in refused(
+        "evaluate.py", "--samples", out / "samples.npy", "--dataset", "moons", "--nll", 10
+    )
+    p = run_here("evaluate.py", "--out_dir", out, "--n", 200, "--guidance", 3, "--nll", 20, "--json")
+    assert p.returncode == 0 and "score the conditional model (w = 1)" in p.stderr, p.stderr

@@ -143,6 +143,15 @@ def test_evaluate_says_when_a_run_is_unfinished(tmp_path):
     e = run("evaluate.py", "--out_dir", out, "--n", 100, "--json")
     assert e.returncode == 0 and "stopped at step" in e.stderr
     assert json.loads(e.stdout)["unfinished"].endswith("of 100000")
+    d = run("sample.py", "--out_dir", out, "--n", 20, "--sampler", "ddim", "--sample_steps", 2)
+    assert d.returncode == 0 and "stopped at step" in d.stderr and "this draws from the model" in d.stderr
+    np.savetxt(tmp_path / "pts.csv", np.random.default_rng(3).normal(size=(300, 2)), delimiter=",")
+    assert (
+        run("train.py", "--dataset", tmp_path / "pts.csv", "--train_steps", 3, *TINY, "--out_dir", out / "f").returncode
+        == 0
+    )
+    n = run("evaluate.py", "--out_dir", out / "f", "--n", 100, "--nll", 50, "--json")  # 30 rows are held out
+    assert json.loads(n.stdout)["nll_points"] == 30 and "--nll 50 asks for more points than the 30 held out" in n.stderr
 
 
 def test_a_closed_stdout_does_not_stop_training(tmp_path):
