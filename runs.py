@@ -96,7 +96,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def given_flags(argv):
     """The flags written on the command line (abbreviations are off, so the tokens are exact)."""
-    return {tok[2:].split("=")[0] for tok in argv if tok.startswith("--")}
+    return {RENAMED.get(k, k) for k in (tok[2:].split("=")[0] for tok in argv if tok.startswith("--"))}
 
 
 class QuietStdout:
@@ -549,6 +549,8 @@ def save_checkpoint(state, path):
     atomic_write(path, write)
 
 
+RENAMED = {"eval_batch_size": "n"}  # a setting's earlier name in a checkpoint -> its name now
+
 # what a run did for a setting before its flag existed: a run recorded without the key is read with this value
 BEFORE_FLAG = dict(
     label_column=None,
@@ -587,7 +589,8 @@ def load_checkpoint(path):
             f"{quote(path)} lacks parts of a tinydiff checkpoint ({', '.join(missing)}); use a ckpt.pt written by "
             "train.py"
         )
-    ckpt["args"] = {**BEFORE_FLAG, **ckpt["args"]}
+    saved = {RENAMED.get(k, k): v for k, v in ckpt["args"].items()}
+    ckpt["args"] = {**BEFORE_FLAG, **saved}
     return ckpt
 
 

@@ -212,7 +212,7 @@ FLAGS = [
     ),
     ("overwrite", False, False, dict(action="store_true", help="replace the run already in --out_dir")),
     ("ckpt_interval", 1000, False, dict(type=int, help="save a checkpoint every this many steps")),
-    ("eval_batch_size", 10_000, False, dict(type=int, help="samples drawn for the final evaluation")),
+    ("n", 10_000, False, dict(type=int, help="samples drawn for the final evaluation, as sample.py's --n")),
     ("sampler", "ddpm", False, dict(choices=td.SAMPLERS, help="sampler for the final evaluation")),
     (
         "sample_steps",
@@ -248,13 +248,16 @@ RESUME_FREE = ("threads", "train_steps")  # run settings that --resume lets a us
 KEPT = (
     "eval_interval",
     "ckpt_interval",
-    "eval_batch_size",
+    "n",
     "sampler",
     "sample_steps",
     "log_interval",
     "guidance",
     "nll",
 )  # resumed unless given
+
+
+ALIASES = {"n": ("eval_batch_size",)}  # earlier names a flag is still read by; checkpoints: runs.RENAMED
 
 
 def get_parser(p=None, skip=()):
@@ -270,7 +273,7 @@ def get_parser(p=None, skip=()):
             default = None
         elif "action" not in kw:
             kw = dict(kw, help=f"{kw['help']} (default: {default})")
-        p.add_argument(f"--{name}", default=default, **kw)
+        p.add_argument(f"--{name}", *(f"--{a}" for a in ALIASES.get(name, ())), dest=name, default=default, **kw)
     return p
 
 
@@ -300,7 +303,7 @@ def check_flags(args):
     for name in (
         "train_steps",
         "batch_size",
-        "eval_batch_size",
+        "n",
         "log_interval",
         "ckpt_interval",
         "heads",
@@ -312,10 +315,8 @@ def check_flags(args):
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.sample_steps is not None and args.sample_steps < 1:
         fail(f"--sample_steps must be a positive integer, got {args.sample_steps}")
-    if args.eval_batch_size <= evaluate.KNN_K:
-        fail(
-            f"--eval_batch_size must be more than {evaluate.KNN_K} (the kNN estimator's k), got {args.eval_batch_size}"
-        )
+    if args.n <= evaluate.KNN_K:
+        fail(f"--n must be more than {evaluate.KNN_K} (the kNN estimator's k), got {args.n}")
     for name in ("eval_interval", "attn_layers", "ssm_layers", "warmup_steps", "ema_warmup", "low_t"):
         if getattr(args, name) < 0:
             fail(f"--{name} must be 0 or more, got {getattr(args, name)}")

@@ -68,9 +68,7 @@ def check_data(args, data_file, device):
             args.batch_size * runs.activation_bytes_per_row(model, td.NoiseScheduler(**sched_cfg), X),
             device,
         )
-        runs.check_flag_memory(
-            "--eval_batch_size", args.eval_batch_size, args.eval_batch_size * X.shape[1] * 64, device
-        )
+        runs.check_flag_memory("--n", args.n, args.n * X.shape[1] * 64, device)
     except ValueError as e:
         fail(str(e))
     if len(X) <= evaluate.KNN_K:
@@ -581,7 +579,7 @@ def final_eval(run, names):
         run.scheduler,
         data,
         args.dataset,
-        args.eval_batch_size,
+        args.n,
         device,
         guidance=args.guidance,
         nll=args.nll,
@@ -635,7 +633,7 @@ def final_eval(run, names):
     )  # last: it marks the run finished
     print(f"\n{title} · {n_params:,} params · {args.train_steps} steps · batch {args.batch_size}")
     print(f"training time   {run.train_time:8.1f} s   ({metrics['ms_per_step']:.2f} ms/step)")
-    print(f"inference time  {metrics['inference_s']:8.2f} s   ({args.eval_batch_size} samples, {args.sampler})")
+    print(f"inference time  {metrics['inference_s']:8.2f} s   ({args.n} samples, {args.sampler})")
     print(evaluate.format_table({k: v for k, v in metrics.items() if k != "inference_s"}))
     for w in metrics.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)

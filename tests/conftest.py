@@ -103,7 +103,7 @@ def run(script, *args, check=True):
 
 
 # a short moons run's flags: the trained fixture's, and test_scripts' run on the same points moved and scaled
-TRAINED = ["--train_steps", 600, "--batch_size", 256, "--lr", "1e-3", "--eval_batch_size", 2000, "--log_interval", 500]
+TRAINED = ["--train_steps", 600, "--batch_size", 256, "--lr", "1e-3", "--n", 2000, "--log_interval", 500]
 
 
 @pytest.fixture(scope="module")

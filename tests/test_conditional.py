@@ -12,7 +12,7 @@ import datasets
 import evaluate
 import runs
 
-FAST = ["--batch_size", 128, "--eval_batch_size", 1000, "--log_interval", 1000, "--hidden", 128]
+FAST = ["--batch_size", 128, "--n", 1000, "--log_interval", 1000, "--hidden", 128]
 
 
 def train(*args):
@@ -146,7 +146,7 @@ def test_held_out_points_never_reach_the_model_and_a_fresh_split_scores_near_zer
     assert rows(ref) == rows(data.held) and rows(floor) <= rows(data.points) and len(floor) == 10_000
     assert abs(evaluate.knn_kl(ref, floor)) < 0.05  # the same distribution: the floor is near 0
     out = tmp_path / "run"
-    train("--dataset", tmp_path / "g.npy", "--train_steps", 5, "--out_dir", out, "--eval_batch_size", 200)
+    train("--dataset", tmp_path / "g.npy", "--train_steps", 5, "--out_dir", out, "--n", 200)
     import torch
 
     shift = torch.load(out / "ckpt.pt", weights_only=True)["ema"]["data_map.shift"].double().numpy()
@@ -156,9 +156,7 @@ def test_held_out_points_never_reach_the_model_and_a_fresh_split_scores_near_zer
 
 def test_a_small_file_holds_nothing_out_and_says_so(tmp_path):
     np.save(tmp_path / "s.npy", np.random.default_rng(4).normal(size=(100, 2)))
-    p = train(
-        "--dataset", tmp_path / "s.npy", "--train_steps", 5, "--out_dir", tmp_path / "run", "--eval_batch_size", 100
-    )
+    p = train("--dataset", tmp_path / "s.npy", "--train_steps", 5, "--out_dir", tmp_path / "run", "--n", 100)
     assert "too few to hold out" in p.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["holdout"] == 0 and m.get("knn_kl_floor") is None and "dcr_ratio" not in m

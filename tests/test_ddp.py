@@ -14,7 +14,7 @@ import runs
 import tinydiff as td
 
 PY = sys.executable
-ARGS = ["--dataset", "moons", "--batch_size", "64", "--eval_batch_size", "200", "--log_interval", "10"]
+ARGS = ["--dataset", "moons", "--batch_size", "64", "--n", "200", "--log_interval", "10"]
 
 
 def torchrun(*args, wait=True):
@@ -101,7 +101,7 @@ def test_stop_and_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path):
         "step"
     ]  # the only checkpoint is the stop's (--ckpt_interval 1000)
     assert 20 <= step < 400 and step == said
-    torchrun("--out_dir", tmp_path / "cut", "--resume", "--eval_batch_size", 200)
+    torchrun("--out_dir", tmp_path / "cut", "--resume", "--n", 200)
     for key in ("model", "ema"):
         a, b = weights(tmp_path / "whole", key), weights(tmp_path / "cut", key)
         assert all(torch.equal(a[k], b[k]) for k in a), key

@@ -38,7 +38,7 @@ def test_points_a_billion_spreads_from_the_origin_train_as_the_centred_points(tm
                 "--train_steps",
                 300,
                 *TINY,
-                "--eval_batch_size",
+                "--n",
                 1000,
                 "--out_dir",
                 out,

@@ -18,7 +18,7 @@ import runs
 import settings
 
 PY = sys.executable
-TINY = ["--batch_size", "32", "--eval_batch_size", "200", "--log_interval", "10"]
+TINY = ["--batch_size", "32", "--n", "200", "--log_interval", "10"]
 
 
 run = run_here  # a script's main() in this process; run_process when the process itself is tested
@@ -244,7 +244,7 @@ def test_resume_takes_the_runs_settings_refuses_contradictions_and_extends(tmp_p
     msg = one_line(run("train.py", "--out_dir", out, "--resume", "--train_steps", 40, "--lr", "1e-3"))
     assert "--lr 0.001 differs from this run's 0.0005" in msg
     (out / "samples-ddpm100.npy").write_bytes(b"drawn by sample.py from the 30-step model")
-    p = run("train.py", "--out_dir", out, "--resume", "--train_steps", 40, "--eval_batch_size", 200)
+    p = run("train.py", "--out_dir", out, "--resume", "--train_steps", 40, "--n", 200)
     assert p.returncode == 0, p.stderr
     assert "samples-ddpm100.npy in" in p.stdout and "were drawn at step 30; rerun sample.py" in p.stdout
     assert (out / "samples-ddpm100.npy").exists()  # kept: only the user knows whether it is still wanted
@@ -376,7 +376,7 @@ BAD_FLAGS = [
     ("train.py", ["--num_timesteps", "10", "--sample_steps", "20"], "--sample_steps must be in 1..10"),
     ("train.py", ["--hidden", "1000000"], "--hidden 1000000 needs about"),
     ("train.py", ["--batch_size", "100000000"], "--batch_size 100000000 needs about"),
-    ("train.py", ["--eval_batch_size", "1000000000"], "--eval_batch_size 1000000000 needs about"),
+    ("train.py", ["--n", "1000000000"], "--n 1000000000 needs about"),
     ("train.py", ["--resume", "--overwrite"], "give one of them"),
     ("train.py", ["--lr"], "expected one argument"),
     ("sweep.py", ["--jobs", "-2"], "--jobs must be a positive integer"),

@@ -19,7 +19,7 @@ import settings
 import tinydiff as td
 
 PY = sys.executable
-FAST = ["--batch_size", "64", "--eval_batch_size", "500", "--log_interval", "100"]
+FAST = ["--batch_size", "64", "--n", "500", "--log_interval", "100"]
 
 
 def test_train_writes_every_output_and_beats_noise(trained):
@@ -125,7 +125,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, extra):
     proc.wait()
     step = runs.load_checkpoint(str(killed / "ckpt.pt"))["step"]
     assert 100 <= step < steps, step  # killed mid-run, after at least one checkpoint
-    p = run("train.py", "--out_dir", killed, "--resume", "--log_interval", 100, "--eval_batch_size", 500)
+    p = run("train.py", "--out_dir", killed, "--resume", "--log_interval", 100, "--n", 500)
     assert f"resuming {killed / 'ckpt.pt'} at step {step}" in p.stdout
     a, b = final_weights(tmp_path / "whole"), final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)

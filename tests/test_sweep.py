@@ -57,7 +57,7 @@ def test_the_sweep_refuses_flags_that_would_change_its_configurations(tmp_path):
 
 
 def test_a_sweep_refuses_to_mix_runs_made_with_other_settings(tmp_path):
-    flags = ["--batch_size", 64, "--eval_batch_size", 100]
+    flags = ["--batch_size", 64, "--n", 100]
     run(
         "train.py",
         "--dataset",
@@ -125,7 +125,7 @@ def test_the_sweep_prints_runs_for_a_cluster_and_collects_them(tmp_path):
         1,
         "--batch_size",
         16,
-        "--eval_batch_size",
+        "--n",
         50,
         "--out_dir",
         root,
@@ -152,7 +152,7 @@ def test_the_sweep_prints_runs_for_a_cluster_and_collects_them(tmp_path):
         1,
         "--batch_size",
         16,
-        "--eval_batch_size",
+        "--n",
         50,
         "--out_dir",
         root,
@@ -167,7 +167,7 @@ def test_the_sweep_prints_runs_for_a_cluster_and_collects_them(tmp_path):
         1,
         "--batch_size",
         16,
-        "--eval_batch_size",
+        "--n",
         50,
         "--out_dir",
         root,
@@ -257,7 +257,7 @@ def test_collect_tables_only_the_grids_runs_and_survives_any_metrics_json(tmp_pa
                 1,
                 "--batch_size",
                 32,
-                "--eval_batch_size",
+                "--n",
                 200,
                 "--out_dir",
                 root,
