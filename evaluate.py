@@ -359,13 +359,13 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
     return out
 
 
-def score(model, scheduler, data, dataset, n, device, seed=0, guidance=1.0, nll=0, **sampler):
+def score(model, scheduler, data, dataset, n, device, seed=0, guidance=1.0, nll=0, **sampling):
     """Sample n points from a model (with conditions as sample_conditions draws them) and score them: the KL
     metrics with floors, per class for labels, memorisation, eval loss, and (nll > 0) the likelihood.
     Returns (samples, their conditions, metrics)."""
     ref, floor = references(data, dataset, n)
     cond = sample_conditions(model, data, ref[1], n, seed)
-    samples, seconds = timed_sample(model, scheduler, n, device, seed, y=cond, guidance=guidance, **sampler)
+    samples, seconds = timed_sample(model, scheduler, n, device, seed, y=cond, guidance=guidance, **sampling)
     metrics, samples, cond = score_points(data, dataset, ref, floor, samples, cond)
     metrics.update(inference_s=seconds, eval_loss=eval_loss(model, scheduler, *heldout_points(dataset, data), device))
     if nll and guidance != 1:

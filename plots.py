@@ -18,7 +18,7 @@ def save(fig, path, rect=None):
     pyplot().close(fig)
 
 
-def frame(ax, lo, hi, i, j, names=None):
+def frame(ax, lo, hi, i, j, axis_names=None):
     """Panel (i, j) of points in the box [lo, hi]: the same scale on both axes unless the coordinates' ranges differ
     more than 4-fold (other units: then the panel is filled), and the axes named (parse_math=False: a header field
     such as "$x_1" is a name, not TeX)."""
@@ -26,9 +26,9 @@ def frame(ax, lo, hi, i, j, names=None):
     ax.set_ylim(lo[j], hi[j])
     wi, wj = hi[i] - lo[i], hi[j] - lo[j]
     ax.set_aspect("equal" if max(wi, wj) < 4 * min(wi, wj) else "auto")
-    if names is not None:
-        ax.set_xlabel(names[i], parse_math=False)
-        ax.set_ylabel(names[j], parse_math=False)
+    if axis_names is not None:
+        ax.set_xlabel(axis_names[i], parse_math=False)
+        ax.set_ylabel(axis_names[j], parse_math=False)
 
 
 def pyplot():
@@ -46,17 +46,17 @@ def plot_pairs(D):
     return list(itertools.combinations(range(D), 2)) if D <= 5 else [(i, i + 1) for i in range(min(D - 1, 12))]
 
 
-def plot_samples(data, samples, path, title="", names=None, data_labels=None, sample_labels=None, classes=None):
+def plot_samples(data, samples, path, title="", axis_names=None, data_labels=None, sample_labels=None, classes=None):
     """Data (left) and samples (right) on the same axes (grid_box of the data). D > 2: one such pair of
     panels per coordinate pair (plot_pairs), two pairs to a row from four pairs on; D = 1: histograms.
-    data=None: the samples alone. names: the coordinates' axis labels (datasets.column_names); without
+    data=None: the samples alone. axis_names: the coordinates' names (datasets.column_names); without
     them x1, x2, ... from D = 3 on. data_labels / sample_labels (ints indexing classes): points coloured by class."""
     plt = pyplot()
 
     D = samples.shape[1]
-    if names is not None and len(names) != D:
-        raise ValueError(f"names has {len(names)} entries for {D}-D points; give one name per coordinate")
-    labels = names or [f"x{i + 1}" for i in range(D)]
+    if axis_names is not None and len(axis_names) != D:
+        raise ValueError(f"axis_names has {len(axis_names)} entries for {D}-D points; give one name per coordinate")
+    labels = axis_names or [f"x{i + 1}" for i in range(D)]
     lo, hi = grid_box(samples if data is None else data)
     pairs = plot_pairs(D) if D > 1 else [(0, 0)]
     per_row = 1 if len(pairs) <= 3 else 2
@@ -86,8 +86,8 @@ def plot_samples(data, samples, path, title="", names=None, data_labels=None, sa
                     linewidths=0,
                     **({} if c is None else dict(c=c, cmap=cmap, vmin=0, vmax=cmap.N - 1)),
                 )
-                frame(ax, lo, hi, i, j, labels if names or D > 2 else None)
-            if D == 1 and names:
+                frame(ax, lo, hi, i, j, labels if axis_names or D > 2 else None)
+            if D == 1 and axis_names:
                 ax.set_xlabel(labels[0], parse_math=False)
             if k < per_row:
                 ax.set_title(name)

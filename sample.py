@@ -173,7 +173,7 @@ def main(argv=None):
             file=sys.stderr,
         )
     dataset = runs.run_dataset(ckpt)
-    data, names, data_labels = run_data(ckpt, dataset, samples.shape[1])
+    data, axis_names, data_labels = run_data(ckpt, dataset, samples.shape[1])
     write = lambda path, fn: runs.write_or_fail(path, fn)
     write(stem + ".npy", lambda f: np.save(f, samples))
     wrote = [stem + ".npy", stem + ".png"]
@@ -187,7 +187,7 @@ def main(argv=None):
         + (f" · w={args.guidance:g}" if args.guidance != 1 else "")
         + (f" · {args.cond}" if args.cond else "")
     )
-    write(stem + ".png", lambda f: plots.plot_samples(data, samples, f, title, names, **colours))
+    write(stem + ".png", lambda f: plots.plot_samples(data, samples, f, title, axis_names, **colours))
     if args.gif:
         write(stem + ".gif", lambda f: save_gif(out, f, evaluate.grid_box(samples if data is None else data)))
         wrote.append(stem + ".gif")

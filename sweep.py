@@ -31,10 +31,10 @@ import plots
 import runs
 import settings  # train.py's flag table: the parser, the presets and the run keys
 
-CONFIGS = {
+CONFIG_FLAGS = {
     name: [a for k, v in kw.items() for a in (f"--{k}", str(v))] for name, kw in runs.CONFIGS.items()
 }  # as train.py flags
-DATASETS = ["circle", "dino", "line", "moons"]
+GRID_DATASETS = ["circle", "dino", "line", "moons"]
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paper")  # the committed paper grid
 GRID_FLAGS = (
     "dataset",
@@ -88,7 +88,8 @@ def passed_on(args):
 
 
 def run_dirs(root, seeds):
-    return [(c, d, s, os.path.join(root, f"{d}-{c}-s{s}")) for c in CONFIGS for d in DATASETS for s in range(seeds)]
+    grid = [(c, d, s) for c in CONFIG_FLAGS for d in GRID_DATASETS for s in range(seeds)]
+    return [(c, d, s, os.path.join(root, f"{d}-{c}-s{s}")) for c, d, s in grid]
 
 
 def command(args, c, d, s, out):
@@ -98,7 +99,7 @@ def command(args, c, d, s, out):
         *passed_on(args),
         "--dataset",
         d,
-        *CONFIGS[c],
+        *CONFIG_FLAGS[c],
         "--seed",
         str(s),
         "--threads",
@@ -116,7 +117,7 @@ def check(args, root):
     for name in ("seeds", "jobs"):
         if getattr(args, name) < 1:
             runs.fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for c in CONFIGS:
+    for c in CONFIG_FLAGS:
         settings.check_flags(run_args(args, c, "moons", 0, root))
     settings.check_condition_flags(run_args(args, "base", "moons", 0, root))  # the same for every configuration
     for c, d, s, out in run_dirs(root, args.seeds):
@@ -203,8 +204,7 @@ def run_grid(args, root):
 
     t0 = time.time()
     print(
-        f"sweep: {len(todo)} of {len(CONFIGS) * len(DATASETS) * args.seeds} runs to go, {args.jobs} at a time, into "
-        f"{root}/",
+        f"sweep: {len(todo)} of {len(run_dirs(root, args.seeds))} runs to go, {args.jobs} at a time, into {root}/",
         flush=True,
     )
     threads = [threading.Thread(target=worker) for _ in range(min(args.jobs, len(todo)))]
@@ -366,17 +366,16 @@ def write_results(root, args, command="python sweep.py"):
     keep_more_results(root, sum(m is not None for m, _ in loaded.values()))
     # mean +- sample sd over seeds (just the value for a single seed)
     mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
-    fig, axes = plt.subplots(
-        len(DATASETS), len(CONFIGS), figsize=(2.2 * len(CONFIGS), 2.2 * len(DATASETS)), squeeze=False
-    )
-    for j, c in enumerate(CONFIGS):
+    n_data, n_configs = len(GRID_DATASETS), len(CONFIG_FLAGS)
+    fig, axes = plt.subplots(n_data, n_configs, figsize=(2.2 * n_configs, 2.2 * n_data), squeeze=False)
+    for j, c in enumerate(CONFIG_FLAGS):
         lines += [
             f"## {c}",
             "",
             "| dataset | n | " + " | ".join(h for _, h, _ in cols) + " | kNN floor | excess kNN KL | hist floor |",
             "|---" * (len(cols) + 5) + "|",
         ]
-        for i, d in enumerate(DATASETS):
+        for i, d in enumerate(GRID_DATASETS):
             found_runs = [loaded[c, d, s] for s in range(args.seeds)]
             ms = [m for m, _ in found_runs if m is not None]
             ax = axes[i, j]
@@ -407,17 +406,17 @@ def write_results(root, args, command="python sweep.py"):
                 ax.scatter(shown[0][:, 0], shown[0][:, 1], s=0.3, alpha=0.3, linewidths=0)
                 ax.text(-4.8, -4.8, f"{np.mean(excess):.2f}", fontsize=7)
         lines.append("")
-    total = len(CONFIGS) * len(DATASETS) * args.seeds
+    total = len(CONFIG_FLAGS) * len(GRID_DATASETS) * args.seeds
     summary = [
         f"Runs finished: {found} of {total}"
         + ("." if found == total else " (rerun the same command to finish the rest)."),
         "",
         "## Summary: excess kNN KL (bits), mean +- sample sd (n seeds)",
         "",
-        "| configuration | " + " | ".join(DATASETS) + " |",
-        "|---" * (len(DATASETS) + 1) + "|",
+        "| configuration | " + " | ".join(GRID_DATASETS) + " |",
+        "|---" * (len(GRID_DATASETS) + 1) + "|",
     ]
-    summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in DATASETS) + " |" for c in CONFIGS]
+    summary += [f"| {c} | " + " | ".join(cell.get((c, d), "-") for d in GRID_DATASETS) + " |" for c in CONFIG_FLAGS]
     lines[5:5] = summary + [""] + time_to_quality(root, args, loaded)
     fig.suptitle("the lowest finished seed's samples; corner: excess kNN KL (bits), the mean over seeds", fontsize=9)
     fig.tight_layout()
@@ -451,7 +450,7 @@ def reference_targets(args):
     depends on the sample count (circle's final DDPM-100 samples score 0.32 bits of excess at 10,000
     points and 0.17 at 2,000), so a curve is compared only with curves, never with Table 1 itself."""
     out = {}
-    for d in DATASETS:
+    for d in GRID_DATASETS:
         last = []
         for run in sorted(glob.glob(os.path.join(args.reference, f"{d}-base-s*[0-9]"))):  # every seed there
             m, _ = load_run(run)
@@ -475,8 +474,8 @@ def read_costs(path, args):
     try:
         with open(path) as f:
             bench = json.load(f)
-        missing = [c for c in CONFIGS if c not in bench["ms_per_step"]]
-        ms = {c: float(bench["ms_per_step"][c]) for c in CONFIGS if c not in missing}
+        missing = [c for c in CONFIG_FLAGS if c not in bench["ms_per_step"]]
+        ms = {c: float(bench["ms_per_step"][c]) for c in CONFIG_FLAGS if c not in missing}
         threads = f"{bench['threads']} thread{'s' if bench['threads'] > 1 else ''}"
         label = f"{bench['device']}, {threads}{', compiled' if bench.get('compile') else ''}"
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -521,7 +520,7 @@ def time_to_quality(root, args, loaded):
             file=sys.stderr,
         )
     plt = plots.pyplot()
-    fig, axes = plt.subplots(2, len(DATASETS), figsize=(3.6 * len(DATASETS), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(GRID_DATASETS), figsize=(3.6 * len(GRID_DATASETS), 6.4), squeeze=False)
     rows = [
         "## Time to the study's KL",
         "",
@@ -541,13 +540,13 @@ def time_to_quality(root, args, loaded):
         ),
         "",
         "| configuration | "
-        + " | ".join(f"{d} ({targets[d]:.3f})" if d in targets else f"{d} (no target)" for d in DATASETS)
+        + " | ".join(f"{d} ({targets[d]:.3f})" if d in targets else f"{d} (no target)" for d in GRID_DATASETS)
         + " |",
-        "|---" * (len(DATASETS) + 1) + "|",
+        "|---" * (len(GRID_DATASETS) + 1) + "|",
     ]
-    for c in CONFIGS:
+    for c in CONFIG_FLAGS:
         cells = []
-        for j, d in enumerate(DATASETS):
+        for j, d in enumerate(GRID_DATASETS):
             ms = found.get((c, d), [])
             same = [m["curve"] for m in ms if len(m["curve"]) == len(ms[0]["curve"])]
             if not same:
@@ -566,7 +565,7 @@ def time_to_quality(root, args, loaded):
             cells.append(f"{step[hit[0]]} ({secs[hit[0]]:.0f} s)" if len(hit) else "never")
         if any(cells):
             rows.append(f"| {c} | " + " | ".join(cells) + " |")
-    for j, d in enumerate(DATASETS):
+    for j, d in enumerate(GRID_DATASETS):
         axes[0, j].set_title(d)
         for i, xlabel in enumerate(("step", f"training seconds ({'bench ms/step' if costs else clock})")):
             ax = axes[i, j]

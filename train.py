@@ -569,7 +569,7 @@ def batch_mean(run, loss):
 # evaluation with the EMA weights: the study's columns, plus the floors of both KL metrics
 
 
-def final_eval(run, names):
+def final_eval(run, axis_names):
     args, out = run.args, lambda name: os.path.join(args.out_dir, name)
     model_ema, device, data = run.ema.module.eval(), run.device, run.data
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -621,7 +621,9 @@ def final_eval(run, names):
     labelled = dict(data_labels=data.cond, sample_labels=cond, classes=data.names) if data.kind == "labels" else {}
     runs.write_or_fail(
         out("samples.png"),
-        lambda f: plots.plot_samples(data.points, samples, f, plots.sample_title(title, metrics), names, **labelled),
+        lambda f: plots.plot_samples(
+            data.points, samples, f, plots.sample_title(title, metrics), axis_names, **labelled
+        ),
     )
     if data.kind == "labels":
         runs.write_or_fail(
@@ -685,7 +687,7 @@ def main(argv=None):
         print(
             "warning: --heads has no effect without --attn_layers (this run has no attention layers)", file=sys.stderr
         )
-    names = (
+    axis_names = (
         data.columns if data.kind else datasets.column_names(data_file, data.points.shape[1])
     )  # a text file's header, for the plot's axes
     data_path = (
@@ -722,7 +724,7 @@ def main(argv=None):
         if rank:
             return None
     try:
-        metrics = final_eval(run, names)
+        metrics = final_eval(run, axis_names)
     except KeyboardInterrupt as e:  # the last checkpoint holds the finished run: say how to evaluate it
         raise KeyboardInterrupt(
             *e.args[:1], f"evaluate it with: python train.py --out_dir {quote(args.out_dir)} --resume"

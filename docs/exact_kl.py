@@ -28,7 +28,7 @@ import datasets  # noqa: E402
 import runs  # noqa: E402
 import tinydiff as td  # noqa: E402
 
-CONFIGS = list(runs.CONFIGS)
+CONFIG_NAMES = list(runs.CONFIGS)
 
 
 def sigma_0(num_timesteps, beta_schedule):
@@ -80,7 +80,7 @@ def reproduction(rows, grid):
             gaps.setdefault((config, " / ".join(sorted({"compiled" if c else "eager" for c in compiled}))), []).append(
                 abs(m["knn_kl_bits"] - other["knn_kl_bits"])
             )
-    in_order = sorted(gaps.items(), key=lambda kv: CONFIGS.index(kv[0][0]))
+    in_order = sorted(gaps.items(), key=lambda kv: CONFIG_NAMES.index(kv[0][0]))
     return [
         f"- {config} ({mode}, {len(g)} datasets): largest |difference| {max(g):.1e} bits"
         for (config, mode), g in in_order
@@ -100,7 +100,7 @@ def main(folder, grid=None):
     ]
     verdicts = []
     for dataset in sorted({d for d, _ in rows}):
-        have = [c for c in CONFIGS if (dataset, c) in rows]
+        have = [c for c in CONFIG_NAMES if (dataset, c) in rows]
         for c in have:
             m = rows[dataset, c]
             lines.append(

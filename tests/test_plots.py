@@ -27,7 +27,7 @@ def test_plot_axes_are_named_by_the_columns(tmp_path, monkeypatch):
     path = str(tmp_path / "s.png")
     for D, names in ((3, ["lon", "lat", "depth"]), (3, None), (2, ["u", "v"]), (2, None), (1, ["h"]), (1, None)):
         seen.clear()
-        plots.plot_samples(data[:, :D], data[:, :D], path, "title", names=names)
+        plots.plot_samples(data[:, :D], data[:, :D], path, "title", axis_names=names)
         labels = names or [f"x{i + 1}" for i in range(D)]
         if D == 1:
             want = [("x", labels[0])] * 2 if names else []
@@ -37,11 +37,11 @@ def test_plot_axes_are_named_by_the_columns(tmp_path, monkeypatch):
             ]
         assert seen == (want if names or D > 2 else []), (D, names)
     seen.clear()  # the samples alone (the data file is gone): one panel per pair
-    plots.plot_samples(None, data, path, "title", names=["lon", "lat", "depth"])
+    plots.plot_samples(None, data, path, "title", axis_names=["lon", "lat", "depth"])
     assert seen == [
         (axis, ["lon", "lat", "depth"][k]) for i, j in plots.plot_pairs(3) for axis, k in (("x", i), ("y", j))
     ]
     with pytest.raises(ValueError, match="one name per coordinate"):
-        plots.plot_samples(data, data, path, "title", names=["a", "b"])
+        plots.plot_samples(data, data, path, "title", axis_names=["a", "b"])
     monkeypatch.undo()  # the real labels: a field that would be broken TeX is drawn as text
-    plots.plot_samples(data, data, path, "title", names=["$a_b_c$", "lat", "$\\frac{1}$"])
+    plots.plot_samples(data, data, path, "title", axis_names=["$a_b_c$", "lat", "$\\frac{1}$"])

@@ -221,7 +221,7 @@ def test_bench_json_names_every_backbone_as_the_sweep_does_with_the_printed_cost
     import sweep
 
     for name, kw in runs.CONFIGS.items():  # the sweep's flags for that name give the same model, and the name back
-        flags = vars(settings.get_parser().parse_args(sweep.CONFIGS[name]))
+        flags = vars(settings.get_parser().parse_args(sweep.CONFIG_FLAGS[name]))
         assert {k: flags[k] for k in kw} == kw and all(
             flags[k] == 0 for k in ("attn_layers", "ssm_layers") if k not in kw
         ), name

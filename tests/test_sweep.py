@@ -422,7 +422,7 @@ def test_time_to_quality_is_the_first_step_where_the_seed_mean_curve_reaches_the
     assert f"| attn1x4 |  | {first[0]} ({first[1]:.0f} s) |  |  |" in text
     assert (grid / "curves.png").stat().st_size > 0
     # --costs: seconds are steps x bench.py's ms/step for the configuration, one sitting for all
-    ms = {c: 5.0 + i for i, c in enumerate(sweep.CONFIGS)}
+    ms = {c: 5.0 + i for i, c in enumerate(sweep.CONFIG_FLAGS)}
     bench = dict(device="cpu", threads=1, compile=False, block="gelu", batch_size=256, dtype="fp32", ms_per_step=ms)
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     sweep.write_results(
