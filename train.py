@@ -148,7 +148,8 @@ def open_run(args, given):
         os.path.join(args.out_dir, "metrics.json")
     )
     if finished and ("train_steps" not in given or args.train_steps <= ckpt["step"]):
-        if args.auto_resume:
+        if args.auto_resume:  # the flags given must still agree with the run's, as for a run to continue
+            take_settings_from(ckpt, args, given - {"train_steps"}, ckpt_path, announce=False)
             print(f"{args.out_dir} is finished ({ckpt['step']} steps); nothing to do")
             sys.exit(0)
         fail(
@@ -159,7 +160,7 @@ def open_run(args, given):
     return lock, ckpt
 
 
-def take_settings_from(ckpt, args, given, ckpt_path):
+def take_settings_from(ckpt, args, given, ckpt_path, announce=True):
     """--resume: flags not given take the checkpoint's value; a given run flag must agree with it, compared
     after both went through settings.fill_preset, so that the command that made the run always resumes it."""
     saved = ckpt["args"]
@@ -188,6 +189,8 @@ def take_settings_from(ckpt, args, given, ckpt_path):
     }  # a run without a condition: not worth a word
     unused.update(p_uncond=args.p_uncond if not (args.conditional or args.label_column or args.cond_columns) else None)
     unused.update(holdout=args.holdout if args.dataset in datasets.DATASETS else None)
+    if not announce:
+        return
     print(
         f"resuming {ckpt_path} at step {ckpt['step']} of {args.train_steps}; from the checkpoint: "
         + ", ".join(

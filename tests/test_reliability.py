@@ -449,3 +449,14 @@ def test_metrics_json_is_strict_json_even_for_degenerate_data(tmp_path):
 
     m = json.loads((tmp_path / "run" / "metrics.json").read_text(), parse_constant=refuse)
     assert m["dataset"].endswith("same.csv") and m["knn_kl_bits"] is None
+
+
+def test_auto_resume_on_a_finished_run_refuses_contradicting_flags_as_on_an_unfinished_one(tmp_path):
+    """Reference: the same flag on a run that can continue is refused; the finished run's files stay as they were."""
+    out = tmp_path / "run"
+    assert run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out).returncode == 0
+    before = (out / "ckpt.pt").read_bytes()
+    again = run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out, "--auto_resume")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    msg = refused("train.py", "--dataset", "moons", "--lr", "5e-4", *TINY, "--out_dir", out, "--auto_resume")
+    assert "--lr 0.0005 differs from this run's" in msg and (out / "ckpt.pt").read_bytes() == before
