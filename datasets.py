@@ -228,6 +228,8 @@ def read_text(path, size):
                 encoding="utf-8-sig",
             )
         except ValueError as e:
+            if "number of columns changed" in str(e):
+                raise DataError(ragged(path, e, delim)) from None
             if delim == ";" and re.search(
                 r"string '[^']*\d,\d", str(e)
             ):  # the value numpy could not read has a decimal comma
@@ -355,8 +357,24 @@ def read_table(path):
     with open(path, encoding="utf-8-sig") as f:  # the same lines as head_lines: split at newlines only
         lines = f.read().split("\n")[first + 1 if header else first :]
     rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    fields = np.loadtxt(rows, dtype=str, delimiter=delim, comments=None, quotechar='"', ndmin=2)
+    try:
+        fields = np.loadtxt(rows, dtype=str, delimiter=delim, comments=None, quotechar='"', ndmin=2)
+    except ValueError as e:
+        raise DataError(ragged(path, e, delim)) from None
     return header, np.char.strip(fields), None
+
+
+def ragged(path, error, delim):
+    """numpy's "the number of columns changed" as one sentence that names the file and what to do."""
+    found = re.search(r"changed from (\d+) to (\d+) at row (\d+)", str(error))
+    if not found:
+        return f"{path} could not be read as a table ({' '.join(str(error).split())[:120]}); give one point per row"
+    was, now, row = found.groups()
+    spaces = " (a space inside a name splits it in two: separate the columns with commas or tabs, or quote the name)"
+    return (
+        f"{path} has {now} columns in data row {row} and {was} before it{spaces if delim is None else ''}; give "
+        "every row the same columns"
+    )
 
 
 def column_index(spec, header, n_cols, path, flag):

@@ -311,3 +311,11 @@ def test_a_form_feed_line_before_the_header_loses_no_row(tmp_path):
     assert len(datasets.load_dataset(str(tmp_path / "ff.csv"))) == 30
     (tmp_path / "ffk.csv").write_text("\f\nx,y,k\n" + "".join(f"{i},{i * 2},{'ab'[i % 2]}\n" for i in range(30)))
     assert len(datasets.load_conditioned(str(tmp_path / "ffk.csv"), label_column="k")[0]) == 30
+
+
+def test_a_label_with_a_space_in_a_space_separated_file_is_named_with_the_file(tmp_path):
+    """numpy's "the number of columns changed ... use usecols" becomes one sentence naming the file and the fix."""
+    path = tmp_path / "pets.txt"
+    path.write_text("x y k\n1 2 big cat\n" + "".join(f"{i} {i} dog\n" for i in range(30)))
+    with pytest.raises(ValueError, match=r"pets.txt has 3 columns in data row 2 and 4 before it \(a space inside"):
+        datasets.load_conditioned(str(path), label_column="k")
