@@ -197,7 +197,7 @@ def test_column_names_come_from_the_header_without_its_row_label_field(tmp_path)
 @pytest.mark.parametrize(
     "name,content,match",
     [
-        ("ragged.csv", "1,2\n3,4,5\n", "not a table of numbers"),
+        ("ragged.csv", "1,2\n3,4,5\n", "has 3 columns in data row 2 and 2 before it; give every row the same columns"),
         ("nan.csv", "1,2\nnan,5\n", r"NaN or infinite values in 1 of its 2 points \(the first is point 2\)"),
         ("inf.txt", "1 2\n3 4\ninf 5\n-inf 6\n", r"in 2 of its 4 points \(the first is point 3\)"),
         ("empty.csv", "", "holds no points"),
