@@ -441,6 +441,7 @@ def fingerprint(X, names=None, columns=None):
 
 
 SPLIT_SEED = 0  # every run on a file holds out the same points, so that runs on it compare
+SMALLEST_SCORED = 100  # files of at least this many points hold out MIN_HELDOUT rows when --holdout gives fewer
 MIN_HELDOUT = 20  # fewer held-out points than this make no floor (the kNN KL uses 5 neighbours) worth the name
 
 
@@ -505,6 +506,13 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
             + ("them, or spread the integer values with --dequantize" if integers else "them")
         )
     m = round(holdout * len(X)) if dataset not in datasets.DATASETS else 0
+    note = None
+    if 0 < m < MIN_HELDOUT and len(X) >= SMALLEST_SCORED:  # a small file: hold out the fewest rows that score
+        note = (
+            f"held out {MIN_HELDOUT} of the {len(X)} points ({MIN_HELDOUT / len(X):.0%}), the fewest that score a "
+            f"model, where --holdout {holdout:g} is {m}"
+        )
+        m = MIN_HELDOUT
     if m < MIN_HELDOUT:
         note = (
             (
@@ -524,7 +532,7 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
             f"share, so the model could never learn it; give it more rows, or --holdout 0"
         )
     pick = lambda v, rows: None if v is None else v[rows]
-    return RunData(X[train], pick(y, train), X[held], pick(y, held), names, kind, ident, None, columns)
+    return RunData(X[train], pick(y, train), X[held], pick(y, held), names, kind, ident, note, columns)
 
 
 class DivergedError(ValueError):

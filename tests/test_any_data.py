@@ -211,8 +211,8 @@ def test_data_that_no_metric_can_score_are_refused_before_training(tmp_path):
     assert "1 of the 2 coordinates of" in refused(
         "train.py", "--dataset", tmp_path / "flat.npy", "--out_dir", tmp_path / "a"
     )
-    np.savetxt(tmp_path / "small.csv", rng.normal(size=(150, 2)), delimiter=",")
-    assert "give --holdout 0.14, or --nll 0" in refused(
+    np.savetxt(tmp_path / "small.csv", rng.normal(size=(80, 2)), delimiter=",")
+    assert "give --holdout 0.25, or --nll 0" in refused(
         "train.py", "--dataset", tmp_path / "small.csv", "--nll", 10, "--out_dir", tmp_path / "b"
     )
     np.savetxt(tmp_path / "plain.csv", rng.normal(size=(300, 2)), delimiter=",")
@@ -245,3 +245,25 @@ def test_integer_pixels_get_one_refusal_naming_every_constant_column_or_train_wi
     np.save(tmp_path / "real.npy", np.column_stack([rng.integers(0, 9, 100), rng.normal(size=100)]))
     assert "coordinate 2 of" in refused("train.py", "--dataset", tmp_path / "real.npy", "--dequantize")
     assert "the named datasets are continuous" in refused("train.py", "--dataset", "moons", "--dequantize")
+
+
+def test_a_150_row_file_is_scored_at_the_default_holdout(tmp_path):
+    """--holdout 0.1 of 150 rows is 15, fewer than a floor needs: the fewest that score (20) are held out, and said.
+    Reference: the split's own sizes, and the NLL of exactly those rows."""
+    np.savetxt(tmp_path / "small.csv", np.random.default_rng(4).normal(size=(150, 2)), delimiter=",")
+    data = runs.load_data(str(tmp_path / "small.csv"))
+    assert (len(data.points), len(data.held)) == (130, 20) and "held out 20 of the 150 points (13%)" in data.note
+    p = run(
+        "train.py",
+        "--dataset",
+        tmp_path / "small.csv",
+        "--train_steps",
+        3,
+        *TINY,
+        "--nll",
+        20,
+        "--out_dir",
+        tmp_path / "run",
+    )
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert p.returncode == 0 and "held out 20 of the 150" in p.stderr and m["nll_points"] == 20
