@@ -184,6 +184,7 @@ def heldout_points(dataset, data, n=10_000):
     return points[:n], None if cond is None else cond[:n]
 
 
+COPYING = 0.5  # a dcr_ratio below this is copying: the kNN KL is then marked unreliable, with a warning
 NEAR_COPY = 0.1  # a sample nearer a training point than this share of fresh points' median distance is a near-copy
 INTEGER_LEVELS = 256  # integer coordinates with at most this many values each are discrete data (pixels, counts)
 REPEATS = 0.01  # data with more than this share of repeated rows are discrete: the kNN KL and the NLL assume a density
@@ -300,11 +301,20 @@ def memorisation(train, samples, fresh):
                 " check has no unseen points to compare with; dcr_ratio and the near-copy share are left out (null)"
             ],
         )
-    return dict(
+    out = dict(
         dcr_ratio=float(np.median(d_samples) / median),
         near_copy_frac=float((d_samples < NEAR_COPY * median).mean()),
         near_copy_ref=float((d_fresh < NEAR_COPY * median).mean()),
     )
+    if out["dcr_ratio"] < COPYING:  # a model that copies its training rows scores a kNN KL below any honest one
+        out["knn_kl_reliable"] = False
+        out["warnings"] = [
+            f"the samples copy the training points (dcr_ratio {out['dcr_ratio']:.3f}, below {COPYING}: their median "
+            f"distance to the nearest training point is {out['dcr_ratio']:.0%} of unseen points'; "
+            f"{out['near_copy_frac']:.0%} are near-copies), so the kNN KL, which rewards copying, is unreliable "
+            "here: train for fewer steps, or on more points"
+        ]
+    return out
 
 
 def progress_lines(what, every=5.0):

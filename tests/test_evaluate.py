@@ -159,3 +159,15 @@ def test_the_knn_kl_is_left_out_where_a_distance_to_the_kth_neighbour_is_0():
     m = evaluate.compute_metrics(clean, np.vstack([rng.normal(size=(1995, 2)), np.repeat(clean[:1], 5, axis=0)]))
     assert math.isnan(m["knn_kl_bits"]) and "5 or more samples fall exactly on 1 of the data points" in m["warnings"][0]
     assert "warnings" not in evaluate.compute_metrics(clean, rng.normal(size=(2000, 2)))
+
+
+def test_samples_that_copy_the_training_rows_are_said_to_and_their_knn_kl_is_marked_unreliable():
+    """Reference: copies (plus 1% of an sd of jitter) sit far nearer their training points than unseen draws do, and
+    fresh draws of the same law do not; the kNN KL of the copies beats a fresh draw's, which is why it is flagged."""
+    rng = np.random.default_rng(0)
+    train, fresh = rng.normal(size=(150, 2)), rng.normal(size=(2000, 2))
+    copies = train[rng.integers(0, 150, 2000)] + 0.01 * rng.normal(size=(2000, 2))
+    memo = evaluate.memorisation(train, copies, fresh)
+    assert memo["dcr_ratio"] < 0.1 and memo["knn_kl_reliable"] is False and "the samples copy" in memo["warnings"][0]
+    honest = evaluate.memorisation(train, rng.normal(size=(2000, 2)), fresh)
+    assert honest["dcr_ratio"] > 0.8 and "knn_kl_reliable" not in honest and "warnings" not in honest
