@@ -60,7 +60,11 @@ FLAGS = [
         "p_uncond",
         0.1,
         True,
-        dict(type=float, help="share of rows trained without their condition, for classifier-free guidance"),
+        dict(
+            type=float,
+            help="share of rows trained without their condition, for classifier-free guidance; in [0, 1): the library "
+            "takes 1 too, but a run that never sees its condition has nothing to train it for",
+        ),
     ),
     (
         "holdout",
@@ -363,7 +367,7 @@ def check_condition_flags(args, given=()):
             "give --label_column NAME"
         )
     if not 0 <= args.p_uncond < 1:
-        fail(f"--p_uncond must lie in [0, 1), such as 0.1, got {args.p_uncond}")
+        fail(f"--p_uncond must lie in [0, 1) (1 would never train the condition), such as 0.1, got {args.p_uncond}")
     if not 0 <= args.holdout <= 0.5:
         fail(f"--holdout must lie in [0, 0.5], such as 0.1, got {args.holdout}")
     conditional = args.conditional or args.label_column is not None or args.cond_columns is not None
