@@ -7,6 +7,7 @@ model standardizes them: tinydiff.Denoiser.set_data_stats).
 """
 
 import csv
+import decimal
 import math
 import os
 import re
@@ -140,7 +141,14 @@ def read_npy(path, size):
             " the file is truncated or corrupt, so save it again with numpy.save"
         )
     check_file_memory(path, 2 * n_items * 8)  # the array, then its float64 copy
-    return np.load(path, allow_pickle=False)
+    X = np.load(path, allow_pickle=False)
+    if dtype.kind in "iu" and X.size and np.abs(X.astype(np.float64)).max() > 2**53:
+        largest = np.abs(X.astype(np.float64)).max()
+        raise DataError(
+            f"{path} holds integers beyond 2^53 (up to {largest:.3g}), which float64 rounds; subtract an offset or "
+            "rescale them first"
+        )
+    return X
 
 
 ROW_LABEL_FIELDS = (
@@ -176,14 +184,17 @@ def first_row(lines):
         delim = delimiter(row)
         [float(field.strip('"')) for field in (split(delim) if delim else row.split())]
         return first, row, delim, None
-    except ValueError:  # a header row; names with spaces survive in a tab-separated one
-        delim = delimiter(lines[rows[1]].split("#")[0]) if len(rows) > 1 else delimiter(row)
-        return (
-            first,
-            row,
-            delim,
-            split(delim) if delim else split("\t") if "\t" in row else split(" ", skipinitialspace=True),
-        )
+    except ValueError:  # a header row, unless it is numeric wherever the next row is (a row with a label column)
+        following = lines[rows[1]].split("#")[0] if len(rows) > 1 else None
+        delim = delimiter(following) if following is not None else delimiter(row)
+        fields = split(delim) if delim else split("\t") if "\t" in row else split(" ", skipinitialspace=True)
+        if following is not None:
+            cells = lambda text: [f.strip().strip('"') for f in (text.split(delim) if delim else text.split())]
+            mine, theirs = cells(row), cells(following)
+            numeric = [j for j, v in enumerate(theirs) if is_number(v)]
+            if len(mine) == len(theirs) and numeric and all(is_number(mine[j]) for j in numeric):
+                return first, row, delim, None
+        return first, row, delim, fields
 
 
 def column_names(name, D):
@@ -338,10 +349,17 @@ def number_text(v):
 
 
 def label_text(field):
-    """The one normalisation of a label field: Unicode NFC and no surrounding whitespace; a number's text is
-    number_text's, so "1", "1.0" and 1.0 in an .npy are one class."""
-    text = unicodedata.normalize("NFC", field).strip()
-    return number_text(text) if is_number(text) and math.isfinite(float(text)) else text
+    """The one normalisation of a label field: Unicode NFC and no surrounding whitespace; a number is read exactly
+    (decimal, not through float64) and written as number_text writes it, so "1", "1.0" and 1.0 in an .npy are one
+    class while 12345678901234567890 and 12345678901234567891 stay two."""
+    text = unicodedata.normalize("NFC", str(field)).strip()
+    try:
+        value = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        return text
+    if not value.is_finite():
+        return text
+    return str(int(value)) if value == value.to_integral_value() else number_text(text)
 
 
 def read_table(path):
@@ -445,8 +463,8 @@ def load_conditioned(path, label_column=None, cond_columns=None):
     bad = [i for i, v in enumerate(labels) if v.lower() in MISSING]
     if bad:
         raise ValueError(
-            f"{path} has a missing label ({fields[bad[0], cols[0]]!r}) in column {names[0]!r}, data row {bad[0] + 1}; "
-            "give every point a label, or remove those rows"
+            f"{path} has a missing label ({str(fields[bad[0], cols[0]])!r}) in column {names[0]!r}, data row "
+            f"{bad[0] + 1}; give every point a label, or remove those rows"
         )
     classes = sorted(set(labels.tolist()), key=lambda v: (0, float(v), v) if is_number(v) else (1, 0, v))
     if len(classes) < 2 or len(classes) > max(2, len(labels) // 10):

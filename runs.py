@@ -482,8 +482,8 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     else:
         X = datasets.load_dataset(dataset)
     kind = None if y is None else "labels" if y.ndim == 1 else "numbers"
-    ident = fingerprint(X if y is None else np.column_stack([X, y]), names, columns)
     axes = columns or datasets.column_names(dataset, X.shape[1])
+    ident = fingerprint(X if y is None else np.column_stack([X, y]), names, axes)
     axis = lambda j: f"column {axes[j]!r}" if axes else f"coordinate {j + 1}"
     if dequantize:
         fraction = np.flatnonzero((X != np.round(X)).any(0))

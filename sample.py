@@ -102,6 +102,7 @@ def main(argv=None):
         help="output path stem (default <run>/samples-<sampler><steps>, then the settings that differ from the "
         "defaults)",
     )
+    p.add_argument("--overwrite", action="store_true", help="let --out replace files that exist")
     args = p.parse_args(argv)
     try:
         if not (args.ckpt or args.out_dir):
@@ -122,8 +123,8 @@ def main(argv=None):
             "--n", args.n, args.n * model.cfg.data_dim * 8 * (frames + 4)
         )  # the samples (each frame for --gif) and the sampler's copies
         y, label_names = condition(args, ckpt, model)
-        stem = args.out or os.path.join(os.path.dirname(ckpt_path), default_name(args, steps))
-        check_out(stem, args.gif)
+        stem = args.out or os.path.join(os.path.dirname(ckpt_path), default_name(args, steps, ckpt))
+        check_out(stem, args.gif, replace=args.overwrite or not args.out)
     except ValueError as e:
         runs.fail(str(e))
     torch.set_num_threads(1)  # fastest for this model size on small CPUs; see README
@@ -194,11 +195,11 @@ def main(argv=None):
     print(f"wrote {' '.join(wrote)} ({time.perf_counter() - t0:.1f} s)")
 
 
-def default_name(args, steps):
+def default_name(args, steps, ckpt):
     """samples-<sampler><steps>, then every setting that changes the draw and is not its default, readable and cut
-    to a short length, then a hash of those settings' exact values: each draw keeps its own file (w 2 and w
-    2.0000001, --label a+b and --label a --label b differ), and only the same draw from the same checkpoint is
-    written again."""
+    to a short length, then a hash of the exact settings and of the checkpoint drawn from (its step and data): each
+    draw keeps its own file (w 2 and w 2.0000001, --label a+b and --label a --label b, a run before and after it was
+    resumed, differ), and only the same draw from the same checkpoint is written again, with the same values."""
     asked = "+".join(args.label) if args.label else args.cond
     parts = [
         f"eta{args.eta:g}" if args.sampler == "ddim" and args.eta else "",
@@ -211,15 +212,13 @@ def default_name(args, steps):
         if args.ckpt and os.path.basename(args.ckpt) != "ckpt.pt"
         else "",
     ]
-    if not any(parts):
-        return f"samples-{args.sampler}{steps}"
     exact = [args.sampler, steps, repr(args.eta), repr(args.guidance), args.label, args.cond, args.n, args.seed]
-    exact += [args.raw, os.path.abspath(args.ckpt) if args.ckpt else None]
+    exact += [args.raw, os.path.abspath(args.ckpt) if args.ckpt else None, ckpt["step"], ckpt["data"].get("sha256")]
     digest = hashlib.sha256(json.dumps(exact).encode()).hexdigest()[:8]
     return "-".join([f"samples-{args.sampler}{steps}", *(p for p in parts if p), digest])
 
 
-def check_out(stem, gif):
+def check_out(stem, gif, replace=False):
     """--out must be writable, and never one of train.py's own files in a run folder (samples.npy there
     is what metrics.json describes)."""
     if not os.path.basename(stem) or stem.endswith(os.sep):
@@ -237,6 +236,9 @@ def check_out(stem, gif):
                 "folder;"
                 " choose another name, such as the default samples-<sampler><steps>"
             )
+    taken = [stem + ext for ext in (".npy", ".png") + ((".gif",) if gif else ()) if os.path.exists(stem + ext)]
+    if taken and not replace:
+        raise ValueError(f"{runs.quote(taken[0])} exists; give another --out, or add --overwrite to replace it")
 
 
 def condition(args, ckpt, model):
@@ -254,6 +256,7 @@ def condition(args, ckpt, model):
         )
     runs.check_guidance(args.guidance, bool(kind), ckpt["args"].get("p_uncond"))
     if kind == "labels" and args.label:
+        args.label = [datasets.label_text(name) for name in args.label]  # the file's reader: " 1.0" is class 1
         unknown = [name for name in args.label if name not in names]
         if unknown:
             raise ValueError(

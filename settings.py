@@ -264,6 +264,15 @@ KEPT = (
 ALIASES = {"n": ("eval_batch_size",)}  # earlier names a flag is still read by; checkpoints: runs.RENAMED
 
 
+def check_aliases(argv):
+    """A flag and its earlier name both given would silently take the last; refuse that."""
+    for name, earlier in ALIASES.items():
+        spellings = {f"--{n}" for n in (name, *earlier)}
+        given = sorted({tok.split("=")[0] for tok in argv if tok.split("=")[0] in spellings})
+        if len(given) > 1:
+            fail(f"{' and '.join(given)} are one flag (--{earlier[0]} is --{name}'s earlier name); give it once")
+
+
 def get_parser(p=None, skip=()):
     """train.py's flags, added to p (sweep.py passes its own parser and the flags the grid sets)."""
     p = p or runs.ArgumentParser(description="Train a DDPM on low-dimensional points, then evaluate it.")

@@ -14,6 +14,7 @@ MLP
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -666,6 +667,7 @@ def ddpm_loss(
             (not 0 <= p_uncond <= 1, f"p_uncond {p_uncond} must be a probability in [0, 1]"),
         )
         x0 = net.points(x0)  # before the map, which would broadcast a (B, 1) batch to (B, D)
+        require((not torch.isfinite(x0).all(), "x0 holds NaN or infinite values; remove those points first"))
         x0 = net.data_map.to_model(x0.to(net.data_mean.device))
         y = net.condition(y, len(x0))
         y = None if y is None else y.to(x0.device)
@@ -702,6 +704,7 @@ def draw_labels(model, n, generator=None, device=None):
             "draw_labels needs a class-conditional Denoiser (num_classes=K)",
         )
     )
+    require((not isinstance(n, numbers.Integral) or n < 1, f"n {n!r} must be a whole number of labels, at least 1"))
     freq = net.class_freq.to(
         generator.device if generator is not None else "cpu"
     ).double()  # drawn where the generator lives
@@ -747,7 +750,7 @@ def sample(
     conditional = isinstance(net, Denoiser) and net.conditional
     require(
         (sampler not in SAMPLERS, f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++"),
-        (n < 1, f"n {n} must be at least 1"),
+        (not isinstance(n, numbers.Integral) or n < 1, f"n {n!r} must be a whole number of points, at least 1"),
         (not 0 <= eta <= 1, f"eta {eta} must be in [0, 1]"),
         (batch_size is not None and batch_size < 1, f"batch_size {batch_size} must be >= 1"),
         (

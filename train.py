@@ -653,6 +653,7 @@ def final_eval(run, axis_names):
 @runs.script
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    settings.check_aliases(argv)
     args, given = settings.get_parser().parse_args(argv), runs.given_flags(argv)
     args.out_dir = args.out_dir or settings.default_out_dir(args)
     settings.fill_preset(args)

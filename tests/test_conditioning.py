@@ -299,3 +299,16 @@ def test_set_data_stats_refuses_before_it_changes_anything():
     with pytest.raises(ValueError, match="NaN or infinite conditions"):
         numbers.set_data_stats(torch.randn(20, 2), torch.full((20, 2), float("nan")))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_inf_points_and_fractional_or_negative_counts_are_refused_in_one_sentence():
+    """Reference: the library's own words; before, ddpm_loss returned nan and torch raised from deep inside."""
+    model, _ = build("labels")
+    s = td.NoiseScheduler()
+    with pytest.raises(ValueError, match="x0 holds NaN or infinite values"):
+        td.ddpm_loss(model, s, np.full((4, 2), np.inf), y=[0, 1, 2, 0])
+    with pytest.raises(ValueError, match="n 2.5 must be a whole number of points"):
+        td.sample(model, s, 2.5, "dpm++")
+    with pytest.raises(ValueError, match="n -3 must be a whole number of labels"):
+        td.draw_labels(model, -3)
+    assert td.draw_labels(model, np.int64(3)).shape == (3,)

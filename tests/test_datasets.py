@@ -319,3 +319,20 @@ def test_a_label_with_a_space_in_a_space_separated_file_is_named_with_the_file(t
     path.write_text("x y k\n1 2 big cat\n" + "".join(f"{i} {i} dog\n" for i in range(30)))
     with pytest.raises(ValueError, match=r"pets.txt has 3 columns in data row 2 and 4 before it \(a space inside"):
         datasets.load_conditioned(str(path), label_column="k")
+
+
+def test_labels_beyond_float64_stay_apart_a_headerless_labelled_file_keeps_its_first_row_and_big_ints_are_refused(
+    tmp_path,
+):
+    """Reference: the rows and classes written. 12345678901234567890 and ...891 are one float64; a first row that
+    is numeric wherever the next is (a label column beside numbers) is data, not a header; int64 beyond 2^53 would
+    round."""
+    (tmp_path / "huge.csv").write_text("x,kind\n" + "".join(f"{i},{12345678901234567890 + i % 2}\n" for i in range(60)))
+    _, y, names, _ = datasets.load_conditioned(str(tmp_path / "huge.csv"), label_column="kind")
+    assert names == ["12345678901234567890", "12345678901234567891"] and y.tolist() == [i % 2 for i in range(60)]
+    (tmp_path / "nohdr.csv").write_text("".join(f"{i * 0.1:.2f},{i * 0.2:.2f},{'AB'[i % 2]}\n" for i in range(60)))
+    X, y, names, _ = datasets.load_conditioned(str(tmp_path / "nohdr.csv"), label_column="2")
+    assert X.shape == (60, 2) and X[0].tolist() == [0.0, 0.0] and names == ["A", "B"]
+    np.save(tmp_path / "big.npy", (2**62 + np.arange(40, dtype=np.int64)).reshape(20, 2))
+    with pytest.raises(ValueError, match="integers beyond 2\\^53"):
+        datasets.load_dataset(str(tmp_path / "big.npy"))

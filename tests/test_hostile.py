@@ -67,6 +67,13 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
     msg = refused("train.py", "--out_dir", out, "--resume", "--train_steps", 8)
     assert "has changed since this run was trained on it" in msg and "--overwrite" in msg
     assert runs.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4  # untouched
+    named = tmp_path / "named.csv"
+    named.write_text("x,y\n" + "".join(f"{u},{v}\n" for u, v in rng.normal(size=(300, 2))))
+    flags = ("--dataset", named, "--train_steps", 4, "--ckpt_interval", 2, *TINY, "--out_dir", tmp_path / "n")
+    assert run("train.py", *flags).returncode == 0
+    named.write_text(named.read_text().replace("x,y", "east,north", 1))  # the same values, the axes renamed
+    p = run("train.py", "--out_dir", tmp_path / "n", "--resume", "--train_steps", 8)
+    assert p.returncode == 2 and "other class or column names" in p.stderr.strip().splitlines()[-1]
 
 
 def test_resume_refuses_renamed_labels_and_a_class_only_held_out_is_refused(tmp_path):

@@ -360,6 +360,7 @@ def test_a_signal_stops_training_with_one_line_and_a_checkpoint_to_resume(tmp_pa
 
 BAD_FLAGS = [
     ("train.py", ["--swe"], "unrecognized arguments: --swe"),
+    ("train.py", ["--n", "200", "--eval_batch_size", "300"], "--eval_batch_size and --n are one flag"),
     ("train.py", ["--lr", "-1"], "--lr must be a positive number"),
     ("train.py", ["--lr", "nan"], "--lr must be a positive number"),
     ("train.py", ["--lr", "0"], "--lr must be a positive number"),

@@ -106,3 +106,26 @@ def test_ctrl_c_in_sample_py_is_one_line(tmp_path):
         and len(err.strip().splitlines()) == 1
     ), err
     assert not list(out.glob("samples-*"))
+
+
+def test_a_draw_names_its_checkpoint_and_never_replaces_another_files(tmp_path):
+    """Reference: the files and their bytes. The same settings from a run before and after it was resumed are two
+    draws; --out onto an existing file is refused without --overwrite; --label 1.0 is the file's class 1."""
+    out = tmp_path / "run"
+    path = tmp_path / "k.csv"
+    path.write_text("x,y,k\n" + "".join(f"{i % 9},{i % 7 / 3},{['1', '1.0', '2'][i % 3]}\n" for i in range(90)))
+    flags = ("--dataset", path, "--label_column", "k", *TINY, "--ckpt_interval", 2, "--out_dir", out)
+    run("train.py", "--train_steps", 2, *flags)
+    draw = ("sample.py", "--out_dir", out, "--n", 20, "--sampler", "ddim", "--sample_steps", 2, "--label", "1.0")
+    run(*draw)
+    run("train.py", "--out_dir", out, "--resume", "--train_steps", 4)
+    run(*draw)
+    assert len([p for p in out.glob("samples-ddim2-*.npy") if not p.stem.endswith("_labels")]) == 2
+    run(*draw, "--out", tmp_path / "mine")
+    before = (tmp_path / "mine.npy").read_bytes()
+    assert "mine.npy" in refused(*draw, "--out", tmp_path / "mine", "--seed", 5) and "--overwrite" in refused(
+        *draw, "--out", tmp_path / "mine", "--seed", 5
+    )
+    assert (tmp_path / "mine.npy").read_bytes() == before
+    run(*draw, "--out", tmp_path / "mine", "--seed", 5, "--overwrite")
+    assert (tmp_path / "mine.npy").read_bytes() != before

@@ -143,7 +143,7 @@ def test_bad_sampler_arguments_are_refused():
     for kw, message in (
         (dict(steps=0), "steps must be in 1..100, got 0"),
         (dict(sampler="ddim", eta=2.0), r"eta 2.0 must be in \[0, 1\]"),
-        (dict(n=0), "n 0 must be at least 1"),
+        (dict(n=0), "n 0 must be a whole number of points, at least 1"),
     ):
         with pytest.raises(ValueError, match=message):
             td.sample(model, s, **{"n": 4, **kw})
