@@ -363,7 +363,13 @@ def write_results(root, args, command="python sweep.py"):
     ]
     cell, found = {}, 0  # (config, dataset) -> excess kNN KL, for the summary table; runs found
     loaded = {(c, d, s): grid_run(root, args, c, d, s) for c, d, s, _ in run_dirs(root, args.seeds)}
-    keep_more_results(root, sum(m is not None for m, _ in loaded.values()))
+    found_runs = sum(m is not None for m, _ in loaded.values())
+    keep_more_results(root, found_runs)
+    if found_runs == 0:
+        runs.fail(
+            f"{root} holds no finished run of this grid, so there is no table to write; run the grid first (the same "
+            "command without --collect), or give the flags the runs were made with"
+        )
     # mean +- sample sd over seeds (just the value for a single seed)
     mean_sd = lambda v, nd: f"{np.mean(v):.{nd}f}" + (f" +- {np.std(v, ddof=1):.{nd}f}" if len(v) > 1 else "")
     n_data, n_configs = len(GRID_DATASETS), len(CONFIG_FLAGS)

@@ -459,3 +459,12 @@ def test_collect_without_the_grids_flags_refuses_to_replace_its_results(tmp_path
         and "--preset paper" in message
     )
     assert {p.name: p.read_bytes() for p in (tmp_path / "paper").iterdir() if p.is_file()} == before
+
+
+def test_collect_on_a_folder_without_the_grids_runs_writes_nothing(tmp_path):
+    """Reference: the folder's files, none before and none after."""
+    (tmp_path / "g").mkdir()
+    p = run_here("sweep.py", "--out_dir", tmp_path / "g", "--seeds", 1, "--collect")
+    assert (
+        p.returncode == 2 and "holds no finished run of this grid" in p.stderr and not list((tmp_path / "g").iterdir())
+    )
