@@ -303,6 +303,8 @@ def run_data(ckpt, dataset, D):
             "samples alone"
         )
         return None, None, None
+    if data.fingerprint["sha256"] != ckpt["data"]["sha256"]:
+        print(f"note: {dataset} has changed since the run was trained on it; the plot shows the data as they are now")
     return (
         data.points,
         data.columns if data.kind else datasets.column_names(dataset, D),
