@@ -657,17 +657,12 @@ def main(argv=None):
     args, given = settings.get_parser().parse_args(argv), runs.given_flags(argv)
     args.out_dir = args.out_dir or settings.default_out_dir(args)
     settings.fill_preset(args)
-    settings.check_flags(args)  # a bad command line costs nothing
     runs.check_launch()
-    early = not args.resume and not args.auto_resume  # a resumed run's dataset is in its checkpoint
-    if early:
-        settings.check_condition_flags(args, given)
     device = runs.pick_device(args.device)
     lock, ckpt = open_run(args, given)
-    try:
-        settings.check_flags(args)  # the settings taken from a checkpoint, too
-        if not early:
-            settings.check_condition_flags(args, given)
+    try:  # every setting, the command line's or a resumed run's, is checked once here, before any work
+        settings.check_flags(args)
+        settings.check_condition_flags(args, given)
         data_file = (
             runs.run_dataset(ckpt) if ckpt else args.dataset
         )  # a resumed run's file where it was trained, from any folder

@@ -155,7 +155,8 @@ def test_held_out_points_never_reach_the_model_and_a_fresh_split_scores_near_zer
 
 
 def test_a_small_file_holds_nothing_out_and_says_so(tmp_path):
-    np.save(tmp_path / "s.npy", np.random.default_rng(4).normal(size=(100, 2)))
+    """Fewer than 100 points: a tenth is too few to score against, and 20 would take too many from training."""
+    np.save(tmp_path / "s.npy", np.random.default_rng(4).normal(size=(99, 2)))
     p = train("--dataset", tmp_path / "s.npy", "--train_steps", 5, "--out_dir", tmp_path / "run", "--n", 100)
     assert "too few to hold out" in p.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
