@@ -336,12 +336,7 @@ def likelihood_metrics(model, scheduler, data, dataset, n, device):
     E_p[log p - log q] on the same points, and the data's entropy H(p)."""
     import likelihood
 
-    if dataset not in datasets.DATASETS and data.held is None:
-        raise ValueError(
-            "--nll needs points the model never saw, and this file's run held none out (--holdout 0, or too few "
-            "points to hold"
-            f" out {runs.MIN_HELDOUT}); train on it with --holdout 0.1 and enough points"
-        )
+    runs.check_nll(dataset, data, n)
     x, y = heldout_points(dataset, data, n)
     if len(x) < n:
         print(

@@ -535,6 +535,25 @@ def load_data(dataset, label_column=None, cond_columns=None, conditional=False, 
     return RunData(X[train], pick(y, train), X[held], pick(y, held), names, kind, ident, note, columns)
 
 
+def check_nll(dataset, data, nll, holdout=0.1):
+    """--nll scores points the model never saw: a file's run must hold some out. ValueError says what to give."""
+    if not nll or dataset in datasets.DATASETS or data.held is not None:
+        return
+    n = len(data.points)
+    least = math.ceil(100 * MIN_HELDOUT / n) / 100  # the smallest --holdout that holds out MIN_HELDOUT rows
+    need = (
+        "--holdout 0.1"
+        if holdout == 0 and n >= SMALLEST_SCORED
+        else f"--holdout {least:g}"
+        if least <= 0.5
+        else f"a file of {math.ceil(MIN_HELDOUT / max(holdout, 0.1))} points or more"
+    )
+    raise ValueError(
+        f"--nll scores points the model never saw, and this run holds none of {dataset}'s {n} points out; give "
+        f"{need}, or --nll 0"
+    )
+
+
 class DivergedError(ValueError):
     """A checkpoint was refused because a weight is not finite: the run diverged."""
 

@@ -80,22 +80,10 @@ def check_data(args, data_file, device):
         beyond = not np.isfinite(X.astype(np.float32)).all()
     if beyond:
         fail(f"{data_file} holds values beyond float32's range (|x| up to {np.abs(X).max():.3g}); rescale the data")
-    if args.nll and data_file not in datasets.DATASETS and data.held is None:
-        least = (
-            math.ceil(100 * runs.MIN_HELDOUT / len(X)) / 100
-        )  # the smallest --holdout that holds out MIN_HELDOUT rows
-        need = (
-            "--holdout 0.1"
-            if args.holdout == 0
-            else f"--holdout {least:g}"
-            if least <= 0.5
-            else f"a file of {math.ceil(runs.MIN_HELDOUT / args.holdout)} points or more"
-        )
-        fail(
-            f"--nll scores points the model never saw, and this run holds none of {data_file}'s {len(X)} points out; "
-            f"give {need},"
-            " or --nll 0"
-        )
+    try:
+        runs.check_nll(data_file, data, args.nll, args.holdout)
+    except ValueError as e:
+        fail(str(e))
     if data.note:
         print(f"note: {data.note}", file=sys.stderr)
     return data, cfg, sched_cfg
