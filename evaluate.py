@@ -664,7 +664,13 @@ def score_samples(samples, dataset, holdout):
     data = runs.load_data(dataset, holdout=holdout)
     if data.note:
         print(f"note: {data.note}", file=sys.stderr)
-    n = len(check_samples(samples, data.points.shape[1])[0])
+    D = data.points.shape[1]
+    if np.ndim(samples) == 2 and np.shape(samples)[1] == D - 1:
+        raise ValueError(
+            f"the samples have {D - 1} coordinates and {dataset} has {D} columns; if one column is a label or a "
+            "condition, score the run itself (evaluate.py --out_dir RUN), which knows its columns"
+        )
+    n = len(check_samples(samples, D)[0])
     ref, floor = references(data, dataset, n)
     return {**score_points(data, dataset, ref, floor, samples)[0], "dataset": dataset}
 

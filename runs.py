@@ -616,6 +616,7 @@ def load_checkpoint(path):
             f"{quote(path)} lacks parts of a tinydiff checkpoint ({', '.join(missing)}); use a ckpt.pt written by "
             "train.py"
         )
+    ckpt.setdefault("condition", dict(kind=None, names=None))  # a run made before conditions existed had none
     saved = {RENAMED.get(k, k): v for k, v in ckpt["args"].items()}
     ckpt["args"] = {**BEFORE_FLAG, **saved}
     return ckpt

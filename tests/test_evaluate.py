@@ -171,3 +171,13 @@ def test_samples_that_copy_the_training_rows_are_said_to_and_their_knn_kl_is_mar
     assert memo["dcr_ratio"] < 0.1 and memo["knn_kl_reliable"] is False and "the samples copy" in memo["warnings"][0]
     honest = evaluate.memorisation(train, rng.normal(size=(2000, 2)), fresh)
     assert honest["dcr_ratio"] > 0.8 and "knn_kl_reliable" not in honest and "warnings" not in honest
+
+
+def test_samples_one_coordinate_short_of_a_labelled_file_are_sent_to_the_run(tmp_path):
+    """A file with a label column has one column more than the points: the refusal says to score the run itself."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "k.csv").write_text(
+        "x,y,k\n" + "".join(f"{u},{v},{i % 2}\n" for i, (u, v) in enumerate(rng.normal(size=(300, 2))))
+    )
+    with pytest.raises(ValueError, match="if one column is a label or a condition, score the run itself"):
+        evaluate.score_samples(rng.normal(size=(100, 2)), str(tmp_path / "k.csv"), 0.1)

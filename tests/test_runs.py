@@ -150,3 +150,20 @@ def test_a_stray_world_size_is_refused_in_one_line_before_any_folder_is_made(tmp
     p = run_here("train.py", "--dataset", "moons", "--train_steps", 2, "--out_dir", tmp_path / "run")
     assert p.returncode == 2 and "is not a torchrun launch" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_from_before_conditions_and_renamed_flags_is_read_with_what_its_run_did(tmp_path):
+    """A checkpoint of the earlier layout (no "condition", no label or hold-out settings, --eval_batch_size), made
+    here by removing those keys from a fresh one: the loader reads it with the values its run used."""
+    out = tmp_path / "run"
+    assert run("train.py", "--dataset", "moons", "--train_steps", 2, "--n", 100, "--log_interval", 1, "--out_dir", out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["condition"]
+    for k in ("label_column", "cond_columns", "conditional", "p_uncond", "holdout", "prediction_type", "dequantize"):
+        del ckpt["args"][k]
+    ckpt["args"]["eval_batch_size"] = ckpt["args"].pop("n")
+    torch.save(ckpt, out / "ckpt.pt")
+    read = runs.load_checkpoint(str(out / "ckpt.pt"))
+    assert read["condition"] == {"kind": None, "names": None} and read["args"]["n"] == 100
+    assert read["args"]["prediction_type"] == "epsilon" and read["args"]["holdout"] == 0.1
+    assert run("sample.py", "--out_dir", out, "--n", 20, "--sampler", "ddim", "--sample_steps", 2)
