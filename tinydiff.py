@@ -586,6 +586,13 @@ class Denoiser(nn.Module):
         return torch.where(drop[:, None], self.null_cond, self.cond_emb(c))
 
     def forward(self, x, t, y=None, drop=None):
+        require(
+            (
+                self.data_mean.dtype != torch.float32,
+                f"this Denoiser was cast to {self.data_mean.dtype}; keep it in float32 (its map to data units needs "
+                "it) and use torch.autocast for lower precision, as train.py --dtype bf16 does",
+            )
+        )
         x = self.points(x).to(self.data_mean.device)
         y, t = self.condition(y, len(x)), as_tensor(t, "t").to(x.device)
         t = t.expand(len(x)) if t.ndim == 0 else t  # one timestep for every row

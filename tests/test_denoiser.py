@@ -295,3 +295,11 @@ def test_tinydiff_imports_only_torch_and_the_standard_library_and_does_no_file_i
     assert mods and all(m == "torch" or m in sys.stdlib_module_names for m in mods), mods
     calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert "open" not in calls
+
+
+def test_a_denoiser_cast_to_half_is_refused_in_one_sentence():
+    """model.half() would round the map to data units and mix dtypes deep in torch; autocast is the way instead."""
+    model = td.Denoiser(td.DenoiserConfig())
+    model.set_data_stats(torch.randn(50, 2))
+    with pytest.raises(ValueError, match="was cast to torch.float16; keep it in float32"):
+        model.half()(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long))
