@@ -588,8 +588,8 @@ class Denoiser(nn.Module):
     def forward(self, x, t, y=None, drop=None):
         require(
             (
-                self.data_mean.dtype != torch.float32,
-                f"this Denoiser was cast to {self.data_mean.dtype}; keep it in float32 (its map to data units needs "
+                self.data_mean.dtype in (torch.float16, torch.bfloat16),
+                f"this Denoiser was cast to {self.data_mean.dtype}; keep it in float32 or float64 (its map to data units needs "
                 "it) and use torch.autocast for lower precision, as train.py --dtype bf16 does",
             )
         )
