@@ -589,8 +589,8 @@ class Denoiser(nn.Module):
         require(
             (
                 self.data_mean.dtype in (torch.float16, torch.bfloat16),
-                f"this Denoiser was cast to {self.data_mean.dtype}; keep it in float32 or float64 (its map to data units needs "
-                "it) and use torch.autocast for lower precision, as train.py --dtype bf16 does",
+                f"this Denoiser was cast to {self.data_mean.dtype}; keep it in float32 or float64 (its map to data "
+                "units needs it) and use torch.autocast for lower precision, as train.py --dtype bf16 does",
             )
         )
         x = self.points(x).to(self.data_mean.device)
