@@ -196,6 +196,16 @@ def take_settings_from(ckpt, args, given, ckpt_path, announce=True):
 
 def clear_old_outputs(args, ckpt):
     """Outputs that no longer describe the run: a replaced run's files (--overwrite), or an extended run's results."""
+    try:
+        remove_old_outputs(args, ckpt)
+    except OSError as e:  # a read-only folder, say: nothing new was written yet
+        fail(
+            f"cannot remove {quote(e.filename or args.out_dir)} ({e.strerror or e}); make {quote(args.out_dir)} "
+            "writable, or train the run elsewhere with another --out_dir"
+        )
+
+
+def remove_old_outputs(args, ckpt):
     folder = glob.escape(args.out_dir)
     drawn = sorted(glob.glob(os.path.join(folder, "samples-*")))  # sample.py's files
     if ckpt is None:

@@ -461,3 +461,20 @@ def test_auto_resume_on_a_finished_run_refuses_contradicting_flags_as_on_an_unfi
     assert again.returncode == 0 and "nothing to do" in again.stdout
     msg = refused("train.py", "--dataset", "moons", "--lr", "5e-4", *TINY, "--out_dir", out, "--auto_resume")
     assert "--lr 0.0005 differs from this run's" in msg and (out / "ckpt.pt").read_bytes() == before
+
+
+def test_a_folder_whose_files_cannot_be_removed_costs_one_line(tmp_path, monkeypatch):
+    """A read-only folder, as root sees none: os.remove raising PermissionError stands in. Reference: the run's
+    checkpoint is untouched."""
+    out = tmp_path / "run"
+    assert run("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out).returncode == 0
+    before = (out / "ckpt.pt").read_bytes()
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "remove", refuse)
+    msg = refused("train.py", "--dataset", "moons", "--train_steps", 3, *TINY, "--out_dir", out, "--overwrite")
+    assert "cannot remove" in msg and "Permission denied" in msg and "writable" in msg
+    monkeypatch.undo()
+    assert (out / "ckpt.pt").read_bytes() == before
