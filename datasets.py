@@ -375,10 +375,22 @@ def read_table(path):
     with open(path, encoding="utf-8-sig") as f:  # the same lines as head_lines: split at newlines only
         lines = f.read().split("\n")[first + 1 if header else first :]
     rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    comments = sum(1 for line in lines if line.lstrip().startswith("#"))
+    if comments:  # a label that starts with '#' would be one of these: say so rather than drop rows unseen
+        print(f"note: skipped {comments} line(s) of {path} that start with '#', as comments", file=sys.stderr)
     try:
         fields = np.loadtxt(rows, dtype=str, delimiter=delim, comments=None, quotechar='"', ndmin=2)
     except ValueError as e:
         raise DataError(ragged(path, e, delim)) from None
+    first = fields[:, 0] if fields.size else []
+    index = len(set(first)) == len(first) and all(is_number(v) and float(v).is_integer() for v in first)
+    if header and len(header) == fields.shape[1] - 1 and index:  # pandas' unnamed column of row labels
+        header = ["", *header]
+    if header and len(header) != fields.shape[1]:
+        raise DataError(
+            f"{path}'s first row has {len(header)} fields and its other rows {fields.shape[1]}; give every row the "
+            "same columns (a space inside a name splits it in two: separate the columns with commas or tabs)"
+        )
     return header, np.char.strip(fields), None
 
 

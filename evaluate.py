@@ -623,6 +623,11 @@ def run(args):
             )
         a = ckpt["args"]
         data = runs.run_data(dataset, a)
+        if "meaning" in ckpt["data"] and data.fingerprint.get("meaning") != ckpt["data"]["meaning"]:
+            raise ValueError(
+                f"{dataset}'s class or column names have changed since the run was trained on it, so its classes "
+                "would be scored by position under other names; restore the names, or give --dataset the file as it was"
+            )
         if data.points.shape[1] != model.cfg.data_dim:
             raise ValueError(
                 f"{dataset} holds {data.points.shape[1]}-D points but the checkpoint's model makes "

@@ -35,6 +35,11 @@ def as_tensor(value, name):
     raise ValueError(f"{name} must be a tensor, numpy array, list or number, not {type(value).__name__}")
 
 
+def whole(n):
+    """n is an integer (Python's or numpy's), not a bool."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
 def require(*rules):
     """A user's mistake, named in one sentence: ValueError with the message of the first (bad, message) rule whose
     bad holds."""
@@ -64,6 +69,10 @@ class NoiseScheduler(nn.Module):
     ):
         super().__init__()
         T = self.num_train_timesteps = num_train_timesteps
+        require(
+            (not whole(T) or T < 1, f"num_train_timesteps {T!r} must be a whole number, at least 1"),
+            (not 0 < beta_start < 1 or not 0 < beta_end < 1, f"betas must lie in (0, 1): {beta_start}, {beta_end}"),
+        )
         require(
             (
                 beta_schedule not in BETA_SCHEDULES,
@@ -679,12 +688,23 @@ def ddpm_loss(
         y = net.condition(y, len(x0))
         y = None if y is None else y.to(x0.device)
     T = scheduler.num_train_timesteps
+    require((len(x0) == 0, "x0 holds no points; give at least one"))
     if t is None:
         t = sample_timesteps(len(x0), T, low_frac=0.0, generator=generator, device=x0.device)
-    t = as_tensor(t, "t").to(x0.device).expand(len(x0))
+    t = as_tensor(t, "t").to(x0.device)
+    require(
+        (t.is_floating_point() or t.dtype == torch.bool, f"t must hold integer timesteps in 0..{T - 1}, not {t.dtype}"),
+        (t.ndim > 1 or (t.ndim == 1 and len(t) != len(x0)), f"t must be one timestep or one per point ({len(x0)})"),
+        (len(t.view(-1)) and not 0 <= int(t.min()) <= int(t.max()) < T, f"t must lie in 0..{T - 1}"),
+    )
+    t = t.expand(len(x0))
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     noise = as_tensor(noise, "noise").to(x0)
+    require(
+        (noise.shape != x0.shape, f"noise must have x0's shape {tuple(x0.shape)}, not {tuple(noise.shape)}"),
+        (not torch.isfinite(noise).all(), "noise holds NaN or infinite values"),
+    )
     x_t = scheduler.add_noise(x0, noise, t)
     if y is not None and drop is None:
         drop = torch.rand(len(x0), device=x0.device, generator=generator) < p_uncond
@@ -711,7 +731,7 @@ def draw_labels(model, n, generator=None, device=None):
             "draw_labels needs a class-conditional Denoiser (num_classes=K)",
         )
     )
-    require((not isinstance(n, numbers.Integral) or n < 1, f"n {n!r} must be a whole number of labels, at least 1"))
+    require((not whole(n) or n < 1, f"n {n!r} must be a whole number of labels, at least 1"))
     freq = net.class_freq.to(
         generator.device if generator is not None else "cpu"
     ).double()  # drawn where the generator lives
@@ -757,7 +777,8 @@ def sample(
     conditional = isinstance(net, Denoiser) and net.conditional
     require(
         (sampler not in SAMPLERS, f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++"),
-        (not isinstance(n, numbers.Integral) or n < 1, f"n {n!r} must be a whole number of points, at least 1"),
+        (not whole(n) or n < 1, f"n {n!r} must be a whole number of points, at least 1"),
+        (steps is not None and not whole(steps), f"steps {steps!r} must be a whole number"),
         (not 0 <= eta <= 1, f"eta {eta} must be in [0, 1]"),
         (batch_size is not None and batch_size < 1, f"batch_size {batch_size} must be >= 1"),
         (

@@ -676,7 +676,7 @@ def main(argv=None):
                 "processes;"
                 " choose a --batch_size that leaves none or at least that many, or --batches random"
             )
-    except SystemExit:
+    except BaseException:  # a refusal or a defect: the folder this command made is not left behind
         if lock:
             lock.abandon()
         raise

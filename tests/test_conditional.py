@@ -227,3 +227,15 @@ def test_evaluate_refuses_nll_for_samples_and_says_a_guided_nll_is_the_condition
     )
     p = run_here("evaluate.py", "--out_dir", out, "--n", 200, "--guidance", 3, "--nll", 20, "--json")
     assert p.returncode == 0 and "score the conditional model (w = 1)" in p.stderr, p.stderr
+
+
+def test_evaluate_refuses_a_file_whose_classes_were_renamed(tmp_path):
+    """Scoring by position under other names would call class A "B"; the checkpoint's names hash says they changed."""
+    rng = np.random.default_rng(6)
+    path, out = tmp_path / "lab.csv", tmp_path / "run"
+    path.write_text(
+        "x,y,k\n" + "".join(f"{u},{v},{'AB'[i % 2]}\n" for i, (u, v) in enumerate(rng.normal(size=(300, 2))))
+    )
+    train("--dataset", path, "--label_column", "k", "--train_steps", 3, "--out_dir", out)
+    path.write_text(path.read_text().replace(",A\n", ",Z\n"))
+    assert "class or column names have changed" in refused("evaluate.py", "--out_dir", out, "--n", 50)

@@ -312,3 +312,30 @@ def test_inf_points_and_fractional_or_negative_counts_are_refused_in_one_sentenc
     with pytest.raises(ValueError, match="n -3 must be a whole number of labels"):
         td.draw_labels(model, -3)
     assert td.draw_labels(model, np.int64(3)).shape == (3,)
+
+
+def test_the_loss_and_the_scheduler_refuse_what_they_cannot_mean():
+    """Reference: the library's own words; before, these wrapped around, broadcast, or returned nan."""
+    model, _ = build("labels")
+    s = td.NoiseScheduler()
+    x, y = torch.randn(8, 2), torch.zeros(8, dtype=torch.long)
+    cases = [
+        (dict(t=100), "t must lie in 0..99"),
+        (dict(t=-1), "t must lie in 0..99"),
+        (dict(t=2.5), "t must hold integer timesteps"),
+        (dict(noise=np.full((8, 2), np.nan)), "noise holds NaN"),
+        (dict(noise=np.zeros((3, 2))), "noise must have x0's shape"),
+    ]
+    for kw, words in cases:
+        with pytest.raises(ValueError, match=words):
+            td.ddpm_loss(model, s, x, y=y, **kw)
+    plain = td.Denoiser(td.DenoiserConfig())
+    plain.set_data_stats(x)
+    with pytest.raises(ValueError, match="x0 holds no points"):
+        td.ddpm_loss(plain, s, np.zeros((0, 2)))
+    for kw, words in ((dict(n=True), "whole number of points"), (dict(n=5, steps=2.5), "steps 2.5 must be a whole")):
+        with pytest.raises(ValueError, match=words):
+            td.sample(model, s, sampler="ddim", **kw)
+    for kw in (dict(num_train_timesteps=0), dict(num_train_timesteps=2.5), dict(beta_end=1.5)):
+        with pytest.raises(ValueError, match="must be a whole number|betas must lie in"):
+            td.NoiseScheduler(**kw)

@@ -336,3 +336,16 @@ def test_labels_beyond_float64_stay_apart_a_headerless_labelled_file_keeps_its_f
     np.save(tmp_path / "big.npy", (2**62 + np.arange(40, dtype=np.int64)).reshape(20, 2))
     with pytest.raises(ValueError, match="integers beyond 2\\^53"):
         datasets.load_dataset(str(tmp_path / "big.npy"))
+
+
+def test_a_first_row_with_other_columns_and_comment_lines_among_labels_are_said(tmp_path, capsys):
+    """Reference: the file's own rows. A first row of 3 fields over rows of 4 (a label with a space) is refused in
+    one sentence; lines starting with '#' are comments, and a note counts them, so no row goes unseen."""
+    (tmp_path / "first.txt").write_text("0.1 0.2 cat\n" + "".join(f"{i / 7} {i / 3} big dog\n" for i in range(30)))
+    with pytest.raises(ValueError, match="first row has 3 fields and its other rows 4"):
+        datasets.load_conditioned(str(tmp_path / "first.txt"), label_column="2")
+    (tmp_path / "hash.csv").write_text(
+        "k,x,y\n" + "".join(f"{'#A' if i % 3 == 0 else 'BC'[i % 2]},{i},{i % 7}\n" for i in range(60))
+    )
+    X, _, names, _ = datasets.load_conditioned(str(tmp_path / "hash.csv"), label_column="k")
+    assert len(X) == 40 and names == ["B", "C"] and "skipped 20 line(s)" in capsys.readouterr().err

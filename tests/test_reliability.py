@@ -360,6 +360,8 @@ def test_a_signal_stops_training_with_one_line_and_a_checkpoint_to_resume(tmp_pa
 
 BAD_FLAGS = [
     ("train.py", ["--swe"], "unrecognized arguments: --swe"),
+    ("train.py", ["--nll", "100000000"], "--nll must be a number of points from 0 (off) to 100,000"),
+    ("sweep.py", ["--dequantize"], "the named datasets are continuous"),
     ("train.py", ["--n", "200", "--eval_batch_size", "300"], "--eval_batch_size and --n are one flag"),
     ("train.py", ["--lr", "-1"], "--lr must be a positive number"),
     ("train.py", ["--lr", "nan"], "--lr must be a positive number"),

@@ -114,3 +114,11 @@ def test_the_memory_check_bounds_the_parameters_it_does_not_build(kw):
     cfg = td.DenoiserConfig(**kw)
     real = sum(p.numel() for p in td.Denoiser(cfg).parameters())
     assert real <= runs.param_bound(cfg) <= 2 * real
+
+
+def test_low_t_0_turns_oversampling_off_as_its_help_says():
+    """Reference: the help's "0 = off"; both spellings of off are one written form, so a resume compares them equal."""
+    parser = settings.get_parser()
+    for flags in (["--low_t", "0"], ["--low_frac", "0"]):
+        args = settings.fill_preset(parser.parse_args(["--dataset", "moons", *flags]))
+        assert (args.low_t, args.low_frac) == (0, 0.0)
