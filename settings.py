@@ -263,7 +263,8 @@ KEPT = (
 
 MAX_NLL = 100_000  # --nll points at most: the ODE takes about 10 s per 1,000 points on one CPU thread
 
-ALIASES = {"n": ("eval_batch_size",)}  # earlier names a flag is still read by; checkpoints: runs.RENAMED
+# earlier names a flag is still read by, from the one table of renamed settings (which checkpoints use too)
+ALIASES = {new: tuple(old for old, n in runs.RENAMED.items() if n == new) for new in set(runs.RENAMED.values())}
 
 
 def check_aliases(argv):
